@@ -1,0 +1,316 @@
+"""Recognise RepVGG checkpoint layouts and map them onto our backbone's names.
+
+Our backbone's state dict (training form / deploy form)::
+
+    stem.dense.conv.weight             stem.fused.weight
+    stem.dense.bn.{weight,bias,running_mean,running_var,num_batches_tracked}
+    stem.pointwise.conv.weight         stem.fused.bias
+    stem.pointwise.bn.*
+    stage1.1.identity.*                (only where in == out and stride 1)
+    stage3.5.se.down.{weight,bias}     stage3.5.se.up.{weight,bias}
+
+Supported source layouts: the official RepVGG release (``stage0.rbr_dense...``),
+mmpretrain (``backbone.stage_1.0.branch_3x3...``), timm's byobnet
+(``stages.0.0.conv_kxk...``) and our own (bare, or inside a whole-model runner
+checkpoint). Everything is driven by the one table :data:`LAYOUTS`.
+"""
+import os
+import re
+from collections.abc import Mapping
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .compat import load_file
+
+__all__ = ['LAYOUTS', 'extract_state_dict', 'detect_layout', 'to_mmrepvgg',
+           'load_backbone_checkpoint']
+
+# Per layout: how a block is addressed (regex with optional groups ``s`` =
+# stage and ``i`` = block index, plus the offset from its stage numbering to
+# ours), how each branch is named (source prefix -> our prefix), and which
+# keys are the classifier head (dropped: detectors/segmentors have their own).
+LAYOUTS: Dict[str, Dict[str, Any]] = {
+    'mmrepvgg': dict(
+        blocks=(r'stem\.', r'stage(?P<s>[1-4])\.(?P<i>\d+)\.'),
+        stage_offset=0,
+        branches={
+            'dense.conv.': 'dense.conv.', 'dense.bn.': 'dense.bn.',
+            'pointwise.conv.': 'pointwise.conv.', 'pointwise.bn.': 'pointwise.bn.',
+            'identity.': 'identity.', 'fused.': 'fused.',
+            'se.down.': 'se.down.', 'se.up.': 'se.up.'},
+        head=None),
+    'official': dict(
+        blocks=(r'stage0\.', r'stage(?P<s>[1-4])\.(?P<i>\d+)\.'),
+        stage_offset=0,
+        branches={
+            'rbr_dense.conv.': 'dense.conv.', 'rbr_dense.bn.': 'dense.bn.',
+            'rbr_1x1.conv.': 'pointwise.conv.', 'rbr_1x1.bn.': 'pointwise.bn.',
+            'rbr_identity.': 'identity.', 'rbr_reparam.': 'fused.',
+            'se.down.': 'se.down.', 'se.up.': 'se.up.'},
+        head=r'linear\.'),
+    'mmpretrain': dict(
+        blocks=(r'stem\.', r'stage_(?P<s>[1-4])\.(?P<i>\d+)\.'),
+        stage_offset=0,
+        branches={
+            # mmpretrain names the BN 'norm'; ConvModule-built ones say 'bn'.
+            'branch_3x3.conv.': 'dense.conv.', 'branch_3x3.norm.': 'dense.bn.',
+            'branch_3x3.bn.': 'dense.bn.',
+            'branch_1x1.conv.': 'pointwise.conv.', 'branch_1x1.norm.': 'pointwise.bn.',
+            'branch_1x1.bn.': 'pointwise.bn.',
+            'branch_norm.': 'identity.', 'branch_reparam.': 'fused.',
+            'se_layer.conv1.conv.': 'se.down.', 'se_layer.conv2.conv.': 'se.up.'},
+        head=r'head\.'),
+    'timm': dict(
+        # timm counts stages from 0 (stages.0 is our stage1).
+        blocks=(r'stem\.', r'stages\.(?P<s>[0-3])\.(?P<i>\d+)\.'),
+        stage_offset=1,
+        branches={
+            'conv_kxk.conv.': 'dense.conv.', 'conv_kxk.bn.': 'dense.bn.',
+            'conv_1x1.conv.': 'pointwise.conv.', 'conv_1x1.bn.': 'pointwise.bn.',
+            'identity.': 'identity.', 'reparam_conv.': 'fused.',
+            'attn.fc1.': 'se.down.', 'attn.fc2.': 'se.up.'},
+        head=r'head\.'),
+}
+
+# Wrappers seen around a state dict, in order of preference: a timm training
+# checkpoint has both 'state_dict' and 'state_dict_ema'; take the raw weights.
+_WRAPPER_KEYS = ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema')
+_TRAINING_BRANCHES = ('dense.', 'pointwise.', 'identity.')
+_DEPLOY_BRANCH = 'fused.'
+_OUR_BLOCK = re.compile(r'^(stem|stage[1-4]\.\d+)\.(?P<branch>[a-z]+\.)')
+
+
+def _examples(keys: Iterable[str], limit: int = 10) -> str:
+    keys = list(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... (+{len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def _extract(obj: Any) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """extract_state_dict, also returning the non-backbone keys it left out."""
+    for _ in range(len(_WRAPPER_KEYS) + 1):
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if not isinstance(obj, Mapping):
+            raise TypeError(f'expected a checkpoint dict, got {type(obj).__name__}')
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS
+                      if isinstance(obj.get(k), (Mapping, nn.Module))), None)
+        if inner is None:
+            break
+        obj = inner
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError('no weights found in the checkpoint; its top-level keys '
+                         f'are: {_examples(map(str, obj.keys()))}')
+    # DataParallel / DistributedDataParallel prefix every key with 'module.'.
+    if all(k.startswith('module.') for k in tensors):
+        tensors = {k[len('module.'):]: v for k, v in tensors.items()}
+    # A whole model (classifier, detector, segmentor): keep only the backbone.
+    if any(k.startswith('backbone.') for k in tensors):
+        ignored = [k for k in tensors if not k.startswith('backbone.')]
+        tensors = {k[len('backbone.'):]: v for k, v in tensors.items()
+                   if k.startswith('backbone.')}
+        return tensors, ignored
+    return tensors, []
+
+
+def extract_state_dict(obj: Any) -> Dict[str, torch.Tensor]:
+    """Return the backbone's name->tensor dict from any checkpoint object.
+
+    Unwraps ``state_dict`` / ``model`` / ``state_dict_ema`` style wrappers,
+    strips a ``module.`` prefix and, for a whole model's weights, keeps only
+    the ``backbone.`` sub-dict (with the prefix removed).
+    """
+    return _extract(obj)[0]
+
+
+def _map_key(layout: Dict[str, Any], key: str) -> Optional[str]:
+    """Our name for ``key`` under ``layout``; None if it is not a block key."""
+    for pattern in layout['blocks']:
+        m = re.match(pattern, key)
+        if not m:
+            continue
+        if m.groupdict().get('s') is None:
+            block = 'stem.'
+        else:
+            block = f"stage{int(m['s']) + layout['stage_offset']}.{m['i']}."
+        rest = key[m.end():]
+        for src, dst in layout['branches'].items():
+            if rest.startswith(src):
+                return block + dst + rest[len(src):]
+        return None
+    return None
+
+
+def _is_head(layout: Dict[str, Any], key: str) -> bool:
+    return layout['head'] is not None and re.match(layout['head'], key) is not None
+
+
+def _form(keys: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Split our-named keys into (deploy-form keys, training-form keys)."""
+    deploy, training = [], []
+    for key in keys:
+        m = _OUR_BLOCK.match(key)
+        if not m:
+            continue
+        branch = m['branch']
+        if branch == _DEPLOY_BRANCH:
+            deploy.append(key)
+        elif branch in _TRAINING_BRANCHES:
+            training.append(key)
+    return deploy, training
+
+
+def _convert(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, str]]:
+    """Map to our names. Returns (state dict, info, our name -> source name)."""
+    state_dict, ignored = _extract(obj)
+    keys = list(state_dict)
+    best_name, best_hits = None, 0
+    for name, layout in LAYOUTS.items():  # ties go to the earlier entry
+        hits = sum(_map_key(layout, k) is not None for k in keys)
+        if hits > best_hits:
+            best_name, best_hits = name, hits
+    if best_name is not None:
+        layout = LAYOUTS[best_name]
+        body = [k for k in keys if not _is_head(layout, k)]
+    # Most keys must fit, or e.g. a ResNet's 'stem.' keys would look like ours.
+    if best_name is None or best_hits * 2 < len(body):
+        raise ValueError(
+            'unrecognised checkpoint layout; keys seen: '
+            f'{_examples(keys, 8)}. Supported layouts: {", ".join(LAYOUTS)} '
+            '(official RepVGG release, mmpretrain, timm byobnet, mmrepvgg).')
+
+    mapped: Dict[str, torch.Tensor] = {}
+    origin: Dict[str, str] = {}
+    dropped, unmapped = list(ignored), []
+    for key in keys:
+        if _is_head(layout, key):
+            dropped.append(key)
+            continue
+        ours = _map_key(layout, key)
+        if ours is None:
+            # Kept under its own name so the loader reports it as unexpected.
+            ours = key
+            unmapped.append(key)
+        if ours in mapped:
+            raise ValueError(f'checkpoint keys {origin[ours]!r} and {key!r} both '
+                             f'map to {ours!r}')
+        mapped[ours] = state_dict[key]
+        origin[ours] = key
+
+    deploy, training = _form(mapped)
+    if deploy and training:
+        raise ValueError(
+            'checkpoint mixes deploy-form (fused) and training-form blocks, e.g. '
+            f'{origin[deploy[0]]} and {origin[training[0]]}; fuse or convert all '
+            'blocks consistently.')
+    if not deploy and not training:
+        raise ValueError('checkpoint has no RepVGG conv branches; keys seen: '
+                         f'{_examples(keys, 8)}')
+    info = dict(layout=best_name, deploy=bool(deploy), dropped=dropped,
+                unmapped=unmapped)
+    return mapped, info, origin
+
+
+def detect_layout(state_dict: Any) -> Tuple[str, bool]:
+    """Return ``(layout, is_deploy)``; layout is one of :data:`LAYOUTS`.
+
+    Raises ValueError for an unknown layout, listing some of the keys seen.
+    """
+    info = _convert(state_dict)[1]
+    return info['layout'], info['deploy']
+
+
+def to_mmrepvgg(state_dict: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """Map a checkpoint of any supported layout to our backbone's names.
+
+    Returns ``(state_dict, info)`` with info ``{'layout', 'deploy', 'dropped',
+    'unmapped'}``: ``dropped`` are the classifier-head (and, for a whole model,
+    non-backbone) keys left out; ``unmapped`` are keys kept under their own
+    name because no rule matched them.
+    """
+    mapped, info, _ = _convert(state_dict)
+    return mapped, info
+
+
+def _named(keys: Iterable[str], origin: Dict[str, str]) -> List[str]:
+    return [k if origin.get(k, k) == k else f'{k} (file: {origin[k]})' for k in keys]
+
+
+def load_backbone_checkpoint(model: nn.Module, checkpoint: Any,
+                             logger: Any = None) -> Dict[str, Any]:
+    """Load a RepVGG checkpoint of any supported layout into ``model``.
+
+    ``model`` is any module whose state dict uses our naming (the backbone).
+    ``checkpoint`` is a path or an already-loaded object. Every weight of the
+    model must come from the file, except ``num_batches_tracked``, which
+    official releases lack (the model's own value is kept).
+
+    Returns the info dict of :func:`to_mmrepvgg` plus ``source``, ``loaded``
+    (number of tensors) and ``kept_from_model``.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        source = os.fspath(checkpoint)
+        checkpoint = load_file(source)
+    else:
+        source = 'the given checkpoint object'
+    mapped, info, origin = _convert(checkpoint)
+    target = model.state_dict()
+
+    file_deploy, file_training = _form(mapped)
+    model_deploy, model_training = _form(target)
+    if file_deploy and model_training and not model_deploy:
+        raise ValueError(
+            f'{source} holds a deployed (re-parameterized) RepVGG, e.g. '
+            f'{_examples(_named(file_deploy, origin), 3)}, but the model is in '
+            f'training form, e.g. {_examples(model_training, 3)}. Build the '
+            'backbone with deploy=True to load it (fused weights cannot be '
+            'split back into training branches).')
+    if file_training and model_deploy and not model_training:
+        raise ValueError(
+            f'{source} holds a training-form RepVGG, e.g. '
+            f'{_examples(_named(file_training, origin), 3)}, but the model is '
+            f'deployed (fused), e.g. {_examples(model_deploy, 3)}. Build the '
+            'backbone with deploy=False, load the checkpoint and re-parameterize '
+            'afterwards, or convert the checkpoint to deploy form first.')
+
+    missing = [k for k in target if k not in mapped]
+    kept = [k for k in missing if k.endswith('num_batches_tracked')]
+    missing = [k for k in missing if k not in kept]
+    unexpected = [k for k in mapped if k not in target]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f'{len(missing)} missing key(s): {_examples(missing)}')
+        if unexpected:
+            parts.append(f'{len(unexpected)} unexpected key(s): '
+                         f'{_examples(_named(unexpected, origin))}')
+        raise ValueError(
+            f'{source} ({info["layout"]} layout) does not match the model: '
+            + '; '.join(parts) + '. Is it for a different RepVGG arch '
+            '(depths, SE) than the one built?')
+
+    mismatched = [f'{k}: file {tuple(mapped[k].shape)} vs model {tuple(v.shape)}'
+                  for k, v in target.items()
+                  if k in mapped and mapped[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(
+            f'{source} ({info["layout"]} layout) has {len(mismatched)} tensor(s) '
+            f'whose shape differs from the model: {_examples(mismatched)}. '
+            'Is it for a different RepVGG arch (width multipliers, groups)?')
+
+    full = dict(mapped)
+    full.update({k: target[k] for k in kept})
+    model.load_state_dict(full, strict=True)
+
+    info.update(source=source, loaded=len(mapped), kept_from_model=kept)
+    from mmengine.logging import print_log
+    print_log(f'loaded {len(mapped)} tensors from {source} ({info["layout"]} '
+              f'layout, {"deploy" if info["deploy"] else "training"} form; '
+              f'{len(info["dropped"])} non-backbone/head keys dropped)',
+              logger=logger if logger is not None else 'current')
+    return info

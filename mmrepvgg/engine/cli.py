@@ -1,0 +1,124 @@
+"""Config preparation behind tools/train.py and tools/test.py (mmdet/mmseg semantics)."""
+import argparse
+import os
+import os.path as osp
+from typing import Optional
+
+from mmengine.config import Config, DictAction
+
+LAUNCHERS = ['none', 'pytorch', 'slurm', 'mpi']
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='where logs and checkpoints go')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config entries, e.g. model.backbone.arch=B2 '
+             'train_dataloader.batch_size=4')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
+                        help='job launcher (pytorch for torchrun)')
+    # torchrun passes the rank in the environment; older launchers as an argument.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    if not osp.isfile(args.config):
+        raise SystemExit(f'config file not found: {args.config}')
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    cfg.launcher = args.launcher
+    # Precedence: command line > config > ./work_dirs/<config name>.
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def apply_train_args(cfg: Config, amp: bool, resume: Optional[str]) -> Config:
+    if amp:
+        optim = cfg.optim_wrapper
+        if optim.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
+            optim.type = 'AmpOptimWrapper'
+            optim.setdefault('loss_scale', 'dynamic')
+    if resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif resume:
+        cfg.resume, cfg.load_from = True, resume
+    return cfg
+
+
+def scope_of(cfg: Config) -> str:
+    return cfg.get('default_scope') or 'mmengine'
+
+
+def apply_test_args(cfg: Config, checkpoint: str, out: Optional[str] = None,
+                    show: bool = False, show_dir: Optional[str] = None,
+                    wait_time: float = 2) -> Config:
+    cfg.load_from = checkpoint
+    scope = scope_of(cfg)
+    if show or show_dir:
+        vis = cfg.default_hooks.get('visualization')
+        if vis is None:
+            raise SystemExit('--show/--show-dir need default_hooks.visualization in the config')
+        vis.draw = True
+        if show:
+            vis.show, vis.wait_time = True, wait_time
+        if show_dir:
+            # mmdet's hook takes an output folder; mmseg's draws through the visualizer.
+            if scope == 'mmdet':
+                vis.test_out_dir = show_dir
+            else:
+                cfg.visualizer.save_dir = show_dir
+    if out:
+        if scope == 'mmdet':
+            dump = dict(type='DumpDetResults', out_file_path=out)
+            evaluators = cfg.test_evaluator
+            cfg.test_evaluator = (list(evaluators) if isinstance(evaluators, (list, tuple))
+                                  else [evaluators]) + [dump]
+        elif scope == 'mmseg':
+            cfg.test_evaluator.output_dir, cfg.test_evaluator.keep_results = out, True
+        else:
+            raise SystemExit(f'--out is supported for mmdet and mmseg configs, not {scope!r}')
+    return cfg
+
+
+def build_runner(cfg: Config):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    if 'runner_type' in cfg:
+        return RUNNERS.build(cfg)
+    return Runner.from_cfg(cfg)
+
+
+def checkpoint_is_fused(path: str) -> Optional[bool]:
+    """True for a deploy-form RepVGG checkpoint, False for a training-form one, None when
+    it holds no RepVGG backbone. A missing or unreadable file is an error."""
+    from ..checkpoint import detect_layout, extract_state_dict
+    from ..compat import load_file
+    state = extract_state_dict(load_file(path))
+    try:
+        return detect_layout(state)[1]
+    except ValueError:
+        return None
+
+
+def apply_deploy(cfg: Config, checkpoint: str, deploy: bool) -> Config:
+    """Build the model to match the checkpoint's form, and fuse at test time if asked."""
+    fused = checkpoint_is_fused(checkpoint)
+    if fused and not deploy:
+        raise SystemExit(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
+                         '--deploy, or give a training checkpoint')
+    if not deploy:
+        return cfg
+    if fused:
+        cfg.model.backbone.deploy = True  # load the fused weights as they are
+    else:
+        hooks = list(cfg.get('custom_hooks') or [])
+        if not any(str(h.get('type', '')).endswith('ReparamHook') for h in hooks):
+            hooks.append(dict(type='mmrepvgg.ReparamHook'))
+        cfg.custom_hooks = hooks
+    return cfg

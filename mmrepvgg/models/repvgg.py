@@ -1,0 +1,200 @@
+"""The RepVGG backbone: one arch table drives the construction of every variant."""
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch.utils.checkpoint as cp
+from mmengine.model import BaseModule
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..registry import MODELS
+from .rep_block import RepVGGBlock
+
+# Even-numbered layers of stages 1-4 (numbered from 1 across stages) are grouped in the
+# g2/g4 variants; 26 is the last even layer of the 27-layer B family.
+_EVEN_LAYERS = tuple(range(2, 27, 2))
+
+
+def _grouped(groups: int) -> Dict[int, int]:
+    return {layer: groups for layer in _EVEN_LAYERS}
+
+
+_A_BLOCKS, _B_BLOCKS = (2, 4, 14, 1), (4, 6, 16, 1)
+
+ARCH_SETTINGS = {
+    'A0': dict(num_blocks=_A_BLOCKS, width_factors=(0.75, 0.75, 0.75, 2.5)),
+    'A1': dict(num_blocks=_A_BLOCKS, width_factors=(1, 1, 1, 2.5)),
+    'A2': dict(num_blocks=_A_BLOCKS, width_factors=(1.5, 1.5, 1.5, 2.75)),
+    'B0': dict(num_blocks=_B_BLOCKS, width_factors=(1, 1, 1, 2.5)),
+    'B1': dict(num_blocks=_B_BLOCKS, width_factors=(2, 2, 2, 4)),
+    'B1g2': dict(num_blocks=_B_BLOCKS, width_factors=(2, 2, 2, 4), groups=_grouped(2)),
+    'B1g4': dict(num_blocks=_B_BLOCKS, width_factors=(2, 2, 2, 4), groups=_grouped(4)),
+    'B2': dict(num_blocks=_B_BLOCKS, width_factors=(2.5, 2.5, 2.5, 5)),
+    'B2g2': dict(num_blocks=_B_BLOCKS, width_factors=(2.5, 2.5, 2.5, 5), groups=_grouped(2)),
+    'B2g4': dict(num_blocks=_B_BLOCKS, width_factors=(2.5, 2.5, 2.5, 5), groups=_grouped(4)),
+    'B3': dict(num_blocks=_B_BLOCKS, width_factors=(3, 3, 3, 5)),
+    'B3g2': dict(num_blocks=_B_BLOCKS, width_factors=(3, 3, 3, 5), groups=_grouped(2)),
+    'B3g4': dict(num_blocks=_B_BLOCKS, width_factors=(3, 3, 3, 5), groups=_grouped(4)),
+    'D2se': dict(num_blocks=(8, 14, 24, 1), width_factors=(2.5, 2.5, 2.5, 5), se_ratio=16),
+}
+
+# What a custom arch dict may hold, with defaults for the optional keys.
+_ARCH_KEYS = dict(num_blocks=None, width_factors=None, groups=None, se_ratio=None)
+_BASE_WIDTHS = (64, 128, 256, 512)
+
+
+def resolve_arch(arch: Union[str, dict]) -> dict:
+    """An arch name or a custom dict, validated and with defaults filled in.
+
+    A custom dict holds ``num_blocks`` (4 ints), ``width_factors`` (4 numbers),
+    optionally ``groups`` ({layer number: groups}, layers counted from 1 at the first block
+    of stage 1) and ``se_ratio`` (squeeze-excitation reduction, None for none).
+    """
+    if isinstance(arch, str):
+        if arch not in ARCH_SETTINGS:
+            raise KeyError(f'unknown RepVGG arch {arch!r}; valid names: '
+                           f'{", ".join(ARCH_SETTINGS)} (or a dict with keys '
+                           f'{", ".join(_ARCH_KEYS)})')
+        arch = ARCH_SETTINGS[arch]
+    if not isinstance(arch, dict):
+        raise TypeError(f'arch must be a name or a dict, got {type(arch).__name__}')
+    unknown = set(arch) - set(_ARCH_KEYS)
+    missing = {'num_blocks', 'width_factors'} - set(arch)
+    if unknown or missing:
+        raise KeyError(f'bad custom arch dict: unknown keys {sorted(unknown)}, missing keys '
+                       f'{sorted(missing)}; allowed keys: {", ".join(_ARCH_KEYS)}')
+    arch = {**_ARCH_KEYS, **arch}
+    if len(arch['num_blocks']) != 4 or len(arch['width_factors']) != 4:
+        raise ValueError('num_blocks and width_factors need one entry per stage 1-4, got '
+                         f'{arch["num_blocks"]} and {arch["width_factors"]}')
+    arch['groups'] = dict(arch['groups'] or {})
+    return arch
+
+
+def arch_channels(arch: Union[str, dict]) -> Tuple[int, ...]:
+    """Output channels of stages 1-4, e.g. for a neck's ``in_channels`` in a config."""
+    factors = resolve_arch(arch)['width_factors']
+    return tuple(int(base * f) for base, f in zip(_BASE_WIDTHS, factors))
+
+
+def _per_stage(name: str, value: Sequence, allowed: str) -> tuple:
+    if len(value) != 4:
+        raise ValueError(f'{name} needs one value per stage 1-4 ({allowed}), got {value}')
+    return tuple(value)
+
+
+@MODELS.register_module()
+class RepVGG(BaseModule):
+    """RepVGG backbone (Ding et al., CVPR 2021) for detection and segmentation.
+
+    Args:
+        arch: a name from ``ARCH_SETTINGS`` or a custom dict (see ``resolve_arch``).
+        in_channels: channels of the input image.
+        out_indices: which of stages 1-4 (0-3, as in ResNet) to return.
+        strides: stride of the first block of each of stages 1-4.
+        dilations: dilation of each of stages 1-4.
+        num_dilated_blocks: per stage, how many of its last blocks take its dilation
+            (None: all). RepVGG-B1g2-fast dilates only the last 4 blocks of stage 3.
+        frozen_stages: stages to freeze, -1 none, 0 the stem, k the stem and stages 1..k.
+        norm_eval: keep batch norms in eval mode while training.
+        with_cp: gradient checkpointing of each block, to save memory.
+        deploy: build the fused form directly (plain 3x3 conv + ReLU blocks).
+    """
+
+    def __init__(self, arch: Union[str, dict] = 'B1g2', in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 strides: Sequence[int] = (2, 2, 2, 2),
+                 dilations: Sequence[int] = (1, 1, 1, 1),
+                 num_dilated_blocks: Sequence[Optional[int]] = (None, None, None, None),
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 norm_cfg: dict = dict(type='BN', requires_grad=True),
+                 act_cfg: dict = dict(type='ReLU'), deploy: bool = False,
+                 init_cfg: Optional[Union[dict, list]] = None):
+        super().__init__(init_cfg=init_cfg)
+        self.arch = resolve_arch(arch)
+        strides = _per_stage('strides', strides, 'usually 1 or 2')
+        dilations = _per_stage('dilations', dilations, 'e.g. (1, 1, 2, 4) for stride 8')
+        num_dilated_blocks = _per_stage('num_dilated_blocks', num_dilated_blocks,
+                                        'None for all blocks')
+        out_indices = tuple(out_indices)
+        if not out_indices or any(i not in range(4) for i in out_indices):
+            raise ValueError(f'out_indices must be a non-empty subset of 0-3 (stages 1-4), '
+                             f'got {out_indices}')
+        if frozen_stages not in range(-1, 5):
+            raise ValueError(f'frozen_stages must be in -1..4, got {frozen_stages}')
+        self.out_indices, self.frozen_stages = out_indices, frozen_stages
+        self.norm_eval, self.with_cp, self.deploy = norm_eval, with_cp, deploy
+
+        stage_channels = arch_channels(self.arch)
+        self.stem_channels = min(64, stage_channels[0])
+        block = dict(norm_cfg=norm_cfg, act_cfg=act_cfg, deploy=deploy,
+                     se_ratio=self.arch['se_ratio'])
+        self.stem = RepVGGBlock(in_channels, self.stem_channels, stride=2, **block)
+
+        self.stage_names = []
+        layer, channels = 1, self.stem_channels
+        for i, (depth, width) in enumerate(zip(self.arch['num_blocks'], stage_channels)):
+            blocks = []
+            dilated_from = depth - (depth if num_dilated_blocks[i] is None
+                                    else num_dilated_blocks[i])
+            for j in range(depth):
+                blocks.append(RepVGGBlock(
+                    channels, width, stride=strides[i] if j == 0 else 1,
+                    dilation=dilations[i] if j >= dilated_from else 1,
+                    groups=self.arch['groups'].get(layer, 1), **block))
+                layer, channels = layer + 1, width
+            name = f'stage{i + 1}'
+            self.add_module(name, nn.Sequential(*blocks))
+            self.stage_names.append(name)
+        #: channels of every stage 1-4, and of the outputs this backbone returns
+        self.stage_channels = stage_channels
+        self.out_channels = tuple(stage_channels[i] for i in out_indices)
+        self._freeze_stages()
+
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        if self.with_cp and x.requires_grad:
+            return cp.checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        x = self._run_block(self.stem, x)
+        outs = []
+        for i, name in enumerate(self.stage_names):
+            for block in getattr(self, name):
+                x = self._run_block(block, x)
+            if i in self.out_indices:
+                outs.append(x)
+        return tuple(outs)
+
+    def _freeze_stages(self) -> None:
+        frozen = [self.stem] if self.frozen_stages >= 0 else []
+        frozen += [getattr(self, n) for n in self.stage_names[:max(self.frozen_stages, 0)]]
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'RepVGG':
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def switch_to_deploy(self) -> None:
+        """Fuse every block; the backbone then computes the same eval-mode outputs."""
+        for module in self.modules():
+            if isinstance(module, RepVGGBlock):
+                module.switch_to_deploy()
+        self.deploy = True
+
+    def init_weights(self) -> None:
+        # Release files come in several key layouts; map them instead of letting
+        # mmengine's Pretrained initializer load keys that do not match.
+        if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
+            from ..checkpoint import load_backbone_checkpoint
+            load_backbone_checkpoint(self, self.init_cfg['checkpoint'])
+            self._is_init = True
+            return
+        super().init_weights()

@@ -1,0 +1,73 @@
+"""Model-wide structural re-parameterization, and a check that it kept the outputs."""
+import copy
+from typing import Any, Callable, Optional
+
+import torch
+from mmengine.model import is_model_wrapper
+from torch import nn
+
+
+def _can_fuse(module: nn.Module) -> bool:
+    return callable(getattr(module, 'switch_to_deploy', None))
+
+
+def fusable_modules(model: nn.Module) -> list:
+    """Modules that fuse themselves (``switch_to_deploy``) and contain no other such
+    module: the blocks, not the backbones that hold them."""
+    found = [m for m in model.modules() if _can_fuse(m)]
+    return [m for m in found if not any(_can_fuse(c) for c in m.modules() if c is not m)]
+
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fuse every re-parameterizable module anywhere in ``model``.
+
+    Works on a backbone, a detector or segmentor, or one inside DDP or an EMA wrapper
+    (``inplace=False`` copies the wrapped module and returns the fused copy). Any module
+    with a ``switch_to_deploy()`` method is asked to fuse itself, innermost first, so
+    blocks from other packages (e.g. mmpretrain's) are fused too. Idempotent. The model
+    must be in eval mode: fusion folds batch-norm running statistics.
+    """
+    if not inplace:
+        model = copy.deepcopy(model.module if is_model_wrapper(model) else model)
+    leaves = fusable_modules(model)
+    leaf_ids = {id(m) for m in leaves}
+    # Innermost first: a backbone's own switch_to_deploy then only updates its flag.
+    outer = [m for m in reversed(list(model.modules()))
+             if _can_fuse(m) and id(m) not in leaf_ids]
+    for module in leaves + outer:
+        module.switch_to_deploy()
+    return model
+
+
+def count_unfused(model: nn.Module) -> int:
+    """How many fusable blocks are still in training form."""
+    return sum(not getattr(m, 'deploy', False) for m in fusable_modules(model))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _flatten(output: Any) -> list:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _flatten(item)]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in _flatten(output[key])]
+    return []
+
+
+@torch.no_grad()
+def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: torch.Tensor,
+                          forward: Optional[Callable] = None) -> float:
+    """Largest absolute difference between two models' outputs on ``probe``.
+
+    ``forward(model, probe)`` can pick what to compare (e.g. a detector's backbone+neck);
+    by default the models are called on the probe.
+    """
+    forward = forward or (lambda m, x: m(x))
+    ref, out = _flatten(forward(reference, probe)), _flatten(forward(candidate, probe))
+    if len(ref) != len(out) or not ref:
+        raise ValueError(f'models gave {len(ref)} and {len(out)} output tensors on the probe')
+    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ref, out))

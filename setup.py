@@ -1,0 +1,37 @@
+import os.path as osp
+
+from setuptools import find_packages, setup
+
+
+def read_version():
+    namespace = {}
+    with open(osp.join(osp.dirname(__file__), 'mmrepvgg', 'version.py')) as f:
+        exec(f.read(), namespace)
+    return namespace['__version__']
+
+
+setup(
+    name='mmrepvgg',
+    version=read_version(),
+    description='RepVGG backbones with structural re-parameterization for '
+                'OpenMMLab detection and segmentation',
+    packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
+    python_requires='>=3.8',
+    install_requires=[
+        # Users bring their own CUDA build of torch: a floor only.
+        'torch>=1.13',
+        'mmengine>=0.10,<1',
+        # mmdet 3.3 and mmseg 1.2 refuse mmcv >= 2.2 at import.
+        'mmcv>=2.0.0rc4,<2.2',
+    ],
+    extras_require={
+        'det': ['mmdet>=3.0,<3.4'],
+        'seg': ['mmsegmentation>=1.0,<1.3'],
+        # Only needed to read mmpretrain checkpoints' model zoo or use its classifiers;
+        # the loader maps mmpretrain key layouts without importing it.
+        'pretrain': ['mmpretrain>=1.0,<1.3'],
+        'all': ['mmdet>=3.0,<3.4', 'mmsegmentation>=1.0,<1.3', 'mmpretrain>=1.0,<1.3'],
+        'tests': ['pytest'],
+    },
+    zip_safe=False,
+)

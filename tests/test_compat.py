@@ -1,0 +1,246 @@
+"""Runner checkpoints load under torch's default ``weights_only=True``.
+
+One real mmengine Runner trains a toy model for 2 iterations on CPU, validating
+after each with a metric that returns numpy float32 (as mmseg's IoUMetric does)
+and CheckpointHook(save_best=...), so the last checkpoint carries everything a
+real one does: message hub (HistoryBuffers, numpy scalars, 'best_score'),
+optimizer and scheduler states. Every test reuses a copy of that file.
+"""
+import argparse
+import pickle
+import pickletools
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from mmengine.evaluator import BaseMetric, Evaluator
+from mmengine.logging import HistoryBuffer
+from mmengine.model import BaseModel
+from mmengine.registry import MODELS
+from mmengine.runner import Runner, load_checkpoint
+
+import mmrepvgg.compat as compat
+from mmrepvgg.compat import allow_mmengine_checkpoint_types, load_file
+
+
+@MODELS.register_module(name='CompatToyModel', force=True)
+class CompatToyModel(BaseModel):
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+        self.bn = nn.BatchNorm1d(1)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        out = self.bn(self.linear(inputs))
+        if mode == 'loss':
+            return dict(loss=(out - labels).pow(2).mean())
+        if mode == 'predict':
+            return [dict(err=float((o - t).abs().item())) for o, t in zip(out, labels)]
+        return out
+
+
+class ToyDataset(torch.utils.data.Dataset):
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, idx):
+        gen = torch.Generator().manual_seed(idx)
+        return dict(inputs=torch.randn(2, generator=gen), labels=torch.randn(1, generator=gen))
+
+
+class ToyMetric(BaseMetric):
+    """Returns np.float32 like mmseg's mIoU, so 'best_score' is a numpy scalar."""
+
+    def process(self, data_batch, data_samples):
+        self.results.extend(d['err'] for d in data_samples)
+
+    def compute_metrics(self, results):
+        return dict(acc=np.float32(1.0 / (1.0 + np.mean(results))))
+
+
+def _loader():
+    return dict(dataset=ToyDataset(), sampler=dict(type='DefaultSampler', shuffle=False),
+                batch_size=2, collate_fn=dict(type='default_collate'))
+
+
+def make_runner(work_dir, name, max_iters=2, **kwargs):
+    return Runner(
+        model=dict(type='CompatToyModel'),
+        work_dir=str(work_dir),
+        experiment_name=name,
+        train_dataloader=_loader(),
+        val_dataloader=_loader(),
+        val_evaluator=Evaluator(ToyMetric()),
+        val_cfg=dict(),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01, momentum=0.9)),
+        param_scheduler=dict(type='LinearLR', start_factor=0.5, by_epoch=False,
+                             begin=0, end=max_iters),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=1),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False,
+                                           save_best='acc', rule='greater')),
+        default_scope=None,
+        randomness=dict(seed=0),
+        **kwargs)
+
+
+@pytest.fixture(scope='module')
+def runner_ckpt(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp('compat_runner')
+    make_runner(work_dir, 'compat_train').train()
+    last = work_dir / 'iter_2.pth'
+    assert last.is_file(), sorted(p.name for p in work_dir.iterdir())
+    # A copy: resuming lets CheckpointHook delete the 'best_ckpt' it recorded.
+    kept = work_dir.parent / 'runner_iter_2.pth'
+    kept.write_bytes(last.read_bytes())
+    return kept
+
+
+def test_allowance_is_idempotent_and_narrow():
+    allow_mmengine_checkpoint_types()
+    before = set(torch.serialization.get_safe_globals())
+    allow_mmengine_checkpoint_types()
+    after = set(torch.serialization.get_safe_globals())
+    assert before == after
+    ours = compat.mmengine_checkpoint_safe_globals()
+    assert set(ours) <= after
+    names = {g[1] for g in ours if isinstance(g, tuple)}
+    assert {'numpy.core.multiarray.scalar', 'numpy._core.multiarray.scalar',
+            'numpy.core.multiarray._reconstruct', 'numpy._core.multiarray._reconstruct',
+            'builtins.getattr'} == names
+    # the real getattr is never allowlisted, only the restricted stand-in
+    assert getattr not in after and all(not (isinstance(g, tuple) and g[0] is getattr)
+                                        for g in after)
+
+
+def globals_in(path):
+    """The GLOBAL names in a torch zip checkpoint's pickle, without loading it."""
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith('data.pkl')))
+    return {arg.replace(' ', '.').replace('__builtin__.', 'builtins.')
+            for op, arg, _ in pickletools.genops(data) if op.name == 'GLOBAL'}
+
+
+def test_runner_checkpoint_needs_the_allowance(runner_ckpt):
+    # Guards the test itself: the file really holds globals weights_only refuses.
+    found = globals_in(runner_ckpt)
+    assert {'mmengine.logging.history_buffer.HistoryBuffer', 'numpy.dtype',
+            'numpy.ndarray', 'builtins.getattr'} <= found
+    assert {'scalar', '_reconstruct'} <= {n.rsplit('.', 1)[1] for n in found
+                                          if '.multiarray.' in n}
+
+
+def test_plain_torch_load_after_allowance(runner_ckpt):
+    allow_mmengine_checkpoint_types()
+    ckpt = torch.load(str(runner_ckpt))  # torch's default: weights_only=True
+    assert {'meta', 'state_dict', 'message_hub', 'optimizer', 'param_schedulers'} <= set(ckpt)
+    hub = ckpt['message_hub']
+    loss = hub['log_scalars']['train/loss']
+    assert isinstance(loss, HistoryBuffer) and np.isfinite(loss.mean())
+    assert loss.statistics('current') == loss.current()
+    best = hub['runtime_info']['best_score']
+    assert isinstance(best, np.float32)
+    assert isinstance(hub['runtime_info']['eta'], np.floating)
+    assert load_file(runner_ckpt)['meta']['iter'] == 2
+
+
+def test_mmengine_load_checkpoint(runner_ckpt):
+    allow_mmengine_checkpoint_types()  # what `import mmrepvgg` does
+    ckpt = load_file(runner_ckpt)
+    model = CompatToyModel()
+    load_checkpoint(model, str(runner_ckpt), map_location='cpu', strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt['state_dict'][key])
+
+
+def test_runner_resumes_from_it(runner_ckpt, tmp_path):
+    allow_mmengine_checkpoint_types()  # what `import mmrepvgg` does
+    runner = make_runner(tmp_path, 'compat_resume', max_iters=3,
+                         load_from=str(runner_ckpt), resume=True)
+    runner.train()
+    assert runner.iter == 3
+    # resumed, not restarted: the message hub (best score) came back
+    assert isinstance(runner.message_hub.get_info('best_score'), np.floating)
+    # only iteration 3 ran here: a restart from 0 would also have saved iter_1/2
+    assert sorted(p.name for p in tmp_path.glob('iter_*.pth')) == ['iter_3.pth']
+    assert load_file(tmp_path / 'iter_3.pth')['meta']['iter'] == 3
+
+
+def _rewrite_pickle(src, dst, old, new):
+    """Copy a torch zip checkpoint, replacing bytes inside its data.pkl."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, 'w', zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith('data.pkl'):
+                assert old in data
+                data = data.replace(old, new)
+            zout.writestr(item, data)
+
+
+def test_checkpoint_from_the_other_numpy_major(runner_ckpt, tmp_path):
+    # A file written under numpy 1.x names numpy.core.multiarray, one written
+    # under numpy 2.x numpy._core.multiarray; both must load with either numpy.
+    here = b'cnumpy._core.multiarray\n' if int(np.__version__[0]) >= 2 else \
+        b'cnumpy.core.multiarray\n'
+    other = b'cnumpy.core.multiarray\n' if here.startswith(b'cnumpy._') else \
+        b'cnumpy._core.multiarray\n'
+    moved = tmp_path / 'other_numpy.pth'
+    _rewrite_pickle(runner_ckpt, moved, here, other)
+    prefix = other[1:-1].decode()
+    assert {prefix + '.scalar', prefix + '._reconstruct'} <= globals_in(moved)
+    allow_mmengine_checkpoint_types()
+    ckpt = torch.load(str(moved))
+    assert isinstance(ckpt['message_hub']['runtime_info']['best_score'], np.float32)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        load_file(tmp_path / 'missing.pth')
+
+
+@pytest.mark.parametrize('kind', ['truncated', 'garbage', 'empty', 'text'])
+def test_corrupt_file_is_a_clear_error(runner_ckpt, tmp_path, kind):
+    path = tmp_path / f'{kind}.pth'
+    payload = {
+        'truncated': runner_ckpt.read_bytes()[:2000],
+        'garbage': bytes(range(256)) * 8,
+        'empty': b'',
+        'text': b'this is not a checkpoint\n' * 4,
+    }[kind]
+    path.write_bytes(payload)
+    with pytest.raises(ValueError) as err:
+        load_file(path)
+    msg = str(err.value)
+    assert str(path) in msg and 'not a valid PyTorch checkpoint' in msg
+    assert 'weights_only=False' not in msg
+
+
+def test_unlisted_global_is_refused_and_named(tmp_path):
+    path = tmp_path / 'foreign.pth'
+    torch.save({'args': argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ValueError) as err:
+        load_file(path)
+    msg = str(err.value)
+    assert 'argparse.Namespace' in msg and 'untrusted' in msg and str(path) in msg
+
+
+class _SneakyGetattr:
+    """Pickles as getattr(HistoryBuffer, '__init__'): not a statistics method."""
+
+    def __reduce__(self):
+        return getattr, (HistoryBuffer, '__init__')
+
+
+def test_getattr_is_restricted_to_history_buffer_statistics(tmp_path):
+    path = tmp_path / 'sneaky.pth'
+    torch.save({'x': _SneakyGetattr()}, path)
+    with pytest.raises(ValueError, match='untrusted'):
+        load_file(path)
+    with pytest.raises(pickle.UnpicklingError):
+        compat._history_buffer_statistic(HistoryBuffer, '__init__')
+    with pytest.raises(pickle.UnpicklingError):
+        compat._history_buffer_statistic(torch, 'load')
+    assert compat._history_buffer_statistic(HistoryBuffer, 'mean') is HistoryBuffer.mean

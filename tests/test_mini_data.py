@@ -1,0 +1,185 @@
+"""Tests for tools/make_mini_data.py: the synthetic data must load through the real
+mmseg/mmdet dataset classes, be reproducible, never clobber user data, and be learnable."""
+import importlib.util
+import itertools
+import json
+import os.path as osp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / 'tools' / 'make_mini_data.py'
+
+
+def _load_tool():
+    # tools/ is not a package; load the script the way users run it.
+    spec = importlib.util.spec_from_file_location('make_mini_data', TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+mmd = _load_tool()
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def _label_files(root):
+    return sorted(Path(root).glob('gtFine/*/*/*_gtFine_labelTrainIds.png'))
+
+
+def test_cityscapes_loads_in_mmseg(tmp_path):
+    pytest.importorskip('mmseg')
+    from mmseg.datasets import CityscapesDataset
+
+    root = tmp_path / 'cs'
+    mmd.make_cityscapes(root, num_train=6, num_val=3, size=(128, 64), seed=1)
+    seen = set()
+    for split, n in (('train', 6), ('val', 3)):
+        ds = CityscapesDataset(
+            data_root=str(root),
+            data_prefix=dict(img_path=f'leftImg8bit/{split}', seg_map_path=f'gtFine/{split}'),
+            pipeline=[], lazy_init=False)
+        assert len(ds) == n
+        for i in range(n):
+            info = ds.get_data_info(i)
+            img, seg = info['img_path'], info['seg_map_path']
+            assert osp.isfile(img) and osp.isfile(seg)
+            assert osp.basename(img)[:-len('_leftImg8bit.png')] == \
+                osp.basename(seg)[:-len('_gtFine_labelTrainIds.png')]
+            lab_img = Image.open(seg)
+            assert lab_img.mode == 'L'
+            assert Image.open(img).mode == 'RGB' and Image.open(img).size == lab_img.size
+            vals = np.unique(np.asarray(lab_img))
+            assert set(vals.tolist()) <= set(range(19)) | {255}
+            seen |= set(vals.tolist()) - {255}
+    assert len(seen) >= 4
+    assert ds.metainfo['classes'] == mmd.CITYSCAPES_CLASSES
+
+
+def test_coco_loads_in_mmdet(tmp_path):
+    pytest.importorskip('mmdet')
+    from mmdet.datasets import CocoDataset
+
+    root = tmp_path / 'coco'
+    mmd.make_coco(root, num_train=4, num_val=5, size=(160, 128), seed=2)
+    # Category names must be exactly mmdet's, or its name->id lookup silently drops them.
+    names = [c[1] for c in mmd.COCO_CATEGORIES]
+    assert tuple(names) == CocoDataset.METAINFO['classes']
+
+    ds = CocoDataset(data_root=str(root), ann_file='annotations/instances_val2017.json',
+                     data_prefix=dict(img='val2017/'), pipeline=[])
+    assert len(ds) == 5
+    # Labels are the standard 80-class indices (person 0, car 2, dog 16, bottle 39).
+    expected = {names.index(n) for i, n, _ in mmd.COCO_CATEGORIES if i in mmd.COCO_OBJECTS}
+    for i in range(len(ds)):
+        info = ds.get_data_info(i)
+        assert osp.isfile(info['img_path'])
+        w, h = info['width'], info['height']
+        assert Image.open(info['img_path']).size == (w, h)
+        assert len(info['instances']) >= 1
+        for inst in info['instances']:
+            assert 0 <= inst['bbox_label'] < 80 and inst['bbox_label'] in expected
+            x1, y1, x2, y2 = inst['bbox']
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            assert x2 - x1 >= mmd.MIN_OBJ - 1 and y2 - y1 >= mmd.MIN_OBJ - 1
+            assert inst['ignore_flag'] == 0 and inst['mask']
+
+    # The train split through the usual training filter keeps every image.
+    ds = CocoDataset(data_root=str(root), ann_file='annotations/instances_train2017.json',
+                     data_prefix=dict(img='train2017/'), pipeline=[],
+                     filter_cfg=dict(filter_empty_gt=True, min_size=32))
+    assert len(ds) == 4
+
+
+def test_coco_json_is_standard(tmp_path):
+    root = mmd.make_coco(tmp_path / 'coco', num_train=3, num_val=2, seed=0)
+    d = json.loads((Path(root) / 'annotations' / 'instances_train2017.json').read_text())
+    assert {'info', 'licenses', 'images', 'annotations', 'categories'} <= d.keys()
+    assert len(d['images']) == 3 and len(d['categories']) == 80
+    ids = {im['id'] for im in d['images']}
+    for im in d['images']:
+        assert im['file_name'] == f"{im['id']:012d}.jpg"
+        assert (Path(root) / 'train2017' / im['file_name']).is_file()
+    for a in d['annotations']:
+        assert a['image_id'] in ids and a['category_id'] in mmd.COCO_OBJECTS
+        assert a['iscrowd'] == 0 and a['area'] > 0
+        assert all(isinstance(v, float) for v in a['bbox'])
+        poly = a['segmentation'][0]
+        assert len(poly) >= 6 and len(poly) % 2 == 0
+
+
+def test_deterministic(tmp_path):
+    a = mmd.make_cityscapes(tmp_path / 'a', num_train=2, num_val=1, seed=5)
+    b = mmd.make_cityscapes(tmp_path / 'b', num_train=2, num_val=1, seed=5)
+    c = mmd.make_cityscapes(tmp_path / 'c', num_train=2, num_val=1, seed=6)
+    fa, fb, fc = _label_files(a)[0], _label_files(b)[0], _label_files(c)[0]
+    assert fa.read_bytes() == fb.read_bytes()
+    assert fa.read_bytes() != fc.read_bytes()
+    ja = Path(mmd.make_coco(tmp_path / 'ca', 2, 1, seed=5)) / 'annotations'
+    jb = Path(mmd.make_coco(tmp_path / 'cb', 2, 1, seed=5)) / 'annotations'
+    assert (ja / 'instances_val2017.json').read_bytes() == \
+        (jb / 'instances_val2017.json').read_bytes()
+
+
+def test_refuses_non_empty_out_dir_and_force_replaces(tmp_path):
+    out = tmp_path / 'data'
+    out.mkdir()
+    keep = out / 'precious.txt'
+    keep.write_text('user data')
+
+    r = _run('cityscapes', out, '--num-train', 1, '--num-val', 1)
+    assert r.returncode == 2
+    assert 'not empty' in r.stderr and '--force' in r.stderr
+    assert keep.read_text() == 'user data'
+    assert sorted(p.name for p in out.iterdir()) == ['precious.txt']
+    # No temp directories left lying around next to it.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
+
+    r = _run('coco', out, '--num-train', 1, '--num-val', 1, '--force')
+    assert r.returncode == 0, r.stderr
+    assert 'coco' in r.stdout and str(out) in r.stdout
+    assert not keep.exists()
+    assert (out / 'annotations' / 'instances_val2017.json').is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data']
+
+
+def test_empty_out_dir_is_used(tmp_path):
+    out = tmp_path / 'empty'
+    out.mkdir()
+    r = _run('cityscapes', out, '--num-train', 1, '--num-val', 1, '--size', 96, 48)
+    assert r.returncode == 0, r.stderr
+    assert len(_label_files(out)) == 2
+    assert Image.open(_label_files(out)[0]).size == (96, 48)
+
+
+def test_cityscapes_classes_are_separable_by_colour(tmp_path):
+    root = Path(mmd.make_cityscapes(tmp_path / 'cs', num_train=4, num_val=0, seed=0))
+    sums, counts = {}, {}
+    for lab_path in _label_files(root):
+        img_path = Path(str(lab_path).replace('gtFine', 'leftImg8bit', 1)
+                        .replace('_gtFine_labelTrainIds', '_leftImg8bit'))
+        lab = np.asarray(Image.open(lab_path))
+        img = np.asarray(Image.open(img_path), np.float64)
+        for c in np.unique(lab):
+            if c == 255:
+                continue
+            m = lab == c
+            sums[c] = sums.get(c, 0) + img[m].sum(0)
+            counts[c] = counts.get(c, 0) + m.sum()
+    assert len(sums) >= 6
+    means = {c: sums[c] / counts[c] for c in sums}
+    dist = min(np.linalg.norm(means[a] - means[b])
+               for a, b in itertools.combinations(means, 2))
+    assert dist > 40, f'class mean colours too close: {dist:.1f}'
+    # Ignore pixels exist but stay a small fraction.
+    labs = np.stack([np.asarray(Image.open(p)) for p in _label_files(root)])
+    assert 0 < (labs == 255).mean() < 0.05

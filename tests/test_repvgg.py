@@ -1,0 +1,209 @@
+import copy
+
+import pytest
+import torch
+from mmengine.model import revert_sync_batchnorm
+from torch import nn
+
+from mmrepvgg import RepVGG, RepVGGBlock, reparameterize
+from mmrepvgg.models import ARCH_SETTINGS, arch_channels
+from mmrepvgg.reparam import count_parameters, count_unfused, max_output_difference
+
+ALL_ARCHS = list(ARCH_SETTINGS)
+
+
+def relative_error(reference, fused, probe):
+    outs = reference(probe)
+    scale = max(o.abs().max().item() for o in outs)
+    return max_output_difference(reference, fused, probe) / scale
+
+
+def fused_pair(model):
+    model.eval()
+    return model, reparameterize(model)
+
+
+def assert_exact(model, probe):
+    """fp32: 1e-6 relative to the largest output; fp64 (fused in fp64): 1e-10 absolute."""
+    model, fused = fused_pair(model)
+    assert count_unfused(fused) == 0 and count_unfused(model) > 0
+    assert relative_error(model, fused, probe) < 1e-6
+    model64, fused64 = fused_pair(copy.deepcopy(model).double())
+    assert max_output_difference(model64, fused64, probe.double()) < 1e-10
+
+
+@pytest.mark.parametrize('arch', ALL_ARCHS)
+def test_every_variant_fuses_exactly(arch, randomize):
+    torch.manual_seed(0)
+    model = randomize(RepVGG(arch))
+    assert_exact(model, torch.randn(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize('strides,dilations,num_dilated', [
+    ((2, 2, 1, 1), (1, 1, 2, 4), (None, None, None, None)),   # output stride 8
+    ((2, 2, 1, 1), (1, 1, 2, 4), (None, None, 4, 1)),         # B1g2-fast
+    ((2, 2, 2, 1), (1, 1, 1, 2), (None, None, None, None)),   # output stride 16
+])
+def test_strided_and_dilated_fusion_is_exact(strides, dilations, num_dilated, randomize):
+    torch.manual_seed(1)
+    model = randomize(RepVGG('B1g2', strides=strides, dilations=dilations,
+                             num_dilated_blocks=num_dilated))
+    assert_exact(model, torch.randn(1, 3, 32, 48))
+
+
+def test_block_grouped_identity_and_se(randomize):
+    torch.manual_seed(2)
+    block = randomize(RepVGGBlock(8, 8, groups=4, dilation=3, se_ratio=4)).eval()
+    assert block.identity is not None and block.se is not None
+    fused = copy.deepcopy(block)
+    fused.switch_to_deploy()
+    assert fused.fused is not None and fused.dense is None and fused.se is not None
+    x = torch.randn(2, 8, 11, 13)
+    assert (block(x) - fused(x)).abs().max() < 1e-6
+    # The fused block runs SE after the conv: dropping it changes the output.
+    fused.se = None
+    assert (block(x) - fused(x)).abs().max() > 1e-3
+
+
+# Params in millions of the deploy model with a 1000-class head (paper, Table 4/5).
+PAPER_PARAMS = dict(A0=8.30, A1=12.78, A2=25.49, B0=14.33, B1g4=36.12, B1g2=41.36,
+                    B1=51.82, B2g4=55.77, B2=80.31, B3g4=75.62, B3=110.96)
+
+
+@pytest.mark.parametrize('arch', list(PAPER_PARAMS))
+def test_deploy_params_match_paper(arch):
+    backbone = RepVGG(arch, deploy=True)
+    head = nn.Linear(backbone.stage_channels[-1], 1000)
+    total = (count_parameters(backbone) + count_parameters(head)) / 1e6
+    assert abs(total - PAPER_PARAMS[arch]) <= 0.01, total
+
+
+@pytest.mark.parametrize('strides,dilations,stride', [
+    ((2, 2, 2, 2), (1, 1, 1, 1), 32),
+    ((2, 2, 2, 1), (1, 1, 1, 2), 16),
+    ((2, 2, 1, 1), (1, 1, 2, 4), 8),
+])
+def test_feature_shapes_per_output_stride(strides, dilations, stride):
+    model = RepVGG('A0', strides=strides, dilations=dilations).eval()
+    outs = model(torch.randn(1, 3, 64, 96))
+    assert len(outs) == 4
+    expected_strides = [4, 8] + [min(stride, 16), stride]
+    for out, channels, s in zip(outs, model.out_channels, expected_strides):
+        assert out.shape == (1, channels, 64 // s, 96 // s)
+    assert model.out_channels == (48, 96, 192, 1280)
+
+
+def test_out_indices_and_channel_table():
+    model = RepVGG('B2', out_indices=(1, 3)).eval()
+    outs = model(torch.randn(1, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == [320, 2560] == list(model.out_channels)
+    assert arch_channels('B2') == (160, 320, 640, 2560) == model.stage_channels
+    assert arch_channels('A2') == (96, 192, 384, 1408)
+    assert arch_channels('B3g4') == (192, 384, 768, 2560)
+
+
+def test_grouped_layer_numbering():
+    model = RepVGG('B1g4')
+    layers = [b for n in model.stage_names for b in getattr(model, n)]
+    assert len(layers) == 27
+    for number, block in enumerate(layers, start=1):
+        assert block.groups == (4 if number % 2 == 0 else 1), number
+    assert model.stem.groups == 1
+
+
+def test_fast_variant_dilates_only_last_blocks():
+    model = RepVGG('B1g2', strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4),
+                   num_dilated_blocks=(None, None, 4, 1))
+    assert [b.dilation for b in model.stage3] == [1] * 12 + [2] * 4
+    assert [b.dilation for b in model.stage4] == [4]
+    assert model.stage3[0].stride == 1 and model.stage3[12].dense.conv.padding == (2, 2)
+
+
+def test_custom_arch_dict_and_se():
+    arch = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.5, 0.5, 0.5, 1),
+                groups={2: 2}, se_ratio=8)
+    model = RepVGG(arch)
+    assert model.stage_channels == (32, 64, 128, 512)
+    assert model.stage2[0].groups == 2 and model.stage2[1].groups == 1
+    assert all(b.se is not None for b in model.modules() if isinstance(b, RepVGGBlock))
+
+
+def test_bad_arguments_say_what_is_allowed():
+    with pytest.raises(KeyError, match='valid names: A0, A1'):
+        RepVGG('B9')
+    with pytest.raises(KeyError, match='unknown keys'):
+        RepVGG(dict(num_blocks=(1, 1, 1, 1), width_factors=(1, 1, 1, 1), depth=3))
+    with pytest.raises(ValueError, match='out_indices'):
+        RepVGG('A0', out_indices=(4,))
+    with pytest.raises(ValueError, match='dilations'):
+        RepVGG('A0', dilations=(1, 2))
+
+
+def test_non_batch_norm_cannot_fuse():
+    model = RepVGG('A0', norm_cfg=dict(type='GN', num_groups=8)).eval()
+    with pytest.raises(TypeError, match='GroupNorm'):
+        reparameterize(model)
+
+
+def test_train_mode_fusion_is_refused():
+    with pytest.raises(RuntimeError, match='eval'):
+        reparameterize(RepVGG('A0'))
+
+
+def test_syncbn_config_reverted_to_batchnormxd_fuses(randomize):
+    model = RepVGG('A0', norm_cfg=dict(type='SyncBN', requires_grad=True))
+    model = randomize(revert_sync_batchnorm(model)).eval()
+    assert 'BatchNormXd' in type(model.stem.dense.bn).__name__
+    probe = torch.randn(1, 3, 32, 32)
+    assert relative_error(model, reparameterize(model), probe) < 1e-6
+
+
+def test_reparameterize_nested_copy_and_idempotent(randomize):
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = RepVGG('A0', out_indices=(3,))
+            self.head = nn.Conv2d(1280, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.backbone(x)[0])
+
+    model = randomize(Detector()).eval()
+    fused = reparameterize(model)
+    assert count_unfused(model) == 22 and count_unfused(fused) == 0
+    assert fused.backbone.deploy and not model.backbone.deploy
+    again = reparameterize(fused, inplace=True)
+    assert again is fused
+    probe = torch.randn(1, 3, 32, 32)
+    assert max_output_difference(model, fused, probe) < 1e-5
+
+
+def test_deploy_built_model_loads_fused_weights(randomize):
+    model = randomize(RepVGG('B0')).eval()
+    fused = reparameterize(model)
+    direct = RepVGG('B0', deploy=True).eval()
+    direct.load_state_dict(fused.state_dict())
+    probe = torch.randn(1, 3, 32, 32)
+    assert max_output_difference(fused, direct, probe) == 0
+
+
+def test_frozen_stages_and_norm_eval():
+    model = RepVGG('A0', frozen_stages=2, norm_eval=True)
+    model.train()
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert not any(p.requires_grad for p in model.stage2.parameters())
+    assert all(p.requires_grad for p in model.stage3.parameters())
+    assert not model.stage1.training
+    assert model.stage3.training and not model.stage3[0].dense.bn.training
+
+
+def test_checkpointing_gives_same_gradients():
+    torch.manual_seed(3)
+    plain = RepVGG('A0', out_indices=(3,))
+    ckpt = copy.deepcopy(plain)
+    ckpt.with_cp = True
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    plain(x)[0].sum().backward()
+    ckpt(x)[0].sum().backward()
+    for a, b in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Creates .venv/ in the repo and installs the pinned, known-good OpenMMLab stack plus this
+# project in editable mode. Safe to re-run: each finished step leaves a stamp, and the
+# mmcv wheel built from source is cached in .cache/wheels/, so a second run takes seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+CACHE="$ROOT/.cache"
+WHEELS="$CACHE/wheels"
+PY="${PYTHON:-python3}"
+
+# The pinned stack. torch 2.13's CPU wheel has no torchvision whose ops load, so we take
+# the CUDA build of 2.14.1 (it runs on CPU) with its matching torchvision.
+TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+MMENGINE_PIN="mmengine==0.10.7"
+MMCV_VERSION="2.1.0"
+MM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0"
+# Runtime deps that mmseg/mmpretrain import lazily but their metadata does not declare.
+EXTRA_PINS="ftfy regex pytest"
+STACK_ID="$(echo "$PY $TORCH_PINS $MMENGINE_PIN mmcv==$MMCV_VERSION $MM_PINS $EXTRA_PINS" | sha1sum | cut -c1-12)"
+
+step() { CURRENT_STEP="$1"; echo "[bootstrap] $1"; }
+trap 'echo "[bootstrap] FAILED at step: ${CURRENT_STEP:-start} (see output above)" >&2' ERR
+stamp() { [ -f "$VENV/.stamp-$1-$STACK_ID" ]; }
+mark() { touch "$VENV/.stamp-$1-$STACK_ID"; }
+
+mkdir -p "$WHEELS"
+if [ ! -x "$VENV/bin/python" ]; then
+  step "create virtual environment $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+
+if ! stamp base; then
+  step "install build tools and torch ($TORCH_PINS)"
+  "${PIP[@]}" install -q --upgrade pip "setuptools>=77,<81" wheel ninja
+  "${PIP[@]}" install -q $TORCH_PINS
+  mark base
+fi
+
+if ! stamp mmengine; then
+  step "install $MMENGINE_PIN"
+  "${PIP[@]}" install -q "$MMENGINE_PIN"
+  mark mmengine
+fi
+
+MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
+if [ -z "$MMCV_WHEEL" ]; then
+  step "build mmcv $MMCV_VERSION from source with its ops (several minutes on 2 cores)"
+  BUILD="$(mktemp -d)"
+  # No build isolation: mmcv's setup.py imports the torch installed above.
+  "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation \
+      "mmcv==$MMCV_VERSION" -d "$BUILD"
+  tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
+  SRC="$BUILD/mmcv-$MMCV_VERSION"
+  # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
+  sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+  ( cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      "${PIP[@]}" wheel -q --no-deps --no-build-isolation . -w "$BUILD/out" )
+  mv "$BUILD"/out/mmcv-*.whl "$WHEELS"/
+  rm -rf "$BUILD"
+  MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
+fi
+
+if ! stamp mmcv; then
+  step "install cached mmcv wheel $(basename "$MMCV_WHEEL")"
+  "${PIP[@]}" install -q --no-deps "$MMCV_WHEEL"
+  "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf opencv-python
+  mark mmcv
+fi
+
+if ! stamp mm; then
+  step "install $MM_PINS and runtime deps"
+  "${PIP[@]}" install -q $MM_PINS $EXTRA_PINS "mmcv==$MMCV_VERSION" --find-links "$WHEELS"
+  mark mm
+fi
+
+if ! stamp project || [ "$ROOT/setup.py" -nt "$VENV/.stamp-project-$STACK_ID" ]; then
+  step "install mmrepvgg (editable)"
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
+  mark project
+fi
+
+step "check the stack imports"
+"$VENV/bin/python" - <<'PY'
+import torch, torchvision, mmengine, mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmrepvgg
+from torchvision.ops import nms  # torchvision's compiled ops must load
+print(f"[bootstrap] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
+      f"mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, "
+      f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}")
+PY
