@@ -7,6 +7,8 @@ from typing import Optional
 from mmengine.config import Config, DictAction
 
 LAUNCHERS = ['none', 'pytorch', 'slurm', 'mpi']
+# --mini merges one of these (from the repo's configs/_base_/mini/) over the config.
+MINI_CONFIGS = {'mmseg': 'cityscapes.py', 'mmdet': 'coco.py'}
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
@@ -17,16 +19,22 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
              'train_dataloader.batch_size=4')
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none',
                         help='job launcher (pytorch for torchrun)')
+    parser.add_argument(
+        '--mini', action='store_true',
+        help='train/test on the synthetic mini dataset of tools/make_mini_data.py at CPU '
+             'size (merges configs/_base_/mini/{cityscapes,coco}.py)')
     # torchrun passes the rank in the environment; older launchers as an argument.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
-def load_config(args: argparse.Namespace) -> Config:
+def load_config(args: argparse.Namespace, mini_dir: Optional[str] = None) -> Config:
     if not osp.isfile(args.config):
         raise SystemExit(f'config file not found: {args.config}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     cfg = Config.fromfile(args.config)
+    if getattr(args, 'mini', False):
+        apply_mini(cfg, mini_dir)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
     cfg.launcher = args.launcher
@@ -35,6 +43,15 @@ def load_config(args: argparse.Namespace) -> Config:
         cfg.work_dir = args.work_dir
     elif cfg.get('work_dir') is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    return cfg
+
+
+def apply_mini(cfg: Config, mini_dir: str) -> Config:
+    name = MINI_CONFIGS.get(scope_of(cfg))
+    if name is None:
+        raise SystemExit(f'--mini supports mmseg and mmdet configs, not scope '
+                         f'{scope_of(cfg)!r}')
+    cfg.merge_from_dict(Config.fromfile(osp.join(mini_dir, name)).to_dict())
     return cfg
 
 

@@ -1,0 +1,2 @@
+# Baseline: mmdet's faster-rcnn r50 FPN 1x, unchanged (ImageNet-pretrained torchvision weights).
+_base_ = 'mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'

@@ -1,0 +1,85 @@
+"""Checkpoint conversions behind tools/convert.py, written atomically.
+
+- ``fuse_checkpoint``: a trained model (any mmdet/mmseg config) to its deploy form.
+- ``convert_release``: an official / mmpretrain / timm release file to this project's
+  backbone layout, so configs can load it with ``init_cfg=dict(type='Pretrained', ...)``.
+"""
+import os
+import os.path as osp
+import tempfile
+from typing import Optional
+
+import torch
+from mmengine.config import Config
+
+from .checkpoint import extract_state_dict, to_mmrepvgg
+from .compat import load_file
+from .engine.hooks import format_report, fuse_and_report
+
+
+def _check_paths(src: str, dst: str) -> None:
+    if not osp.isfile(src):
+        raise FileNotFoundError(f'checkpoint not found: {src}')
+    if osp.abspath(src) == osp.abspath(dst) or (osp.exists(dst) and osp.samefile(src, dst)):
+        raise ValueError(f'output {dst} is the input checkpoint; choose another path, the '
+                         'input is never overwritten')
+
+
+def save_atomic(obj, path: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place, so a crash
+    never leaves a half-written file where the user expects a checkpoint."""
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(path), suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    init_default_scope(cfg.get('default_scope', 'mmengine'))
+    model = MODELS.build(cfg.model)
+    return cfg, model
+
+
+def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = True,
+                    cfg_options: Optional[dict] = None) -> dict:
+    """Load a training checkpoint into the config's model, fuse it, save the deploy form.
+
+    Returns the fusion report (blocks, params before/after, max probe difference).
+    """
+    from mmengine.runner import load_state_dict
+    _check_paths(checkpoint, output)
+    source = load_file(checkpoint)
+    if not isinstance(source, dict):
+        raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
+    _, model = build_model_from_config(config, cfg_options)
+    state = source.get('state_dict', source)
+    load_state_dict(model, state, strict=True)
+    report = fuse_and_report(model, probe=probe)
+    if not report['blocks']:
+        raise ValueError(f'nothing to fuse in {checkpoint} with {config}: '
+                         f'{format_report(report)}')
+    meta = dict(source.get('meta') or {})
+    meta.update(mmrepvgg_deploy=True, source_checkpoint=osp.basename(checkpoint))
+    save_atomic(dict(meta=meta, state_dict=model.state_dict()), output)
+    return report
+
+
+def convert_release(checkpoint: str, output: str) -> dict:
+    """Map a release file's keys onto this project's backbone layout (head dropped)."""
+    _check_paths(checkpoint, output)
+    state, info = to_mmrepvgg(extract_state_dict(load_file(checkpoint)))
+    save_atomic(dict(meta=dict(source_checkpoint=osp.basename(checkpoint),
+                               source_layout=info['layout'], mmrepvgg_deploy=info['deploy']),
+                     state_dict=state), output)
+    return info

@@ -1,0 +1,55 @@
+"""Write a deploy (fused) checkpoint, or map a release file onto this project's layout.
+
+  python tools/convert.py CONFIG CHECKPOINT OUTPUT          # trained model -> fused model
+  python tools/convert.py --release RELEASE.pth OUTPUT      # official/mmpretrain -> ours
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+
+import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
+from mmengine.config import DictAction  # noqa: E402
+
+from mmrepvgg.convert import convert_release, fuse_checkpoint  # noqa: E402
+from mmrepvgg.engine.hooks import format_report  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('paths', nargs='+', metavar='PATH',
+                        help='CONFIG CHECKPOINT OUTPUT, or with --release: RELEASE OUTPUT')
+    parser.add_argument('--release', action='store_true',
+                        help='convert an official/mmpretrain/timm release file')
+    parser.add_argument('--no-probe', action='store_true',
+                        help='skip checking the fused outputs on a probe input')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries before building the model')
+    args = parser.parse_args(argv)
+    expected = 2 if args.release else 3
+    if len(args.paths) != expected:
+        parser.error(f'expected {"RELEASE OUTPUT" if args.release else "CONFIG CHECKPOINT OUTPUT"}'
+                     f', got {len(args.paths)} paths')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.release:
+            info = convert_release(*args.paths)
+            print(f'{args.paths[0]}: {info["layout"]} layout, '
+                  f'{"deploy" if info["deploy"] else "training"} form; dropped '
+                  f'{len(info["dropped"])} head keys; wrote {args.paths[1]}')
+        else:
+            report = fuse_checkpoint(*args.paths, probe=not args.no_probe,
+                                     cfg_options=args.cfg_options)
+            print(f'{format_report(report)}; wrote {args.paths[2]}')
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        raise SystemExit(f'error: {err}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Usage: tools/dist_train.sh CONFIG PROCS [train.py args...]
+set -euo pipefail
+CONFIG=$1; PROCS=$2; shift 2
+exec "$(dirname "$0")/dist_run.sh" "$PROCS" train.py "$CONFIG" "$@"

@@ -1,0 +1,41 @@
+"""Test any mmdet/mmseg config; --deploy evaluates the fused (re-parameterized) model."""
+import argparse
+import os.path as osp
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout
+
+import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
+from mmrepvgg.engine.cli import (add_common_args, apply_deploy,  # noqa: E402
+                                 apply_test_args, build_runner, load_config)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Test a detector or segmentor')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file (training or fused)')
+    parser.add_argument(
+        '--deploy', action='store_true',
+        help='evaluate the fused model: a training checkpoint is fused after loading, a '
+             'fused one is loaded into a model built in deploy form')
+    parser.add_argument('--out', help='mmdet: pickle of the raw results; '
+                                      'mmseg: folder for the predicted maps')
+    parser.add_argument('--show', action='store_true', help='show predictions in a window')
+    parser.add_argument('--show-dir', help='folder for drawn predictions')
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds per --show')
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
+    cfg = apply_deploy(cfg, args.checkpoint, args.deploy)
+    cfg = apply_test_args(cfg, args.checkpoint, args.out, args.show, args.show_dir,
+                          args.wait_time)
+    return build_runner(cfg).test()
+
+
+if __name__ == '__main__':
+    main()
