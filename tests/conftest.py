@@ -35,3 +35,14 @@ def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def randomize():
     return randomize_norms
+
+
+@pytest.fixture(scope='session')
+def mini_root(tmp_path_factory):
+    """A folder holding data/mini_cityscapes and data/mini_coco as `--mini` expects them
+    (relative to the working directory): run tools with this as cwd."""
+    from tools.make_mini_data import make_cityscapes, make_coco
+    root = tmp_path_factory.mktemp('mini')
+    make_cityscapes(str(root / 'data' / 'mini_cityscapes'), num_train=4, num_val=2)
+    make_coco(str(root / 'data' / 'mini_coco'), num_train=4, num_val=2)
+    return root

@@ -1,0 +1,65 @@
+"""Every bundled config builds, trains one iteration and tests with --deploy on the
+mini data (tools/make_mini_data.py) at small resolution."""
+import glob
+import os.path as osp
+
+import pytest
+from mmengine.config import Config
+
+from tools import test as test_tool
+from tools import train as train_tool
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
+SEG = [c for c in CONFIGS if osp.basename(c).startswith('pspnet')]
+DET = [c for c in CONFIGS if c not in SEG]
+# Small enough for 2 CI cores: 64x64 crops and 128x64 test images, one of each.
+SMALL = {
+    'seg': ['train_dataloader.batch_size=2', 'crop_size=(64,64)',
+            'train_dataloader.dataset.pipeline.3.crop_size=(64,64)',
+            'model.data_preprocessor.size=(64,64)',
+            'test_dataloader.dataset.pipeline.1.scale=(128,64)'],
+    'det': ['train_dataloader.batch_size=1',
+            'train_dataloader.dataset.pipeline.2.scale=(128,96)',
+            'test_dataloader.dataset.pipeline.1.scale=(128,96)'],
+}
+
+def test_expected_configs_are_bundled():
+    names = {osp.basename(c) for c in CONFIGS}
+    assert 'pspnet_repvgg_b1g2_cityscapes.py' in names
+    assert len(SEG) == 5 and len(DET) == 8, names
+
+@pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)
+def test_config_inherits_mmlab_and_reads_channel_table(config):
+    cfg = Config.fromfile(config)
+    backbone = cfg.model.backbone
+    if backbone.type != 'mmrepvgg.RepVGG':
+        return
+    from mmrepvgg.models import arch_channels
+    channels = arch_channels(backbone.arch)
+    if osp.basename(config).startswith('pspnet'):
+        assert cfg.model.decode_head.in_channels == channels[3]
+        assert cfg.model.auxiliary_head.in_channels == channels[2]
+        assert backbone.strides == (2, 2, 1, 1) and backbone.dilations == (1, 1, 2, 4)
+    else:
+        assert list(cfg.model.neck.in_channels) == list(channels)
+    assert backbone.init_cfg.checkpoint == f'checkpoints/RepVGG-{backbone.arch}-train.pth'
+
+@pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)
+def test_config_trains_a_step_and_tests_deployed(config, mini_root, tmp_path, monkeypatch):
+    monkeypatch.chdir(mini_root)
+    work = str(tmp_path / 'work')
+    small = SMALL['seg' if config in SEG else 'det']
+    if config in DET:  # a 1-step detector scores below the default threshold: keep all
+        rcnn = '' if 'retinanet' in osp.basename(config) else 'rcnn.'
+        small = small + [f'model.test_cfg.{rcnn}score_thr=0.0',
+                         f'model.test_cfg.{rcnn}max_per_img=20']
+    options = ['--cfg-options', 'train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1',
+               'train_cfg.val_interval=100', 'test_dataloader.dataset.indices=1'] + small
+    train_tool.main([config, '--mini', '--work-dir', work] + options)
+    checkpoint = osp.join(work, 'iter_1.pth')
+    assert osp.isfile(checkpoint)
+    metrics = test_tool.main([config, checkpoint, '--mini', '--deploy', '--work-dir', work]
+                             + options)
+    expected = 'mIoU' if config in SEG else 'coco/bbox_mAP'
+    assert expected in metrics, metrics
