@@ -194,7 +194,16 @@ class RepVGG(BaseModule):
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoint import load_backbone_checkpoint
-            load_backbone_checkpoint(self, self.init_cfg['checkpoint'])
+            path = self.init_cfg['checkpoint']
+            try:
+                load_backbone_checkpoint(self, path)
+            except FileNotFoundError as err:
+                # Never fall back to a silent random init: say where the file goes.
+                raise FileNotFoundError(
+                    f'pretrained RepVGG weights not found at {path!r}. Put the release '
+                    f'file there (e.g. the official RepVGG-<arch>-train.pth, an mmpretrain '
+                    f'repvgg checkpoint, or one of ours), or set '
+                    f'model.backbone.init_cfg=None to train from scratch.') from err
             self._is_init = True
             return
         super().init_weights()
