@@ -5,6 +5,7 @@ from typing import Any, Callable, Optional
 import torch
 from mmengine.model import is_model_wrapper
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def _can_fuse(module: nn.Module) -> bool:
@@ -71,3 +72,39 @@ def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: tor
     if len(ref) != len(out) or not ref:
         raise ValueError(f'models gave {len(ref)} and {len(out)} output tensors on the probe')
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(ref, out))
+
+
+@torch.no_grad()
+def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every batch norm non-trivial statistics and affine parameters, in place.
+
+    For checking fusion: the default init (mean 0, var 1, weight 1, bias 0) makes the
+    identity branch a plain copy and hides bugs. The ranges keep activations bounded
+    through deep stacks.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def uniform(t, low, high):
+        return (torch.rand(t.shape, generator=gen, dtype=torch.float64) * (high - low)
+                + low).to(t.dtype)
+
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            m.running_mean.copy_(uniform(m.running_mean, -0.2, 0.2))
+            m.running_var.copy_(uniform(m.running_var, 0.5, 1.5))
+            if m.weight is not None:
+                m.weight.copy_(uniform(m.weight, 0.3, 0.8))
+                m.bias.copy_(uniform(m.bias, -0.2, 0.2))
+    return model
+
+
+def fusion_errors(model: nn.Module, probe: torch.Tensor) -> dict:
+    """Fuse an eval-mode model in float32 and in float64 and measure both against the
+    training form: max abs difference over max abs output (fp32), max abs (fp64)."""
+    model = model.eval()
+    reference = _flatten(model(probe))
+    scale = max(t.abs().max().item() for t in reference)
+    fp32 = max_output_difference(model, reparameterize(model), probe) / scale
+    model64 = copy.deepcopy(model).double()
+    fp64 = max_output_difference(model64, reparameterize(model64), probe.double())
+    return dict(fp32_relative=fp32, fp64_absolute=fp64)

@@ -7,29 +7,22 @@ from torch import nn
 
 from mmrepvgg import RepVGG, RepVGGBlock, reparameterize
 from mmrepvgg.models import ARCH_SETTINGS, arch_channels
-from mmrepvgg.reparam import count_parameters, count_unfused, max_output_difference
+from mmrepvgg.reparam import (count_parameters, count_unfused, fusion_errors,
+                              max_output_difference)
 
 ALL_ARCHS = list(ARCH_SETTINGS)
 
 
 def relative_error(reference, fused, probe):
-    outs = reference(probe)
-    scale = max(o.abs().max().item() for o in outs)
+    scale = max(o.abs().max().item() for o in reference(probe))
     return max_output_difference(reference, fused, probe) / scale
-
-
-def fused_pair(model):
-    model.eval()
-    return model, reparameterize(model)
 
 
 def assert_exact(model, probe):
     """fp32: 1e-6 relative to the largest output; fp64 (fused in fp64): 1e-10 absolute."""
-    model, fused = fused_pair(model)
-    assert count_unfused(fused) == 0 and count_unfused(model) > 0
-    assert relative_error(model, fused, probe) < 1e-6
-    model64, fused64 = fused_pair(copy.deepcopy(model).double())
-    assert max_output_difference(model64, fused64, probe.double()) < 1e-10
+    errors = fusion_errors(model, probe)
+    assert errors['fp32_relative'] < 1e-6 and errors['fp64_absolute'] < 1e-10, errors
+    assert count_unfused(reparameterize(model)) == 0 and count_unfused(model) > 0
 
 
 @pytest.mark.parametrize('arch', ALL_ARCHS)
