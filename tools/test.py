@@ -8,7 +8,8 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmrepvgg.engine.cli import (add_common_args, apply_deploy,  # noqa: E402
-                                 apply_test_args, build_runner, load_config)
+                                 apply_test_args, build_runner, finish_distributed,
+                                 load_config)
 
 
 def parse_args(argv=None):
@@ -34,7 +35,9 @@ def main(argv=None):
     cfg = apply_deploy(cfg, args.checkpoint, args.deploy)
     cfg = apply_test_args(cfg, args.checkpoint, args.out, args.show, args.show_dir,
                           args.wait_time)
-    return build_runner(cfg).test()
+    metrics = build_runner(cfg).test()
+    finish_distributed()
+    return metrics
 
 
 if __name__ == '__main__':

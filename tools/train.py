@@ -8,7 +8,7 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmrepvgg.engine.cli import (add_common_args, apply_train_args,  # noqa: E402
-                                 build_runner, load_config)
+                                 build_runner, finish_distributed, load_config)
 
 
 def parse_args(argv=None):
@@ -27,6 +27,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = apply_train_args(load_config(args, osp.join(REPO, 'configs', '_base_', 'mini')), args.amp, args.resume)
     build_runner(cfg).train()
+    finish_distributed()
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Config preparation behind tools/train.py and tools/test.py (mmdet/mmseg semantics)."""
 import argparse
+import logging
 import os
 import os.path as osp
 from typing import Optional
@@ -103,9 +104,84 @@ def apply_test_args(cfg: Config, checkpoint: str, out: Optional[str] = None,
     return cfg
 
 
+_OWN_PROCESS_GROUP = False  # set when prepare_cpu_distributed started the group
+
+
+def prepare_cpu_distributed(cfg: Config) -> Config:
+    """Let ``--launcher pytorch`` run on a machine without CUDA (gloo backend).
+
+    mmengine 0.10's pytorch launcher calls ``torch.cuda.set_device`` before
+    ``init_process_group`` and wraps the model in DDP with ``device_ids=[LOCAL_RANK]``;
+    both fail on CPU. Start the process group here (the Runner then skips its own init)
+    and build DDP without device ids. torch's SyncBatchNorm is GPU-only (DDP refuses it
+    on CPU), so SyncBN layers become per-process BN there, with a warning.
+    """
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    if cfg.get('launcher') != 'pytorch' or torch.cuda.is_available():
+        return cfg
+    dist_cfg = dict((cfg.get('env_cfg') or {}).get('dist_cfg') or {})
+    backend = dist_cfg.pop('backend', 'gloo')
+    if backend == 'nccl':
+        raise SystemExit('the nccl backend needs CUDA; on CPU add --cfg-options '
+                         'env_cfg.dist_cfg.backend=gloo')
+    if 'timeout' in dist_cfg and not isinstance(dist_cfg['timeout'], datetime.timedelta):
+        dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
+    global _OWN_PROCESS_GROUP
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, **dist_cfg)
+        _OWN_PROCESS_GROUP = True
+    reverted = _sync_bn_to_bn(cfg.get('model'))
+    if reverted or cfg.get('sync_bn'):
+        from mmengine.logging import print_log
+        cfg.sync_bn = None
+        print_log(f'SyncBN does not run on CPU (torch: "SyncBatchNorm layers only work '
+                  f'with GPU modules"); {reverted} SyncBN layer configs use per-process BN '
+                  'in this distributed CPU run', logger='current', level=logging.WARNING)
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None:
+        cfg.model_wrapper_cfg = dict(
+            type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+    else:
+        wrapper.setdefault('device_ids', None)
+    return cfg
+
+
+def finish_distributed() -> None:
+    """End the process group that :func:`prepare_cpu_distributed` started, after a
+    successful run. The ranks meet first: one that exits while the other still has gloo
+    traffic in flight makes that one abort ('terminate called without an active
+    exception') and torchrun report the run as failed."""
+    global _OWN_PROCESS_GROUP
+    import torch.distributed as dist
+    if _OWN_PROCESS_GROUP and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _OWN_PROCESS_GROUP = False
+
+
+def _sync_bn_to_bn(node) -> int:
+    """Turn every ``type='SyncBN'`` norm config under ``node`` into BN; how many."""
+    count = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            count += 1
+        for value in node.values():
+            count += _sync_bn_to_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            count += _sync_bn_to_bn(value)
+    return count
+
+
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+    cfg = prepare_cpu_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
@@ -125,7 +201,10 @@ def checkpoint_is_fused(path: str) -> Optional[bool]:
 
 def apply_deploy(cfg: Config, checkpoint: str, deploy: bool) -> Config:
     """Build the model to match the checkpoint's form, and fuse at test time if asked."""
-    fused = checkpoint_is_fused(checkpoint)
+    try:
+        fused = checkpoint_is_fused(checkpoint)
+    except (FileNotFoundError, ValueError, TypeError) as err:  # missing, corrupt, no weights
+        raise SystemExit(f'error: {err}')
     if fused and not deploy:
         raise SystemExit(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
                          '--deploy, or give a training checkpoint')

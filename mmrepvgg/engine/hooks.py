@@ -88,9 +88,19 @@ class ReparamHook(Hook):
         fused = copy.deepcopy(model)
         report = fuse_and_report(fused, self.probe, self.probe_size)
         self._log(runner, f'validating a fused copy: {format_report(report)}')
-        # The val loop calls runner.model.val_step; point it at the copy until after_val.
+        # The val loop calls runner.model.val_step; point it at the copy until
+        # after_val_epoch.
         self._training_model, runner.model = runner.model, fused
 
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        # Hand the training model back before lower-priority hooks act on the metrics:
+        # CheckpointHook(save_best=...) saves runner.model here, and must save the
+        # training form (with its optimizer state), not the fused copy.
+        self._restore_training_model(runner)
+
     def after_val(self, runner) -> None:
+        self._restore_training_model(runner)
+
+    def _restore_training_model(self, runner) -> None:
         if self._training_model is not None:
             runner.model, self._training_model = self._training_model, None

@@ -1,0 +1,288 @@
+"""ReparamHook inside a real mmengine Runner, on a tiny RepVGG-A0 classifier.
+
+The toy model records, for every forward, which mode it ran in and how many of its
+blocks were still in training form, so the tests can see which model the runner's
+loops actually used (the training model, or the hook's fused copy).
+"""
+import glob
+import os.path as osp
+import uuid
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from mmengine.evaluator import BaseMetric
+from mmengine.model import BaseModel
+from mmengine.registry import METRICS, MODELS
+from mmengine.runner import Runner
+from torch import nn
+from torch.utils.data import Dataset
+
+import mmrepvgg  # noqa: F401  registers mmrepvgg.ReparamHook
+from mmrepvgg.engine.hooks import ReparamHook, fuse_and_report
+from mmrepvgg.models import RepVGG, RepVGGBlock
+from mmrepvgg.reparam import count_unfused
+
+TOY_MODEL = 'MMRepVGGTestHookToyNet'
+TOY_METRIC = 'MMRepVGGTestHookToyAccuracy'
+A0_BLOCKS = 1 + 2 + 4 + 14 + 1  # stem + stages 1-4
+SIZE = 32  # A0 reduces 32x32 to 1x1: the smallest input every stage accepts
+
+EVENTS = []  # (mode, blocks still in training form, id of the model) per forward
+
+
+@MODELS.register_module(name=TOY_MODEL, force=True)
+class ToyNet(BaseModel):
+    def __init__(self):
+        super().__init__()
+        self.backbone = RepVGG('A0', out_indices=(3,))
+        self.head = nn.Linear(1280, 2)
+
+    def forward(self, inputs, labels=None, mode='tensor'):
+        EVENTS.append((mode, count_unfused(self), id(self)))
+        logits = self.head(self.backbone(inputs)[-1].mean((2, 3)))
+        if mode == 'loss':
+            return dict(loss=F.cross_entropy(logits, labels))
+        if mode == 'predict':
+            return [dict(logits=lg, label=lb) for lg, lb in zip(logits, labels)]
+        return logits
+
+
+@METRICS.register_module(name=TOY_METRIC, force=True)
+class ToyAccuracy(BaseMetric):
+    def process(self, data_batch, data_samples):
+        self.results += [(s['logits'].detach().clone(), int(s['label'])) for s in data_samples]
+
+    def compute_metrics(self, results):
+        correct = [int(lg.argmax()) == lb for lg, lb in results]
+        return dict(accuracy=100.0 * sum(correct) / len(correct))
+
+
+class ToyData(Dataset):
+    def __init__(self, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 3, SIZE, SIZE, generator=gen)
+        self.y = torch.randint(0, 2, (n,), generator=gen)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return dict(inputs=self.x[i], labels=self.y[i])
+
+
+def _loader(n, seed):
+    return dict(dataset=ToyData(n, seed), batch_size=2, num_workers=0,
+                sampler=dict(type='DefaultSampler', shuffle=False),
+                collate_fn=dict(type='default_collate'))
+
+
+def _runner(work_dir, hooks=(), load_from=None, max_iters=4, val_interval=2,
+            checkpoint=None):
+    return Runner(
+        model=dict(type=TOY_MODEL), work_dir=str(work_dir),
+        experiment_name=f'toy_{uuid.uuid4().hex[:8]}',
+        # 4 batches: no epoch turnover in 4 iterations (mmengine sleeps 2 s there)
+        train_dataloader=_loader(8, 0),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=val_interval),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9)),
+        val_dataloader=_loader(2, 1), val_cfg=dict(), val_evaluator=dict(type=TOY_METRIC),
+        test_dataloader=_loader(2, 1), test_cfg=dict(), test_evaluator=dict(type=TOY_METRIC),
+        default_hooks=dict(checkpoint=checkpoint or dict(
+            type='CheckpointHook', interval=val_interval, by_epoch=False)),
+        custom_hooks=list(hooks), load_from=load_from,
+        randomness=dict(seed=0), log_level='INFO')
+
+
+def _log_text(work_dir):
+    files = glob.glob(osp.join(str(work_dir), '*', '*.log'))
+    assert files, f'no log file under {work_dir}'
+    return '\n'.join(open(f).read() for f in files)
+
+
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+
+
+def _backbone_state(path):
+    state = torch.load(path, map_location='cpu', weights_only=True)['state_dict']
+    return {k: v for k, v in state.items() if k.startswith('backbone.')}
+
+
+@pytest.fixture
+def events():
+    EVENTS.clear()
+    yield EVENTS
+    EVENTS.clear()
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    """A toy checkpoint after 2 training iterations (no hook involved)."""
+    work_dir = tmp_path_factory.mktemp('toy_trained')
+    _runner(work_dir, max_iters=2, val_interval=100).train()
+    return work_dir / 'iter_2.pth'
+
+
+@pytest.fixture
+def val_logits(monkeypatch):
+    """The logits the validation metric received, in order."""
+    seen = []
+    real_process = ToyAccuracy.process
+
+    def spy(self, data_batch, data_samples):
+        seen.extend(s['logits'].detach().clone() for s in data_samples)
+        real_process(self, data_batch, data_samples)
+
+    monkeypatch.setattr(ToyAccuracy, 'process', spy)
+    return seen
+
+
+@pytest.mark.parametrize('fuse_val', [False, True])
+def test_validation_during_training_never_fuses_the_training_model(
+        tmp_path, events, val_logits, fuse_val):
+    hook = dict(type='mmrepvgg.ReparamHook', probe_size=SIZE)
+    if fuse_val:
+        hook['fuse_val'] = True
+    # save_best saves runner.model from inside the validation (after_val_epoch).
+    checkpoint = dict(type='CheckpointHook', interval=2, by_epoch=False,
+                      save_best='accuracy', rule='greater')
+    runner = _runner(tmp_path, hooks=[hook], checkpoint=checkpoint)
+    model = runner.model
+    runner.train()
+
+    # Training ran to the end, through two validations, on the same model object.
+    assert runner.iter == 4
+    assert runner.model is model
+    modes = [e[0] for e in events]
+    assert modes.count('loss') == 4 and modes.count('predict') == 2
+    first_val = modes.index('predict')
+    assert 'loss' in modes[first_val:], 'training must continue after a validation'
+
+    # Every training step ran on the unfused 3-branch model...
+    train_steps = [e for e in events if e[0] == 'loss']
+    assert all(unfused == A0_BLOCKS and mid == id(model) for _, unfused, mid in train_steps)
+    # ...which is still in training form now.
+    assert count_unfused(model) == A0_BLOCKS
+    assert not model.backbone.deploy
+    assert not any(b.deploy for b in _blocks(model))
+    assert all(b.dense is not None and b.fused is None for b in _blocks(model))
+
+    val_steps = [e for e in events if e[0] == 'predict']
+    log = _log_text(tmp_path)
+    if fuse_val:
+        # Validation ran on a fused copy, not on the training model.
+        assert all(unfused == 0 and mid != id(model) for _, unfused, mid in val_steps)
+        assert log.count(f'ReparamHook: validating a fused copy: fused {A0_BLOCKS} blocks') == 2
+        assert 'max output difference on a probe input' in log
+    else:
+        assert all(unfused == A0_BLOCKS and mid == id(model) for _, unfused, mid in val_steps)
+        assert 'ReparamHook:' not in log
+
+    # The last validation (at the last iteration) scored the current weights: the fused
+    # copy's logits equal the training model's own eval-mode logits.
+    model.eval()
+    with torch.no_grad():
+        data = _loader(2, 1)['dataset']
+        reference = model(data.x, data.y, mode='tensor')
+    torch.testing.assert_close(torch.stack(val_logits[-2:]), reference, rtol=1e-4, atol=1e-4)
+
+    # Checkpoints, the best one included (saved while validating), hold the training
+    # form, and the weights kept changing between them (training went on after val).
+    best = glob.glob(str(tmp_path / 'best_accuracy_iter_*.pth'))
+    assert len(best) == 1
+    for path in [best[0], tmp_path / 'iter_2.pth', tmp_path / 'iter_4.pth']:
+        state = _backbone_state(path)
+        assert 'backbone.stage1.0.dense.conv.weight' in state, path
+        assert not any('.fused.' in k for k in state), f'{path} holds the fused copy'
+    first, last = _backbone_state(tmp_path / 'iter_2.pth'), _backbone_state(tmp_path / 'iter_4.pth')
+    assert not torch.equal(first['backbone.stage1.0.dense.conv.weight'],
+                           last['backbone.stage1.0.dense.conv.weight'])
+
+
+def test_before_test_fuses_after_the_checkpoint_is_loaded(tmp_path, trained, events):
+    # Reference: the same checkpoint tested without the hook.
+    plain = _runner(tmp_path / 'plain', load_from=str(trained))
+    plain_metrics = plain.test()
+    reference = [e for e in events if e[0] == 'predict']
+    assert reference and all(u == A0_BLOCKS for _, u, _ in reference)
+    assert count_unfused(plain.model) == A0_BLOCKS
+    ref_logits = plain.model.eval()(*[_loader(2, 1)['dataset'].x, None])
+
+    events.clear()
+    runner = _runner(tmp_path / 'hook', load_from=str(trained),
+                     hooks=[dict(type='mmrepvgg.ReparamHook', probe_size=SIZE)])
+    metrics = runner.test()
+    assert metrics == plain_metrics
+    fused_steps = [e for e in events if e[0] == 'predict']
+    assert fused_steps and all(u == 0 for _, u, _ in fused_steps)
+    model = runner.model
+    assert count_unfused(model) == 0 and model.backbone.deploy
+    assert all(b.deploy for b in _blocks(model))
+    # Fused after loading: the fused model reproduces the loaded weights' outputs (had it
+    # been fused before loading, the training-form keys could not have been loaded).
+    with torch.no_grad():
+        torch.testing.assert_close(model(_loader(2, 1)['dataset'].x),
+                                   ref_logits.detach(), rtol=1e-4, atol=1e-4)
+    log = _log_text(tmp_path / 'hook')
+    params_before = sum(p.numel() for p in plain.model.parameters())
+    params_after = sum(p.numel() for p in model.parameters())
+    assert params_after < params_before
+    assert (f'ReparamHook: fused {A0_BLOCKS} blocks; parameters {params_before:,} -> '
+            f'{params_after:,}; max output difference on a probe input') in log
+
+
+class _Logger:
+    def __init__(self):
+        self.infos, self.warnings = [], []
+
+    def info(self, msg):
+        self.infos.append(msg)
+
+    def warning(self, msg):
+        self.warnings.append(msg)
+
+
+def test_before_test_unwraps_model_wrappers_and_probe_off():
+    net = ToyNet()
+    wrapped = nn.DataParallel(net)  # a registered mmengine model wrapper
+    runner = SimpleNamespace(model=wrapped, logger=_Logger())
+    ReparamHook(probe=False).before_test(runner)
+    assert runner.model is wrapped
+    assert count_unfused(net) == 0 and net.backbone.deploy
+    assert len(runner.logger.infos) == 1 and not runner.logger.warnings
+    assert runner.logger.infos[0].startswith(f'ReparamHook: fused {A0_BLOCKS} blocks')
+    assert 'max output difference' not in runner.logger.infos[0]
+
+
+def test_fuse_and_report_probe_on_and_off():
+    torch.manual_seed(0)
+    report = fuse_and_report(ToyNet(), probe=False)
+    assert report['blocks'] == A0_BLOCKS and 'max_diff' not in report
+    assert report['params_after'] < report['params_before']
+    report = fuse_and_report(ToyNet(), probe=True, probe_size=SIZE)
+    assert report['blocks'] == A0_BLOCKS
+    assert report['max_diff'] is not None and 0 <= report['max_diff'] < 1e-3
+
+
+def test_before_test_warns_when_nothing_to_fuse():
+    net = ToyNet()
+    fuse_and_report(net, probe=False)  # already fused
+    runner = SimpleNamespace(model=net, logger=_Logger())
+    ReparamHook().before_test(runner)
+    assert not runner.logger.infos
+    assert len(runner.logger.warnings) == 1
+    assert 'nothing to fuse' in runner.logger.warnings[0]
+
+
+def test_val_hooks_leave_the_model_alone_without_fuse_val():
+    """fuse_val=False: before_val/after_val neither swap nor fuse runner.model."""
+    model = ToyNet()
+    runner = SimpleNamespace(model=model, logger=_Logger())
+    hook = ReparamHook()
+    hook.before_val(runner)
+    assert runner.model is model
+    hook.after_val(runner)
+    assert runner.model is model and count_unfused(model) == A0_BLOCKS
+    assert not runner.logger.infos and not runner.logger.warnings

@@ -1,0 +1,517 @@
+"""tools/train.py, tools/test.py (--deploy) and tools/convert.py on the mini datasets.
+
+Everything runs in-process at RepVGG-A0 size (1 training iteration, 2 val images), with
+the session's mini data folder as the working directory, as `--mini` expects.
+"""
+import contextlib
+import glob
+import hashlib
+import io
+import os
+import os.path as osp
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from PIL import Image
+
+from mmrepvgg.compat import load_file
+from mmrepvgg.convert import build_model_from_config
+from mmrepvgg.models import RepVGG
+from tools.convert import main as convert_main
+from tools.test import main as tool_test_main
+from tools.train import main as train_main
+from tools.train import parse_args as train_parse_args
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+SEG_CONFIG = osp.join(ROOT, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
+DET_CONFIG = osp.join(ROOT, 'configs', 'faster-rcnn_repvgg-a2_fpn_1x_coco.py')
+R50_CONFIG = osp.join(ROOT, 'configs', 'pspnet_r50_cityscapes.py')
+A0_BLOCKS = 22  # stem + 2 + 4 + 14 + 1
+
+# RepVGG-A0 stage channels are (48, 96, 192, 1280).
+SEG_MODEL = ['model.backbone.arch=A0', 'model.decode_head.in_channels=1280',
+             'model.auxiliary_head.in_channels=192']
+DET_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,1280]',
+             # every box kept, so the predictions compared are not empty; 100 proposals
+             # instead of 1000 keep the CPU NMS fast
+             'model.test_cfg.rcnn.score_thr=0.0', 'model.test_cfg.rpn.max_per_img=100']
+TEST = ['test_dataloader.dataset.indices=2']
+# One iteration, batch 2, no validation at the end (the tests run tools/test.py).
+TRAIN = ['train_cfg.max_iters=1', 'train_dataloader.batch_size=2', 'randomness.seed=0',
+         'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None']
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    old = os.getcwd()
+    os.chdir(str(path))
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def _run(main, root, argv, options=()):
+    """A tool's main() with `root` as cwd and a unique experiment name (runners built
+    in the same second would otherwise share mmengine's logger instance)."""
+    argv = [str(a) for a in argv]
+    argv += ['--cfg-options', f'experiment_name=t{uuid.uuid4().hex[:8]}', *options]
+    with _cwd(root):
+        return main(argv)
+
+
+def _log_text(work_dir):
+    files = glob.glob(osp.join(str(work_dir), '*', '*.log'))
+    assert files, f'no log file under {work_dir}'
+    return '\n'.join(open(f).read() for f in files)
+
+
+def _convert_quiet(root, argv):
+    """tools/convert.py main with `root` as cwd; returns what it printed."""
+    out = io.StringIO()
+    with _cwd(root), contextlib.redirect_stdout(out):
+        convert_main([str(a) for a in argv])
+    return out.getvalue()
+
+
+def _fingerprint(path):
+    st = os.stat(path)
+    with open(path, 'rb') as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return st.st_size, st.st_mtime_ns, digest
+
+
+def _state(path):
+    return load_file(str(path))  # weights_only=True with mmengine's types allowed
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope='module')
+def seg(mini_root, tmp_path_factory):
+    """PSPNet RepVGG-A0 after one training iteration, and its fused conversion."""
+    work = tmp_path_factory.mktemp('seg_train')
+    _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work],
+         TRAIN + SEG_MODEL)
+    ckpt = work / 'iter_1.pth'
+    out_dir = tmp_path_factory.mktemp('seg_fused')
+    fused = out_dir / 'fused.pth'
+    printed = _convert_quiet(mini_root, [SEG_CONFIG, ckpt, fused, '--cfg-options',
+                                         *SEG_MODEL])
+    return SimpleNamespace(root=mini_root, work=work, ckpt=ckpt, fused=fused,
+                           out_dir=out_dir, printed=printed)
+
+
+@pytest.fixture(scope='module')
+def det(mini_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp('det_train')
+    _run(train_main, mini_root, [DET_CONFIG, '--mini', '--work-dir', work],
+         TRAIN + DET_MODEL)
+    return SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
+
+
+# ---------------------------------------------------------------- --deploy: same scores
+def _seg_maps(folder):
+    names = sorted(os.listdir(folder))
+    assert len(names) == 2 and all(n.endswith('.png') for n in names), names
+    return {n: np.array(Image.open(osp.join(folder, n))) for n in names}
+
+
+MAX_FLIPPED_PIXELS = 8  # of 2 x 256 x 128
+
+
+def assert_same_segmentation(ref_maps, maps, ref_metrics, metrics):
+    """The fused model predicts the same label maps, hence the same metrics.
+
+    Fusion changes outputs by ~1e-6, so a pixel whose two best classes tie to that
+    precision may flip; the training seed makes this rare, and any flip is bounded here.
+    With identical maps the metrics must be identical.
+    """
+    assert maps.keys() == ref_maps.keys()
+    flipped = sum(int((maps[k] != ref_maps[k]).sum()) for k in maps)
+    assert flipped <= MAX_FLIPPED_PIXELS, f'{flipped} pixels differ'
+    if flipped == 0:
+        assert metrics == ref_metrics
+    else:  # a numerical near-tie flipped a few pixels
+        assert metrics.keys() == ref_metrics.keys()
+        for key in metrics:
+            assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 0.05, key
+
+
+def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
+    def test(ckpt, name, *extra):
+        work = tmp_path / name
+        metrics = _run(tool_test_main, seg.root,
+                       [SEG_CONFIG, ckpt, '--mini', '--work-dir', work,
+                        '--out', tmp_path / f'{name}_maps', *extra], TEST + SEG_MODEL)
+        return metrics, work
+
+    plain, _ = test(seg.ckpt, 'plain')
+    deploy, deploy_work = test(seg.ckpt, 'deploy', '--deploy')
+    fused, fused_work = test(seg.fused, 'fused', '--deploy')
+
+    assert isinstance(plain, dict) and {'aAcc', 'mIoU', 'mAcc'} <= set(plain)
+    print(f'\nPSPNet RepVGG-A0, 2 mini val images: training form {plain}; --deploy '
+          f'(fused after loading) {deploy}; --deploy on the converted checkpoint {fused}')
+    assert plain['aAcc'] > 0  # a real evaluation happened
+    reference = _seg_maps(tmp_path / 'plain_maps')
+    assert_same_segmentation(reference, _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+    assert_same_segmentation(reference, _seg_maps(tmp_path / 'fused_maps'), plain, fused)
+
+    # A training checkpoint is fused by the hook after loading...
+    log = _log_text(deploy_work)
+    assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log
+    assert 'max output difference on a probe input' in log
+    # ...a converted one is detected and loaded into a deploy-form model, no hook.
+    dumped = Config.fromfile(str(fused_work / osp.basename(SEG_CONFIG)))
+    assert dumped.model.backbone.deploy is True
+    assert 'ReparamHook:' not in _log_text(fused_work)
+
+
+def _det_results(path):
+    with open(path, 'rb') as f:
+        results = pickle.load(f)
+    assert len(results) == 2
+    return {r['img_id']: r['pred_instances'] for r in results}
+
+
+def test_detector_deploy_predictions_and_map_equal_training_form(det, tmp_path):
+    fused_ckpt = tmp_path / 'fused.pth'
+    printed = _convert_quiet(det.root, [DET_CONFIG, det.ckpt, fused_ckpt,
+                                        '--cfg-options', *DET_MODEL[:2]])
+    assert f'fused {A0_BLOCKS} blocks' in printed
+
+    def test(ckpt, name, *extra):
+        work = tmp_path / name
+        metrics = _run(tool_test_main, det.root,
+                       [DET_CONFIG, ckpt, '--mini', '--work-dir', work,
+                        '--out', tmp_path / f'{name}.pkl', *extra], TEST + DET_MODEL)
+        return metrics, work
+
+    plain, _ = test(det.ckpt, 'plain')
+    deploy, deploy_work = test(det.ckpt, 'deploy', '--deploy')
+    fused, _ = test(fused_ckpt, 'fused', '--deploy')
+    print(f'\nFaster R-CNN RepVGG-A0, 2 mini val images: training form {plain}; '
+          f'--deploy {deploy}; converted checkpoint --deploy {fused}')
+    assert 'coco/bbox_mAP' in plain
+    assert deploy == plain
+    assert fused == plain
+    assert f'ReparamHook: fused {A0_BLOCKS} blocks' in _log_text(deploy_work)
+
+    reference = _det_results(tmp_path / 'plain.pkl')
+    for name in ('deploy.pkl', 'fused.pkl'):
+        results = _det_results(tmp_path / name)
+        assert results.keys() == reference.keys()
+        for img_id, ref in reference.items():
+            assert_same_detections(ref, results[img_id])
+
+
+def assert_same_detections(ref, got, score_tol=1e-5, box_tol=1e-2):
+    """Every box has a partner with the same label, score (1e-5) and corners (0.01 px).
+
+    Matched rather than compared row by row: two boxes whose scores tie to ~1e-7 may
+    swap ranks after fusion, and the last kept box of an image may change places with
+    the first dropped one (hence at most one unmatched box).
+    """
+    num = len(ref['scores'])
+    assert num > 0, 'no predictions to compare'
+    assert len(got['scores']) == num
+    used = torch.zeros(num, dtype=torch.bool)
+    unmatched = 0
+    for box, score, label in zip(got['bboxes'], got['scores'], got['labels']):
+        fits = (~used & (ref['labels'] == label)
+                & ((ref['scores'] - score).abs() <= score_tol)
+                & ((ref['bboxes'] - box).abs().amax(1) <= box_tol))
+        index = fits.nonzero().flatten()
+        if len(index):
+            used[index[0]] = True
+        else:
+            unmatched += 1
+    assert unmatched <= 1, f'{unmatched} of {num} boxes have no partner'
+
+
+# ---------------------------------------------------------------------- tools/convert.py
+def test_convert_writes_deploy_checkpoint_atomically_with_meta(seg):
+    assert os.listdir(seg.out_dir) == ['fused.pth'], 'temporary files left behind'
+    # Printed: blocks, parameters before -> after, the verified probe difference.
+    found = re.search(r'fused (\d+) blocks; parameters ([\d,]+) -> ([\d,]+); max output '
+                      r'difference on a probe input (\S+); wrote (\S+)', seg.printed)
+    assert found, seg.printed
+    before, after = (int(found.group(i).replace(',', '')) for i in (2, 3))
+    assert int(found.group(1)) == A0_BLOCKS and after < before
+    assert float(found.group(4)) < 1e-3
+    assert found.group(5) == str(seg.fused)
+
+    source, fused = _state(seg.ckpt), _state(seg.fused)
+    for key, value in source['meta'].items():  # meta kept...
+        assert key in fused['meta']
+        if isinstance(value, (str, int, float, bool)):
+            assert fused['meta'][key] == value, key
+    assert fused['meta']['mmrepvgg_deploy'] is True  # ...plus the flag
+    keys = list(fused['state_dict'])
+    assert any('.fused.' in k for k in keys)
+    assert not any(k.startswith('backbone.') and ('.dense.' in k or '.pointwise.' in k)
+                   for k in keys)
+    assert sum(v.numel() for k, v in fused['state_dict'].items()
+               if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))) \
+        == after
+
+
+def test_converted_checkpoint_loads_into_deploy_model(seg):
+    from mmengine.runner import load_state_dict
+    opts = {'model.backbone.arch': 'A0', 'model.decode_head.in_channels': 1280,
+            'model.auxiliary_head.in_channels': 192}  # SEG_MODEL as a dict
+    _, train_model = build_model_from_config(SEG_CONFIG, dict(opts))
+    _, deploy_model = build_model_from_config(SEG_CONFIG,
+                                              {**opts, 'model.backbone.deploy': True})
+    load_state_dict(train_model, _state(seg.ckpt)['state_dict'], strict=True)
+    load_state_dict(deploy_model, _state(seg.fused)['state_dict'], strict=True)
+    assert deploy_model.backbone.deploy and not train_model.backbone.deploy
+    train_model.eval()
+    deploy_model.eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(deploy_model._forward(x), train_model._forward(x),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_convert_refuses_output_equal_to_checkpoint(seg, tmp_path):
+    before = _fingerprint(seg.ckpt)
+    listing = sorted(os.listdir(seg.work))
+    link = tmp_path / 'link.pth'
+    link.symlink_to(seg.ckpt)
+    spellings = [seg.ckpt, osp.join(seg.work, '..', seg.work.name, 'iter_1.pth'), link]
+    for output in spellings:
+        with pytest.raises(SystemExit) as err:
+            _convert_quiet(seg.root, [SEG_CONFIG, seg.ckpt, output,
+                                      '--cfg-options', *SEG_MODEL])
+        assert 'is the input checkpoint' in str(err.value.code)
+        assert _fingerprint(seg.ckpt) == before
+        assert sorted(os.listdir(seg.work)) == listing
+    with pytest.raises(SystemExit, match='is the input checkpoint'):
+        _convert_quiet(seg.root, ['--release', seg.ckpt, seg.ckpt])
+    assert _fingerprint(seg.ckpt) == before
+
+
+# Our backbone's branch names -> the official RepVGG release's (written out, not taken
+# from the project's mapping table).
+OFFICIAL_BRANCHES = [('dense.conv.', 'rbr_dense.conv.'), ('dense.bn.', 'rbr_dense.bn.'),
+                     ('pointwise.conv.', 'rbr_1x1.conv.'), ('pointwise.bn.', 'rbr_1x1.bn.'),
+                     ('identity.', 'rbr_identity.')]
+
+
+def _official_name(ours):
+    block, rest = ours.split('.', 1)
+    if block == 'stem':
+        prefix = 'stage0.'
+    else:  # stageN.i.
+        index, rest = rest.split('.', 1)
+        prefix = f'{block}.{index}.'
+    for mine, theirs in OFFICIAL_BRANCHES:
+        if rest.startswith(mine):
+            return prefix + theirs + rest[len(mine):]
+    raise AssertionError(f'unexpected key {ours}')
+
+
+def test_convert_release_official_layout(tmp_path):
+    shapes = RepVGG('A0').state_dict()
+    gen = torch.Generator().manual_seed(0)
+    release, expected = {}, {}
+    for key, value in shapes.items():
+        if key.endswith('num_batches_tracked'):
+            continue  # official release files have none
+        tensor = torch.rand(value.shape, generator=gen) + 0.1
+        release[_official_name(key)] = tensor
+        expected[key] = tensor
+    assert 'stage0.rbr_dense.conv.weight' in release
+    assert 'stage1.1.rbr_identity.running_var' in release
+    assert 'stage4.0.rbr_1x1.bn.bias' in release
+    release['linear.weight'] = torch.rand(1000, 1280, generator=gen)
+    release['linear.bias'] = torch.rand(1000, generator=gen)
+    src, out = tmp_path / 'RepVGG-A0-train.pth', tmp_path / 'converted' / 'a0.pth'
+    torch.save(release, src)
+
+    printed = _convert_quiet(tmp_path, ['--release', src, out])
+    assert 'official layout, training form; dropped 2 head keys' in printed
+    assert os.listdir(out.parent) == ['a0.pth']
+    assert _state(out)['meta']['source_layout'] == 'official'
+
+    model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=str(out)))
+    model.init_weights()
+    loaded = model.state_dict()
+    for key, tensor in expected.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+# ----------------------------------------------------------------------- tools/train.py
+def _resume_source(seg, tmp_path):
+    """A copy of the 1-iteration work dir whose last_checkpoint points into the copy."""
+    work = tmp_path / 'resume'
+    work.mkdir()
+    shutil.copy(seg.ckpt, work / 'iter_1.pth')
+    (work / 'last_checkpoint').write_text(str(work / 'iter_1.pth'))
+    return work
+
+
+@pytest.mark.parametrize('explicit', [False, True], ids=['auto', 'path'])
+def test_train_resume_continues_from_the_checkpoint(seg, tmp_path, explicit):
+    if explicit:
+        work = tmp_path / 'fresh'
+        resume = ['--resume', seg.ckpt]
+    else:
+        work = _resume_source(seg, tmp_path)
+        resume = ['--resume']
+    before = _fingerprint(seg.ckpt)
+    _run(train_main, seg.root, [SEG_CONFIG, '--mini', '--work-dir', work, *resume],
+         TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
+    log = _log_text(work)
+    assert 'resumed epoch: 0, iter: 1' in log
+    assert 'Iter(train) [1/2]' not in log and 'Iter(train) [2/2]' in log
+    assert _fingerprint(seg.ckpt) == before  # the source checkpoint is never touched
+
+
+def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
+    import tools.train as train_tool
+    seen = []
+
+    class FakeRunner:
+        def __init__(self, cfg):
+            seen.append(cfg)
+
+        def train(self):
+            pass
+
+    monkeypatch.setattr(train_tool, 'build_runner', FakeRunner)
+    base = [SEG_CONFIG, '--mini', '--work-dir', 'w', '--cfg-options',
+            'model.backbone.arch=A0', 'train_dataloader.batch_size=2']
+    with _cwd(mini_root):
+        train_tool.main(base + ['--amp'])
+        train_tool.main(base)
+        train_tool.main(base + ['--resume'])
+        train_tool.main(base + ['--resume', 'w/iter_3.pth'])
+    amp, plain, auto, path = seen
+    assert amp.optim_wrapper.type == 'AmpOptimWrapper'
+    assert amp.optim_wrapper.loss_scale == 'dynamic'
+    assert amp.optim_wrapper.optimizer.lr == plain.optim_wrapper.optimizer.lr == 0.01
+    assert plain.optim_wrapper.get('type', 'OptimWrapper') == 'OptimWrapper'
+    for cfg in seen:
+        assert cfg.model.backbone.arch == 'A0' and cfg.train_dataloader.batch_size == 2
+        assert cfg.work_dir == 'w' and cfg.launcher == 'none'
+        assert cfg.train_dataloader.dataset.data_root == 'data/mini_cityscapes'
+    assert not plain.get('resume', False)
+    assert auto.resume is True and auto.load_from is None
+    assert path.resume is True and path.load_from == 'w/iter_3.pth'
+    args = train_parse_args([SEG_CONFIG, '--resume'])
+    assert args.resume == 'auto'
+
+
+PLUGINLESS_CONFIG = """\
+# inherits mmseg's PSPNet, swaps in the plugin's backbone, and has NO custom_imports
+_base_ = 'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py'
+model = dict(
+    pretrained=None,
+    backbone=dict(_delete_=True, type='mmrepvgg.RepVGG', arch='A0',
+                  out_indices=(0, 1, 2, 3), strides=(2, 2, 1, 1), dilations=(1, 1, 2, 4)),
+    decode_head=dict(in_channels=1280),
+    auxiliary_head=dict(in_channels=192))
+"""
+
+
+def test_train_config_without_custom_imports(mini_root, tmp_path):
+    config = tmp_path / 'pspnet_repvgg_a0_no_imports.py'
+    config.write_text(PLUGINLESS_CONFIG)
+    assert 'custom_imports' not in Config.fromfile(str(config))
+    work = tmp_path / 'work'
+    # A fresh interpreter: nothing but the tool itself imports mmrepvgg.
+    proc = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', 'train.py'), str(config), '--mini',
+         '--work-dir', str(work), '--cfg-options', *TRAIN],
+        cwd=str(mini_root), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    state = _state(work / 'iter_1.pth')['state_dict']
+    assert 'backbone.stage1.0.dense.conv.weight' in state
+    assert state['backbone.stage4.0.dense.conv.weight'].shape[0] == 1280
+
+
+# ------------------------------------------------------------------------- bad input
+def _assert_untouched(work):
+    assert not osp.exists(work), f'{work} was created'
+
+
+def test_test_missing_and_corrupt_checkpoints(seg, tmp_path):
+    work = tmp_path / 'work'
+    missing = tmp_path / 'missing.pth'
+    with pytest.raises(SystemExit, match='not found'):
+        _run(tool_test_main, seg.root,
+             [SEG_CONFIG, missing, '--mini', '--work-dir', work, '--deploy'], SEG_MODEL)
+    _assert_untouched(work)
+    assert not missing.exists()
+
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
+    before = _fingerprint(corrupt)
+    for extra in ([], ['--deploy']):
+        with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
+            _run(tool_test_main, seg.root,
+                 [SEG_CONFIG, corrupt, '--mini', '--work-dir', work, *extra], SEG_MODEL)
+        _assert_untouched(work)
+    assert _fingerprint(corrupt) == before
+
+
+def test_convert_missing_and_corrupt_checkpoints(seg, tmp_path):
+    out = tmp_path / 'out' / 'fused.pth'
+    with pytest.raises(SystemExit, match='not found'):
+        _convert_quiet(seg.root, [SEG_CONFIG, tmp_path / 'missing.pth', out,
+                                  '--cfg-options', *SEG_MODEL])
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(np.random.default_rng(1).bytes(4096))
+    before = _fingerprint(corrupt)
+    with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
+        _convert_quiet(seg.root, [SEG_CONFIG, corrupt, out, '--cfg-options', *SEG_MODEL])
+    with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
+        _convert_quiet(seg.root, ['--release', corrupt, out])
+    assert _fingerprint(corrupt) == before
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ['corrupt.pth']
+
+
+def test_deploy_checkpoint_without_deploy_flag_is_refused(seg, tmp_path):
+    work = tmp_path / 'work'
+    before = _fingerprint(seg.fused)
+    with pytest.raises(SystemExit) as err:
+        _run(tool_test_main, seg.root,
+             [SEG_CONFIG, seg.fused, '--mini', '--work-dir', work], TEST + SEG_MODEL)
+    assert '--deploy' in str(err.value.code)
+    _assert_untouched(work)
+    assert _fingerprint(seg.fused) == before
+
+
+def test_deploy_with_nothing_to_fuse_warns(mini_root, tmp_path):
+    """ResNet-50 PSPNet: --deploy logs a clear warning and tests it as it is; convert
+    refuses it."""
+    _, model = build_model_from_config(R50_CONFIG, {'model.pretrained': None})
+    ckpt = tmp_path / 'r50.pth'
+    torch.save(dict(meta=dict(note='built, not trained'), state_dict=model.state_dict()),
+               ckpt)
+    del model
+    work = tmp_path / 'work'
+    metrics = _run(tool_test_main, mini_root,
+                   [R50_CONFIG, ckpt, '--mini', '--work-dir', work, '--deploy'],
+                   ['test_dataloader.dataset.indices=1'])
+    assert 'aAcc' in metrics and 'mIoU' in metrics
+    log = _log_text(work)
+    assert 'WARNING - ReparamHook: nothing to fuse' in log
+
+    out = tmp_path / 'r50_fused.pth'
+    with pytest.raises(SystemExit, match='nothing to fuse'):
+        _convert_quiet(mini_root, [R50_CONFIG, ckpt, out, '--no-probe'])
+    assert not out.exists()
+    assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
