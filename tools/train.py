@@ -25,7 +25,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = apply_train_args(load_config(args, osp.join(REPO, 'configs', '_base_', 'mini')), args.amp, args.resume)
+    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
+    cfg = apply_train_args(cfg, args.amp, args.resume)
     build_runner(cfg).train()
     finish_distributed()
 
