@@ -1,0 +1,184 @@
+"""Behaviour of the speed helpers and tools/benchmark.py (never their timings)."""
+import importlib.util
+import json
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+from mmrepvgg import RepVGG, reparameterize
+from mmrepvgg.speed import (MODES, Candidate, benchmark_interleaved, count_conv_flops,
+                            optimize_for_inference, peak_memory, summarize)
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25, 0.25, 0.25, 0.25),
+            groups={2: 2})
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location(
+        'benchmark_tool', osp.join(ROOT, 'tools', 'benchmark.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def tool():
+    return _load_tool()
+
+
+@pytest.fixture
+def fused_tiny(randomize):
+    model = randomize(RepVGG(arch=TINY))
+    model.eval()
+    return reparameterize(model)
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_optimized_output_equals_eager_fused(fused_tiny, mode):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = fused_tiny(x)
+    runner = optimize_for_inference(fused_tiny, x, device='cpu', mode=mode)
+    out = runner(x)
+    assert runner.mode == mode and runner.prep_seconds > 0
+    assert len(out) == len(expected) == 4
+    for a, b in zip(out, expected):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn, 'conv'),
+                    reason='needs torch.backends.mkldnn.conv.fp32_precision')
+def test_tf32_precision_is_scoped_to_the_runner(fused_tiny):
+    # fp32 tensors with bf16 products on CPU: close to fp32, and the global switch is
+    # only flipped while the runner runs
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = fused_tiny(x)[-1]
+    before = torch.backends.mkldnn.conv.fp32_precision
+    runner = optimize_for_inference(fused_tiny, x, 'cpu', mode='channels_last',
+                                    precision='tf32')
+    out = runner(x)[-1]
+    assert torch.backends.mkldnn.conv.fp32_precision == before
+    assert out.dtype == torch.float32
+    assert (out - expected).abs().max() <= 0.05 * expected.abs().max()
+
+
+def test_jit_freeze_keeps_the_frozen_graph_when_onednn_cannot_run_it():
+    # oneDNN's adaptive pooling needs the output size to divide the input (PSPNet's 1/2/3/6
+    # pyramid does not), so optimize_for_inference's graph fails; jit.freeze alone works.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1),
+                                torch.nn.AdaptiveAvgPool2d(3))
+    model.eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x)
+    with pytest.warns(UserWarning, match='jit.freeze only'):
+        runner = optimize_for_inference(model, x, 'cpu', mode='jit_freeze')
+    assert runner.note.startswith('jit.freeze only')
+    assert torch.allclose(runner(x), expected, atol=1e-5)
+
+
+def test_auto_falls_back_when_compile_fails(fused_tiny, monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError('no compiler here')
+
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="mode 'compile' failed"):
+        runner = optimize_for_inference(fused_tiny, x, 'cpu', mode='auto')
+    assert runner.mode == 'jit_freeze'
+
+
+def test_optimize_rejects_unknown_mode(fused_tiny):
+    with pytest.raises(ValueError, match='valid modes: eager'):
+        optimize_for_inference(fused_tiny, torch.randn(1, 3, 32, 32), 'cpu', mode='turbo')
+
+
+def test_conv_flops_match_the_paper():
+    # The paper's "FLOPs" are multiply-accumulates; A0 is listed at 1.4 B (deploy model,
+    # the 1000-class head adds only 1.3 M).
+    model = reparameterize(RepVGG(arch='A0').eval())
+    counts = count_conv_flops(model, torch.randn(1, 3, 224, 224))
+    assert round(counts['macs'] / 1e9, 1) == 1.4
+    assert counts['flops'] == 2 * counts['macs'] and counts['convs'] == 22
+
+
+def test_peak_memory_reports_method():
+    peak, method = peak_memory(lambda: torch.ones(4, 1024, 1024), torch.device('cpu'))
+    assert method in ('cpu', 'cpu-fallback')
+    assert isinstance(peak, int) and peak >= 0
+    if method == 'cpu':
+        assert peak >= 8 * 2**20  # the 16 MiB output is touched during the call
+
+
+def test_summarize():
+    st = summarize([0.3, 0.1, 0.2, 0.4, 0.5])
+    assert st['median'] == 0.3 and st['min'] == 0.1 and st['n'] == 5
+    assert st['q1'] == pytest.approx(0.2) and st['q3'] == pytest.approx(0.4)
+    assert summarize([])['median'] is None
+
+
+def test_interleaved_benchmark_keeps_going_after_a_failure():
+    calls = []
+
+    def good():
+        return lambda: calls.append('good')
+
+    def bad():
+        raise RuntimeError('no such kernel\nmore detail')
+
+    cands = [Candidate('bad', bad), Candidate('good', good)]
+    benchmark_interleaved(cands, 'cpu', repeats=3, warmup=1, measure_memory=False)
+    assert cands[0].error == 'RuntimeError: no such kernel ... more detail'
+    assert not cands[0].times
+    assert len(cands[1].times) == 3 and len(calls) == 4 and cands[1].error is None
+
+
+def test_tool_end_to_end(tool, tmp_path, capsys):
+    out_json, out_png = tmp_path / 'r.json', tmp_path / 'r.png'
+    result = tool.main(['--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
+                        '--input-size', '32', '32', '--repeats', '1', '--warmup', '0',
+                        '--modes', 'eager', '--no-flush-denormal', '--json', str(out_json),
+                        '--plot', str(out_png)])
+    stdout = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    names = [c['name'] for c in data['candidates']]
+    assert names == ['RepVGG-A0/train @eager', 'RepVGG-A0/fused @eager']
+    for cand in data['candidates']:
+        assert cand['error'] is None and len(cand['times_ms']) == 1
+        assert cand['images_per_s'] > 0 and cand['max_abs_diff'] < 1e-3
+    assert data['candidates'][0]['speedup_vs_baseline'] == 1.0
+    assert data['comparisons']['same_treatment'][0]['model'] == 'RepVGG-A0'
+    assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'RepVGG-A0/fused @eager' in stdout and 'Best of each' in stdout
+    assert result['baseline'] == 'RepVGG-A0/train @eager'
+
+
+def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
+    # sys.modules[name] = None makes any import of mmdet fail, as if it were missing
+    for name in [n for n in sys.modules if n == 'mmdet' or n.startswith('mmdet.')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, 'mmdet', None)
+    result = tool.main(['--archs', 'A0', '--forms', 'fused', '--resnets', '50',
+                        '--batch-size', '1', '--input-size', '32', '--repeats', '1',
+                        '--warmup', '0', '--modes', 'eager', '--no-memory',
+                        '--no-flush-denormal'])
+    assert [c['name'] for c in result['candidates']] == ['RepVGG-A0/fused @eager']
+    assert 'skipped ResNet-50: mmdet is not importable' in result['skipped'][0]
+    assert 'skipped ResNet-50' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--archs', 'B1g2,Z9'], "unknown RepVGG arch 'Z9'; valid names: A0, A1"),
+    (['--modes', 'eager,turbo'], 'valid modes: eager, channels_last'),
+    (['--resnets', '42'], '--resnets takes depths'),
+])
+def test_tool_bad_arguments(tool, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        tool.main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,741 @@
+"""Inference speed and memory: RepVGG backbones (training and fused form), mmdet's ResNets
+and whole models from config files, all timed in ONE process, interleaved round-robin.
+
+  # the issue-6 comparison on CPU (each optimisation step shown)
+  python tools/benchmark.py --archs B1g2 --resnets 50,101 --batch-size 4 \\
+      --input-size 224 224 --modes eager,channels_last,jit_freeze,compile
+  # a whole segmentor, fused and not (configs of the project, or packaged ones)
+  python tools/benchmark.py --archs none --resnets none --batch-size 1 --input-size 512 1024 \\
+      --config mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py
+  # GPU: fp32 and AMP, results and a speed/accuracy plot
+  python tools/benchmark.py --device cuda --batch-size 128 --precision fp32,amp \\
+      --archs A0,A1,A2,B0,B1g4,B1g2,B1 --json out.json --plot out.png
+
+Every candidate is a (model, mode, precision) triple; modes are the recipes of
+mmrepvgg.speed.optimize_for_inference, applied alike to every model ("same treatment"),
+and the report also gives each model at its own best mode ("best of each").
+Only torch, mmengine and mmcv's pure-Python parts are needed for the RepVGG rows; mmdet
+(ResNet rows) and mmdet/mmseg (config rows) are imported only when asked for, and those
+rows are skipped with a message when they cannot be imported.
+"""
+import argparse
+import copy
+import datetime
+import json
+import os
+import os.path as osp
+import sys
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from mmrepvgg.models import ARCH_SETTINGS, RepVGG  # noqa: E402
+from mmrepvgg.reparam import count_unfused, fusable_modules, reparameterize  # noqa: E402
+from mmrepvgg.speed import (AUTO_MODE, MEMORY_METHODS, MODES, PRECISIONS,  # noqa: E402
+                            Candidate, benchmark_interleaved, count_conv_flops,
+                            environment, optimize_for_inference, ratio, resolve_device)
+
+#: ImageNet top-1 of the paper's table (RepVGG paper, 120 epochs; ResNets as reported there).
+PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
+              'RepVGG-B0': 75.14, 'RepVGG-B1g4': 77.58, 'RepVGG-B1g2': 77.78,
+              'RepVGG-B1': 78.37, 'RepVGG-B2g4': 78.50, 'RepVGG-B2': 78.78,
+              'ResNet-50': 76.31, 'ResNet-101': 77.21}
+RESNET_DEPTHS = (18, 34, 50, 101, 152)
+#: The goals of issue 6 for a fused RepVGG on CPU, printed next to the measured ratios.
+TARGET_SPEEDUP_VS_TRAIN = 1.5
+TARGET_TIME_VS_RESNET101 = 0.6
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- arguments
+def _csv(value: str) -> List[str]:
+    return [v.strip() for v in value.split(',') if v.strip()]
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--archs', default='B1g2',
+                        help='RepVGG variants, comma-separated, "all" or "none" '
+                             f'(valid: {", ".join(ARCH_SETTINGS)}); default B1g2')
+    parser.add_argument('--forms', default='train,fused',
+                        help='RepVGG forms to time: train, fused or both (default both)')
+    parser.add_argument('--resnets', default='50,101',
+                        help='mmdet ResNet depths, comma-separated, or "none" (default 50,101)')
+    parser.add_argument('--config', action='append', default=[], metavar='CONFIG',
+                        help='a whole model to time, e.g. configs/... or '
+                             'mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py '
+                             '(repeatable); a model with RepVGG blocks is timed fused and not')
+    parser.add_argument('--forward', default='auto',
+                        choices=['auto', '_forward', 'extract_feat'],
+                        help='what to time of a config model: _forward (backbone, neck and '
+                             'head tensors, no post-processing), extract_feat (backbone+neck) '
+                             'or auto (_forward, else extract_feat)')
+    parser.add_argument('--device', default=None,
+                        help='cpu or cuda[:N] (default: cuda when available, else cpu)')
+    parser.add_argument('--modes', default='eager,auto',
+                        help=f'recipes, comma-separated, from {", ".join(MODES)}; "auto" is '
+                             f'the default recipe of the device ({AUTO_MODE}); "all" for '
+                             'every one (default eager,auto)')
+    parser.add_argument('--precision', default='fp32',
+                        help=f'comma-separated from {", ".join(PRECISIONS)} (amp: fp16 '
+                             'autocast on CUDA, bf16 on CPU); default fp32')
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--input-size', type=int, nargs='+', default=[224, 224],
+                        metavar=('H', 'W'), help='input height and width (one value: square)')
+    parser.add_argument('--repeats', type=int, default=20,
+                        help='timed rounds over all candidates (default 20)')
+    parser.add_argument('--warmup', type=int, default=3,
+                        help='untimed rounds before them (default 3)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch.set_num_threads (default: torch\'s choice)')
+    parser.add_argument('--baseline', default=None,
+                        help='candidate the "x base" column compares with (a name as '
+                             'printed, or a unique prefix); default the first row')
+    parser.add_argument('--compile-mode', default=None,
+                        help="torch.compile mode for the compile recipe, e.g. max-autotune")
+    parser.add_argument('--no-cudnn-benchmark', action='store_true',
+                        help='leave torch.backends.cudnn.benchmark off on CUDA')
+    parser.add_argument('--no-flush-denormal', action='store_true',
+                        help='keep denormal floats on CPU (by default they are flushed to '
+                             'zero, as random weights can underflow through deep stacks)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the memory pass')
+    parser.add_argument('--no-check', action='store_true',
+                        help='skip comparing each candidate\'s output with eager fp32')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--json', default=None, metavar='PATH', help='write results as JSON')
+    parser.add_argument('--plot', default=None, metavar='PATH',
+                        help='write a PNG of backbone speed vs ImageNet top-1 (paper values)')
+    args = parser.parse_args(argv)
+
+    archs = _csv(args.archs)
+    if archs == ['all']:
+        archs = list(ARCH_SETTINGS)
+    elif archs == ['none']:
+        archs = []
+    unknown = [a for a in archs if a not in ARCH_SETTINGS]
+    if unknown:
+        parser.error(f'unknown RepVGG arch {", ".join(map(repr, unknown))}; valid names: '
+                     f'{", ".join(ARCH_SETTINGS)} (or "all", "none")')
+    args.archs = archs
+    args.forms = _csv(args.forms)
+    if not args.forms or set(args.forms) - {'train', 'fused'}:
+        parser.error(f'--forms takes train and/or fused, got {args.forms}')
+    resnets = _csv(args.resnets)
+    if resnets == ['none']:
+        resnets = []
+    try:
+        args.resnets = [int(d) for d in resnets]
+    except ValueError:
+        parser.error(f'--resnets takes depths {RESNET_DEPTHS} or "none", got {resnets}')
+    if set(args.resnets) - set(RESNET_DEPTHS):
+        parser.error(f'--resnets takes depths {RESNET_DEPTHS} or "none", got {resnets}')
+    try:
+        args.device = resolve_device(args.device)
+    except RuntimeError as exc:
+        parser.error(str(exc))
+    modes = _csv(args.modes)
+    if modes == ['all']:
+        modes = list(MODES)
+    modes = [AUTO_MODE.get(args.device.type, 'eager') if m == 'auto' else m for m in modes]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        parser.error(f'unknown mode {bad}; valid modes: {", ".join(MODES)}, auto, all')
+    args.modes = list(dict.fromkeys(modes))
+    args.precision = list(dict.fromkeys(_csv(args.precision)))
+    bad = [p for p in args.precision if p not in PRECISIONS]
+    if bad or not args.precision:
+        parser.error(f'unknown precision {bad}; valid: {", ".join(PRECISIONS)}')
+    if len(args.input_size) == 1:
+        args.input_size = args.input_size * 2
+    if len(args.input_size) != 2 or min(args.input_size) < 1:
+        parser.error(f'--input-size takes H W, got {args.input_size}')
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        parser.error('--batch-size and --repeats must be >= 1, --warmup >= 0')
+    if not (args.archs or args.resnets or args.config):
+        parser.error('nothing to time: give --archs, --resnets or --config')
+    return args
+
+
+# --------------------------------------------------------------------------- models
+@dataclass
+class ModelSpec:
+    """A model to time under every mode and precision, built once on CPU in fp32."""
+    label: str             # e.g. RepVGG-B1g2, ResNet-101, a config's name
+    form: str              # train / fused for re-parameterizable models, '' otherwise
+    kind: str              # backbone / model
+    model: nn.Module
+    method: str = 'forward'
+    extra_args: Callable[[int], tuple] = lambda batch: ()
+    reference: Optional['ModelSpec'] = None   # whose eager output this one must match
+    info: Dict[str, Any] = field(default_factory=dict)
+    output: Any = None     # eager fp32 output on the benchmark input
+
+    @property
+    def key(self) -> str:
+        return f'{self.label}/{self.form}' if self.form else self.label
+
+
+def _randomize_norms(model: nn.Module, seed: int) -> None:
+    """Non-trivial BN statistics, so that the fused-vs-training check means something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) * 0.4 - 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.5 + 0.3)
+                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 0.4 - 0.2)
+
+
+def repvgg_specs(archs: Sequence[str], forms: Sequence[str], seed: int) -> List[ModelSpec]:
+    specs = []
+    for arch in archs:
+        torch.manual_seed(seed)
+        train = RepVGG(arch=arch)
+        train.eval()
+        _randomize_norms(train, seed)
+        label = f'RepVGG-{arch}'
+        train_spec = ModelSpec(label, 'train', 'backbone', train)
+        if 'train' in forms:
+            specs.append(train_spec)
+        if 'fused' in forms:
+            specs.append(ModelSpec(label, 'fused', 'backbone', reparameterize(train),
+                                   reference=train_spec))
+    return specs
+
+
+def resnet_specs(depths: Sequence[int], seed: int, skipped: List[str]) -> List[ModelSpec]:
+    if not depths:
+        return []
+    try:
+        from mmdet.models.backbones import ResNet
+    except Exception as exc:  # noqa: BLE001  (ImportError, or mmcv.ops failing to load)
+        msg = (f'skipped ResNet-{",".join(map(str, depths))}: mmdet is not importable '
+               f'({type(exc).__name__}: {exc}); install mmdet for the ResNet rows')
+        log(msg)
+        skipped.append(msg)
+        return []
+    specs = []
+    for depth in depths:
+        torch.manual_seed(seed)
+        model = ResNet(depth=depth)
+        model.eval()  # mmdet's ResNet.train() returns None: no chaining
+        _randomize_norms(model, seed)
+        specs.append(ModelSpec(f'ResNet-{depth}', '', 'backbone', model))
+    return specs
+
+
+def _load_config(path: str):
+    from mmengine.config import Config
+    if '::' in path and not osp.exists(path):
+        from mmengine.hub import get_config
+        return get_config(path)
+    return Config.fromfile(path)
+
+
+def _dummy_data_samples(scope: str, batch: int, height: int, width: int) -> Optional[list]:
+    meta = dict(img_shape=(height, width), ori_shape=(height, width),
+                pad_shape=(height, width), batch_input_shape=(height, width),
+                scale_factor=(1.0, 1.0))
+    if scope == 'mmdet':
+        from mmdet.structures import DetDataSample as Sample
+    elif scope == 'mmseg':
+        from mmseg.structures import SegDataSample as Sample
+    else:
+        return None
+    return [Sample(metainfo=meta) for _ in range(batch)]
+
+
+def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], seed: int,
+                 skipped: List[str]) -> List[ModelSpec]:
+    specs = []
+    height, width = input_size
+    for path in paths:
+        label = osp.splitext(osp.basename(path.split('::')[-1]))[0]
+        try:
+            from mmengine.model import revert_sync_batchnorm
+            from mmengine.registry import MODELS, init_default_scope
+
+            import mmrepvgg  # noqa: F401  registers type='mmrepvgg.RepVGG'
+            cfg = _load_config(path)
+            scope = cfg.get('default_scope', None) or 'mmdet'
+            init_default_scope(scope)
+            torch.manual_seed(seed)
+            model = revert_sync_batchnorm(MODELS.build(cfg.model))
+            model.eval()
+        except Exception as exc:  # noqa: BLE001
+            msg = (f'skipped {path}: could not build the model ({type(exc).__name__}: '
+                   f'{str(exc).splitlines()[0] if str(exc) else ""}); whole-model rows '
+                   'need mmdet or mmseg (whichever the config uses)')
+            log(msg)
+            skipped.append(msg)
+            continue
+        _randomize_norms(model, seed)
+        # What to time: the tensor forward, or backbone+neck when it needs more than tensors
+        # (e.g. a two-stage detector's proposals) and cannot run on a dummy batch.
+        choices = {'_forward': [('_forward', True)], 'extract_feat': [('extract_feat', False)],
+                   'auto': [('_forward', True), ('extract_feat', False)]}[forward]
+        probe = torch.randn(1, 3, height, width)
+        method, extra, errors = None, None, []
+        for name, with_samples in choices:
+            def extra_fn(batch, with_samples=with_samples):
+                if not with_samples:
+                    return ()
+                samples = _dummy_data_samples(scope, batch, height, width)
+                return () if samples is None else (samples,)
+            try:
+                with torch.no_grad():
+                    getattr(model, name)(probe, *extra_fn(1))
+                method, extra = name, extra_fn
+                break
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f'{name}: {type(exc).__name__}: {exc}'.splitlines()[0])
+        if method is None:
+            msg = f'skipped {path}: no forward ran on a dummy batch ({"; ".join(errors)})'
+            log(msg)
+            skipped.append(msg)
+            continue
+        if errors:
+            log(f'{label}: timing {method} ({"; ".join(errors)})')
+        info = dict(config=path, method=method, scope=scope)
+        if not fusable_modules(model):
+            specs.append(ModelSpec(label, '', 'model', model, method, extra, info=info))
+            continue
+        train = ModelSpec(label, 'train', 'model', model, method, extra, info=info)
+        fused = reparameterize(model)
+        info_fused = dict(info, unfused_left=count_unfused(fused))
+        specs += [train, ModelSpec(label, 'fused', 'model', fused, method, extra,
+                                   reference=train, info=info_fused)]
+    return specs
+
+
+# --------------------------------------------------------------------------- candidates
+def _flatten(output: Any) -> List[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _flatten(item)]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in _flatten(output[key])]
+    if hasattr(output, 'to_dict'):  # mmengine data elements
+        return _flatten(output.to_dict())
+    return []
+
+
+def _max_difference(a: Any, b: Any) -> Optional[float]:
+    ta, tb = _flatten(a), _flatten(b)
+    if not ta or len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
+        return None
+    return max((x.detach().double().cpu() - y.detach().double().cpu()).abs().max().item()
+               for x, y in zip(ta, tb))
+
+
+def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torch.device,
+                  check: bool) -> None:
+    """One eager fp32 forward of each spec on the device: FLOPs, and the reference output."""
+    for spec in specs:
+        model = copy.deepcopy(spec.model).to(device)
+        model.eval()
+        fwd = getattr(model, spec.method)
+        extra = spec.extra_args(inputs.shape[0])
+        with torch.no_grad():
+            counts = count_conv_flops(model, inputs.to(device),
+                                      forward=lambda x: fwd(x, *extra))
+            if check:
+                spec.output = _flatten(fwd(inputs.to(device), *extra))
+                spec.output = [t.detach().cpu() for t in spec.output]
+        del model
+        spec.info.update(macs_per_image=counts['macs'] / inputs.shape[0],
+                         flops_per_batch=counts['flops'],
+                         params=sum(p.numel() for p in spec.model.parameters()))
+
+
+def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
+                    precisions: Sequence[str], inputs: torch.Tensor, args) -> List[Candidate]:
+    candidates = []
+    for precision in precisions:
+        for mode in modes:
+            for spec in specs:
+                name = f'{spec.key} @{mode}' + (f' {precision}' if len(precisions) > 1 else '')
+
+                def setup(spec=spec, mode=mode, precision=precision):
+                    extra = spec.extra_args(inputs.shape[0])
+                    runner = optimize_for_inference(
+                        copy.deepcopy(spec.model), inputs, args.device, mode, precision,
+                        method=spec.method, extra_args=extra, compile_mode=args.compile_mode,
+                        cudnn_benchmark=not args.no_cudnn_benchmark)
+                    prepared = runner.prepare_input(inputs)
+                    return lambda: runner.run(prepared), runner
+
+                cand = Candidate(name=name, setup=None, info=dict(
+                    model=spec.label, form=spec.form, kind=spec.kind, mode=mode,
+                    precision=precision, key=spec.key, **spec.info))
+
+                def wrapped(setup=setup, cand=cand, spec=spec):
+                    fn, runner = setup()
+                    cand.info['first_call_s'] = round(runner.prep_seconds, 3)
+                    if runner.note:
+                        cand.info['note'] = runner.note
+                    ref = spec.reference or spec
+                    if ref.output is not None:
+                        cand.info['max_abs_diff'] = _max_difference(runner.run(
+                            runner.prepare_input(inputs)), ref.output)
+                    return fn
+                cand.setup = wrapped
+                candidates.append(cand)
+    return candidates
+
+
+# --------------------------------------------------------------------------- report
+def _fmt(value: Optional[float], spec: str = '.1f', none: str = '-') -> str:
+    return none if value is None else format(value, spec)
+
+
+def result_rows(candidates: Sequence[Candidate], batch: int,
+                baseline: Optional[Candidate]) -> List[Dict[str, Any]]:
+    base = baseline.stats()['median'] if baseline is not None else None
+    rows = []
+    for cand in candidates:
+        st = cand.stats()
+        med = st['median']
+        flops = cand.info.get('flops_per_batch')
+        rows.append(dict(
+            name=cand.name, **{k: v for k, v in cand.info.items()},
+            median_ms=None if med is None else med * 1e3,
+            q1_ms=None if st['q1'] is None else st['q1'] * 1e3,
+            q3_ms=None if st['q3'] is None else st['q3'] * 1e3,
+            iqr_ms=None if st['iqr'] is None else st['iqr'] * 1e3,
+            min_ms=None if st['min'] is None else st['min'] * 1e3,
+            images_per_s=None if med is None else batch / med,
+            speedup_vs_baseline=ratio(base, med),
+            tflops=None if med is None or not flops else flops / med / 1e12,
+            peak_memory_mb=None if cand.peak_memory is None else cand.peak_memory / 2**20,
+            memory_method=cand.memory_method, prep_s=cand.prep_seconds,
+            times_ms=[t * 1e3 for t in cand.times], error=cand.error))
+    return rows
+
+
+def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[tuple]) -> str:
+    cells = [[title for title, _, _ in columns]]
+    for row in rows:
+        cells.append([fmt(row) for _, fmt, _ in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = []
+    for n, r in enumerate(cells):
+        lines.append('  '.join(c.ljust(w) if left else c.rjust(w)
+                               for c, w, (_, _, left) in zip(r, widths, columns)).rstrip())
+        if n == 0:
+            lines.append('  '.join('-' * w for w in widths))
+    return '\n'.join(lines)
+
+
+MAIN_COLUMNS = (
+    ('candidate', lambda r: r['name'], True),
+    ('ms/batch', lambda r: _fmt(r['median_ms']) if not r['error'] else 'FAILED', False),
+    ('IQR', lambda r: _fmt(r['iqr_ms']), False),
+    ('min', lambda r: _fmt(r['min_ms']), False),
+    ('img/s', lambda r: _fmt(r['images_per_s']), False),
+    ('x base', lambda r: _fmt(r['speedup_vs_baseline'], '.2f'), False),
+    ('GMAC/img', lambda r: _fmt(r.get('macs_per_image') and r['macs_per_image'] / 1e9,
+                                '.2f'), False),
+    ('TFLOP/s', lambda r: _fmt(r['tflops'], '.3f'), False),
+    ('peak MB', lambda r: _fmt(r['peak_memory_mb'], '.0f'), False),
+    ('prep s', lambda r: _fmt(r['prep_s'], '.1f'), False),
+    ('max|diff|', lambda r: _fmt(r.get('max_abs_diff'), '.1e'), False),
+)
+
+
+def _median(row) -> Optional[float]:
+    return None if row['error'] else row['median_ms']
+
+
+def comparisons(rows: Sequence[Dict[str, Any]], precisions: Sequence[str],
+                modes: Sequence[str]) -> Dict[str, Any]:
+    """Fused vs training form and vs every ResNet: per mode (same treatment) and each at
+    its fastest mode (best of each)."""
+    by = {(r['key'], r['mode'], r['precision']): r for r in rows}
+    keys = list(dict.fromkeys(r['key'] for r in rows))
+    labels = list(dict.fromkeys(r['model'] for r in rows if r['form'] == 'fused'))
+    kinds = {r['key']: r['kind'] for r in rows}
+    # what a fused model is compared with: models of its kind that have no RepVGG blocks
+    # (the ResNets for a backbone, e.g. a ResNet PSPNet for a RepVGG PSPNet)
+    plain = [k for k in keys if '/' not in k]
+    out = {'same_treatment': [], 'best_of_each': [], 'best_mode': {}, 'deployed_vs_eager': []}
+
+    def compare(label, pick, precision, mode_name):
+        fused, train = pick(f'{label}/fused'), pick(f'{label}/train')
+        if fused is None:
+            return None
+        resnets = [k for k in plain if kinds[k] == fused['kind']]
+        entry = dict(model=label, kind=fused['kind'], precision=precision, mode=mode_name,
+                     fused_ms=_median(fused), fused_mode=fused['mode'])
+        if train is not None:
+            entry.update(train_ms=_median(train), train_mode=train['mode'],
+                         speedup_vs_train=ratio(_median(train), _median(fused)))
+        for res in resnets:
+            other = pick(res)
+            if other is not None:
+                entry[f'time_vs_{res}'] = ratio(_median(fused), _median(other))
+                entry[f'{res}_ms'] = _median(other)
+                entry[f'{res}_mode'] = other['mode']
+        return entry
+
+    for precision in precisions:
+        for mode in modes:
+            def pick(key, mode=mode, precision=precision):
+                row = by.get((key, mode, precision))
+                return row if row is not None and _median(row) is not None else None
+            for label in labels:
+                entry = compare(label, pick, precision, mode)
+                if entry:
+                    out['same_treatment'].append(entry)
+        best = {}
+        for key in keys:
+            timed = [r for r in rows if r['key'] == key and r['precision'] == precision
+                     and _median(r) is not None]
+            if timed:
+                best[key] = min(timed, key=_median)
+                out['best_mode'][f'{key} {precision}'] = best[key]['mode']
+        for label in labels:
+            entry = compare(label, best.get, precision, 'best')
+            if entry:
+                out['best_of_each'].append(entry)
+        # What deploying gains over running the models as they come (eager, fp32): the
+        # fused model at its fastest mode against every other model in eager fp32.
+        if 'eager' in modes and 'fp32' in precisions:
+            def deployed(key, best=best):
+                if key.endswith('/fused'):
+                    return best.get(key)
+                row = by.get((key, 'eager', 'fp32'))
+                return row if row is not None and _median(row) is not None else None
+            for label in labels:
+                entry = compare(label, deployed, precision, 'deployed')
+                if entry:
+                    out['deployed_vs_eager'].append(entry)
+    return out
+
+
+def format_comparisons(comp: Dict[str, Any]) -> str:
+    lines = []
+
+    def describe(e, with_modes):
+        def at(prefix):
+            return f' @{e[prefix + "_mode"]}' if with_modes else ''
+        parts = [f'{e["model"]}: fused{at("fused")} {_fmt(e["fused_ms"])} ms']
+        if 'train_ms' in e:
+            sp = e['speedup_vs_train']
+            mark = '' if sp is None or e['kind'] != 'backbone' else (' (target >= %.1fx: %s)' % (
+                TARGET_SPEEDUP_VS_TRAIN, 'met' if sp >= TARGET_SPEEDUP_VS_TRAIN else 'MISSED'))
+            parts.append(f'train{at("train")} {_fmt(e["train_ms"])} ms -> fused speed-up '
+                         f'{_fmt(sp, ".2f")}x{mark}')
+        for key in [k for k in e if k.startswith('time_vs_')]:
+            res = key[len('time_vs_'):]
+            val = e[key]
+            mark = ''
+            if res == 'ResNet-101' and val is not None and e['kind'] == 'backbone':
+                mark = ' (target <= %.1fx: %s)' % (
+                    TARGET_TIME_VS_RESNET101, 'met' if val <= TARGET_TIME_VS_RESNET101
+                    else 'MISSED')
+            parts.append(f'{res}{at(res)} {_fmt(e[res + "_ms"])} ms -> fused takes '
+                         f'{_fmt(val, ".2f")}x its time{mark}')
+        return '; '.join(parts)
+
+    if comp['same_treatment']:
+        lines.append('Same treatment (every model under the same mode):')
+        for e in comp['same_treatment']:
+            lines.append(f'  [{e["mode"]} {e["precision"]}] {describe(e, False)}')
+    if comp['best_mode']:
+        lines.append('Best of each (every model at its own fastest mode):')
+        for key, mode in comp['best_mode'].items():
+            lines.append(f'  fastest mode of {key}: {mode}')
+        for e in comp['best_of_each']:
+            lines.append(f'  [{e["precision"]}] {describe(e, True)}')
+    if comp['deployed_vs_eager']:
+        lines.append('Deployed vs as-is (fused at its fastest mode of the given precision; '
+                     'every other model in eager fp32):')
+        for e in comp['deployed_vs_eager']:
+            lines.append(f'  [fused {e["precision"]}] {describe(e, True)}')
+    return '\n'.join(lines)
+
+
+def write_plot(path: str, rows: Sequence[Dict[str, Any]], comp: Dict[str, Any],
+               env: Dict[str, Any], args) -> List[str]:
+    """Backbone images/s (each at its fastest mode) against the paper's ImageNet top-1."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    precision = args.precision[0]
+    points, left_out = {}, []
+    for r in rows:
+        if r['kind'] != 'backbone' or r['precision'] != precision or _median(r) is None:
+            continue
+        if r['model'] not in PAPER_TOP1:
+            left_out.append(r['model'])
+            continue
+        series = 'ResNet' if r['model'].startswith('ResNet') else r['form']
+        key = (series, r['model'])
+        eager = r['mode'] == 'eager'
+        best = points.get(key, {})
+        if 'best' not in best or r['images_per_s'] > best['best']['images_per_s']:
+            best['best'] = r
+        if eager:
+            best['eager'] = r
+        points[key] = best
+    styles = {'fused': dict(marker='o', color='tab:red', label='RepVGG fused'),
+              'train': dict(marker='o', color='tab:blue', mfc='none',
+                            label='RepVGG training form'),
+              'ResNet': dict(marker='s', color='tab:gray', label='ResNet (mmdet)')}
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    modes_used = set()
+    for series, style in styles.items():
+        pts = sorted(((PAPER_TOP1[m], v['best']) for (s, m), v in points.items()
+                      if s == series), key=lambda p: p[0])
+        if not pts:
+            continue
+        xs = [p[1]['images_per_s'] for p in pts]
+        ys = [p[0] for p in pts]
+        ax.plot(xs, ys, linestyle='-' if series != 'ResNet' else 'none', **style)
+        if series != 'train':  # (a training-form point sits left of its fused point)
+            for x, y, (_, r) in zip(xs, ys, pts):
+                ax.annotate(r['model'].replace('RepVGG-', ''), (x, y),
+                            textcoords='offset points', xytext=(5, -3), fontsize=8)
+        modes_used.update(p[1]['mode'] for p in pts)
+        eager = [(PAPER_TOP1[m], v['eager']) for (s, m), v in points.items()
+                 if s == series and 'eager' in v and v['eager'] is not v['best']]
+        if eager:
+            ax.plot([e[1]['images_per_s'] for e in eager], [e[0] for e in eager],
+                    linestyle='none', marker=style['marker'], color=style['color'],
+                    alpha=0.35, mfc='none', label=f'{style["label"]}, eager')
+    ax.set_xlabel(f'images/s ({env.get("cpu") if args.device.type == "cpu" else env.get("gpu")}'
+                  f', batch {args.batch_size}, {args.input_size[0]}x{args.input_size[1]}, '
+                  f'{precision}, {env["threads"]} threads)', fontsize=8)
+    ax.set_ylabel('ImageNet top-1 (%, paper)')
+    ax.set_title('RepVGG vs ResNet backbones: measured speed, accuracy from the paper\n'
+                 f'solid markers: each model at its fastest mode ({", ".join(sorted(modes_used))})'
+                 '; faint: eager', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower left')
+    fig.tight_layout()
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return sorted(set(left_out))
+
+
+def find_baseline(candidates: Sequence[Candidate], name: Optional[str]) -> Candidate:
+    if name is None:
+        timed = [c for c in candidates if c.error is None]
+        return (timed or list(candidates))[0]
+    exact = [c for c in candidates if c.name == name]
+    if exact:
+        return exact[0]
+    prefix = [c for c in candidates if c.name.startswith(name)]
+    if len(prefix) == 1:
+        return prefix[0]
+    raise SystemExit(f'--baseline {name!r} matches {len(prefix)} candidates; names: '
+                     + ', '.join(repr(c.name) for c in candidates))
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.type == 'cpu' and not args.no_flush_denormal:
+        torch.set_flush_denormal(True)
+    # Many module instances share one forward code object; let dynamo keep a graph for each.
+    if 'compile' in args.modes:
+        import torch._dynamo.config as dynamo_config
+        limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') \
+            else 'cache_size_limit'
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+    warnings.filterwarnings('ignore', category=FutureWarning)
+    env = environment()
+    env['date'] = datetime.datetime.now().isoformat(timespec='seconds')
+    env['device'] = str(args.device)
+    command = 'python tools/benchmark.py ' + ' '.join(
+        sys.argv[1:] if argv is None else list(argv))
+
+    skipped: List[str] = []
+    log('building models...')
+    specs = repvgg_specs(args.archs, args.forms, args.seed)
+    specs += resnet_specs(args.resnets, args.seed, skipped)
+    specs += config_specs(args.config, args.forward, args.input_size, args.seed, skipped)
+    if not specs:
+        raise SystemExit('nothing left to time: ' + '; '.join(skipped))
+    gen = torch.Generator().manual_seed(args.seed)
+    inputs = torch.randn(args.batch_size, 3, *args.input_size, generator=gen)
+    prepare_specs(specs, inputs, args.device, check=not args.no_check)
+    candidates = make_candidates(specs, args.modes, args.precision, inputs, args)
+    log(f'setting up {len(candidates)} candidates, then {args.warmup} warm-up and '
+        f'{args.repeats} timed rounds over all of them...')
+    benchmark_interleaved(candidates, args.device, repeats=args.repeats, warmup=args.warmup,
+                          measure_memory=not args.no_memory, log=log)
+    env['loadavg_end'] = environment().get('loadavg')
+
+    baseline = find_baseline(candidates, args.baseline)
+    rows = result_rows(candidates, args.batch_size, baseline)
+    comp = comparisons(rows, args.precision, args.modes)
+    methods = sorted({r['memory_method'] for r in rows if r['memory_method']})
+
+    header = (f'# {command}\n# {env["date"]}  device {env["device"]}'
+              f'{" (" + env["gpu"] + ")" if args.device.type == "cuda" else ""}  '
+              f'cpu {env.get("cpu")} x{env["cpu_count"]}  torch {env["torch"]}  threads '
+              f'{env["threads"]}  load avg {env.get("loadavg")} -> {env.get("loadavg_end")}\n'
+              f'# batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}, '
+              f'{args.warmup} warm-up + {args.repeats} timed rounds, interleaved; medians; '
+              f'x base = speed relative to {baseline.name!r}')
+    print(header)
+    print(format_table(rows, MAIN_COLUMNS))
+    print('GMAC/img: conv+linear multiply-accumulates per image (the paper\'s "FLOPs"); '
+          'TFLOP/s = 2 x MACs per batch / median time.')
+    for m in methods:
+        print(f'peak MB: {MEMORY_METHODS[m]}.')
+    print('prep s: build + optimise + first call (tracing/compiling); max|diff|: against the '
+          'eager fp32 output (fused rows: against the training form).')
+    for r in rows:
+        if r['error']:
+            print(f'FAILED {r["name"]}: {r["error"]}')
+        elif r.get('note'):
+            print(f'note {r["name"]}: {r["note"].split(" (")[0]}')
+    if any(r['kind'] == 'model' and r.get('scope') == 'mmdet' and r.get('method') == '_forward'
+           for r in rows):
+        print('detectors: _forward runs the RPN and RoI heads on proposals, which move with '
+              'tiny score changes; max|diff| of those rows is not a fusion check.')
+    for msg in skipped:
+        print(msg)
+    text = format_comparisons(comp)
+    if text:
+        print(text)
+
+    result = dict(command=command, environment=env, args={
+        k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()},
+        baseline=baseline.name, memory_method={m: MEMORY_METHODS[m] for m in methods},
+        candidates=rows, comparisons=comp, skipped=skipped)
+    if args.plot:
+        left_out = write_plot(args.plot, rows, comp, env, args)
+        result['plot'] = args.plot
+        if left_out:
+            print(f'not in the plot (no top-1 in the paper): {", ".join(left_out)}')
+        log(f'wrote {args.plot}')
+    if args.json:
+        os.makedirs(osp.dirname(osp.abspath(args.json)), exist_ok=True)
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=1)
+        log(f'wrote {args.json}')
+    return result
+
+
+if __name__ == '__main__':
+    main()
