@@ -49,13 +49,17 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _flatten(output: Any) -> list:
+def flatten_outputs(output: Any) -> list:
+    """Every tensor in a model's output (tensors, lists, tuples, dicts, mmengine data
+    elements), in a fixed order, so two models' outputs can be compared."""
     if isinstance(output, torch.Tensor):
         return [output]
     if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _flatten(item)]
+        return [t for item in output for t in flatten_outputs(item)]
     if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _flatten(output[key])]
+        return [t for key in sorted(output) for t in flatten_outputs(output[key])]
+    if hasattr(output, 'to_dict'):  # mmengine data elements
+        return flatten_outputs(output.to_dict())
     return []
 
 
@@ -68,7 +72,7 @@ def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: tor
     by default the models are called on the probe.
     """
     forward = forward or (lambda m, x: m(x))
-    ref, out = _flatten(forward(reference, probe)), _flatten(forward(candidate, probe))
+    ref, out = flatten_outputs(forward(reference, probe)), flatten_outputs(forward(candidate, probe))
     if len(ref) != len(out) or not ref:
         raise ValueError(f'models gave {len(ref)} and {len(out)} output tensors on the probe')
     return max((a.double() - b.double()).abs().max().item() for a, b in zip(ref, out))
@@ -102,7 +106,7 @@ def fusion_errors(model: nn.Module, probe: torch.Tensor) -> dict:
     """Fuse an eval-mode model in float32 and in float64 and measure both against the
     training form: max abs difference over max abs output (fp32), max abs (fp64)."""
     model = model.eval()
-    reference = _flatten(model(probe))
+    reference = flatten_outputs(model(probe))
     scale = max(t.abs().max().item() for t in reference)
     fp32 = max_output_difference(model, reparameterize(model), probe) / scale
     model64 = copy.deepcopy(model).double()

@@ -35,7 +35,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mmrepvgg.models import ARCH_SETTINGS, RepVGG  # noqa: E402
-from mmrepvgg.reparam import count_unfused, fusable_modules, reparameterize  # noqa: E402
+from mmrepvgg.reparam import (count_unfused, flatten_outputs, fusable_modules,  # noqa: E402
+                              reparameterize)
 from mmrepvgg.speed import (AUTO_MODE, MEMORY_METHODS, MODES, PRECISIONS,  # noqa: E402
                             Candidate, benchmark_interleaved, count_conv_flops,
                             environment, optimize_for_inference, ratio, resolve_device)
@@ -320,20 +321,8 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
 
 
 # --------------------------------------------------------------------------- candidates
-def _flatten(output: Any) -> List[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _flatten(item)]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _flatten(output[key])]
-    if hasattr(output, 'to_dict'):  # mmengine data elements
-        return _flatten(output.to_dict())
-    return []
-
-
 def _max_difference(a: Any, b: Any) -> Optional[float]:
-    ta, tb = _flatten(a), _flatten(b)
+    ta, tb = flatten_outputs(a), flatten_outputs(b)
     if not ta or len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return None
     return max((x.detach().double().cpu() - y.detach().double().cpu()).abs().max().item()
@@ -352,7 +341,7 @@ def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torc
             counts = count_conv_flops(model, inputs.to(device),
                                       forward=lambda x: fwd(x, *extra))
             if check:
-                spec.output = _flatten(fwd(inputs.to(device), *extra))
+                spec.output = flatten_outputs(fwd(inputs.to(device), *extra))
                 spec.output = [t.detach().cpu() for t in spec.output]
         del model
         spec.info.update(macs_per_image=counts['macs'] / inputs.shape[0],
