@@ -27,6 +27,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .winograd import convert_to_winograd
+
 #: Recipes, from plain to most optimised:
 #: ``eager``          the module as it is, NCHW.
 #: ``channels_last``  module and input in NHWC (oneDNN on CPU, tensor-core friendly on CUDA).
@@ -35,7 +37,10 @@ from torch import Tensor, nn
 #:                    weights pre-packed for oneDNN and activations kept in its layout.
 #: ``compile``        channels_last + ``torch.compile`` (inductor) with inductor's
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
-MODES = ('eager', 'channels_last', 'jit_freeze', 'compile')
+#: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
+#:                    one (``mmrepvgg.winograd``): fewer multiplications, minutes of
+#:                    compiling the first time (inductor caches the kernels on disk).
+MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
 #: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
 #: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
 #: multiplying in reduced precision: TF32 on CUDA, bf16 on CPU (oneDNN's fpmath mode, AMX
@@ -46,7 +51,9 @@ PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: for every RepVGG variant (training and fused form) and both ResNets in fp32 with
 #: tools/benchmark.py (docs/benchmark.md: B1g2 fused 1.12x faster than eager, ResNet-101
 #: 1.39x), for 2-15 s of compiling. CUDA: channels_last + cudnn.benchmark, the usual
-#: recipe; not yet measured in this project (no GPU so far).
+#: recipe; not yet measured in this project (no GPU so far). ``winograd`` is faster still
+#: for a fused RepVGG on CPU (B1g2: 1.35x over ``compile``) but slower for ResNets and
+#: takes minutes to compile, so it is never picked automatically.
 AUTO_MODE = {'cpu': 'compile', 'cuda': 'channels_last'}
 
 
@@ -174,12 +181,14 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
                            device: Optional[Any] = None, mode: str = 'auto',
                            precision: str = 'fp32', method: str = 'forward',
                            extra_args: tuple = (), compile_mode: Optional[str] = None,
-                           cudnn_benchmark: bool = True) -> InferenceRunner:
+                           cudnn_benchmark: bool = True,
+                           winograd_tile: int = 4) -> InferenceRunner:
     """Prepare an eval-mode ``model`` for fast inference on ``device``.
 
     Args:
         model: the module; switched to eval mode and moved to ``device`` (and cast for
-            ``fp16``/``bf16``) in place. Fuse a RepVGG first (``reparameterize``).
+            ``fp16``/``bf16``) in place; ``mode='winograd'`` also replaces its 3x3
+            stride-1 convs in place. Fuse a RepVGG first (``reparameterize``).
         example_input: a batch of the shape to be run (used to trace / compile / warm up).
         device: ``'cpu'``, ``'cuda'``...; None picks CUDA when available.
         mode: one of ``MODES``, or ``'auto'``: ``AUTO_MODE`` of the device type, and if
@@ -190,6 +199,8 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
         compile_mode: ``torch.compile``'s ``mode`` (e.g. ``'max-autotune'``) for
             ``mode='compile'``.
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` on CUDA.
+        winograd_tile: output tile of ``mode='winograd'``: 4 (F(4x4,3x3), fastest) or 2
+            (F(2x2,3x3), as accurate as a direct conv); see ``mmrepvgg.winograd``.
 
     Returns:
         An ``InferenceRunner``; ``runner(x)`` gives the model's output for ``x``. The first
@@ -207,7 +218,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
             try:
                 return optimize_for_inference(
                     model, example_input, device, fallback, precision, method, extra_args,
-                    compile_mode, cudnn_benchmark)
+                    compile_mode, cudnn_benchmark, winograd_tile)
             except Exception as exc:  # noqa: BLE001
                 if i == len(chain) - 1:
                     raise
@@ -225,6 +236,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
     dtype = _cast_dtype(precision)
     if dtype is not None:
         model.to(dtype)
+    replaced = convert_to_winograd(model, winograd_tile) if mode == 'winograd' else None
     channels_last = mode != 'eager'
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -262,7 +274,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
                                f'({describe_error(exc)})')
         if runner.note:
             warnings.warn(f'optimize_for_inference: {runner.note}')
-    elif mode == 'compile':
+    elif mode in ('compile', 'winograd'):
         compiled = torch.compile(module, mode=compile_mode, dynamic=False)
 
         @contextlib.contextmanager
@@ -271,6 +283,8 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
                 yield
 
         runner.fn, runner._context = compiled, compile_context
+        if replaced == 0:
+            runner.note = 'no 3x3 stride-1 conv to compute with Winograd: same as compile'
     runner.run(x)  # trace / compile / pick algorithms now, not in the first timed call
     synchronize(device)
     runner.prep_seconds = time.perf_counter() - start
