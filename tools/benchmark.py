@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 
 from mmrepvgg.models import ARCH_SETTINGS, RepVGG  # noqa: E402
 from mmrepvgg.reparam import (count_unfused, flatten_outputs, fusable_modules,  # noqa: E402
-                              reparameterize)
+                              randomize_norm_stats, reparameterize)
 from mmrepvgg.speed import (AUTO_MODE, MEMORY_METHODS, MODES, PRECISIONS,  # noqa: E402
                             Candidate, benchmark_interleaved, count_conv_flops,
                             environment, optimize_for_inference, ratio, resolve_device)
@@ -189,26 +189,13 @@ class ModelSpec:
         return f'{self.label}/{self.form}' if self.form else self.label
 
 
-def _randomize_norms(model: nn.Module, seed: int) -> None:
-    """Non-trivial BN statistics, so that the fused-vs-training check means something."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=gen) * 0.4 - 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 0.5 + 0.3)
-                    m.bias.copy_(torch.rand(m.bias.shape, generator=gen) * 0.4 - 0.2)
-
-
 def repvgg_specs(archs: Sequence[str], forms: Sequence[str], seed: int) -> List[ModelSpec]:
     specs = []
     for arch in archs:
         torch.manual_seed(seed)
         train = RepVGG(arch=arch)
         train.eval()
-        _randomize_norms(train, seed)
+        randomize_norm_stats(train, seed)
         label = f'RepVGG-{arch}'
         train_spec = ModelSpec(label, 'train', 'backbone', train)
         if 'train' in forms:
@@ -235,7 +222,7 @@ def resnet_specs(depths: Sequence[int], seed: int, skipped: List[str]) -> List[M
         torch.manual_seed(seed)
         model = ResNet(depth=depth)
         model.eval()  # mmdet's ResNet.train() returns None: no chaining
-        _randomize_norms(model, seed)
+        randomize_norm_stats(model, seed)
         specs.append(ModelSpec(f'ResNet-{depth}', '', 'backbone', model))
     return specs
 
@@ -285,7 +272,7 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
             log(msg)
             skipped.append(msg)
             continue
-        _randomize_norms(model, seed)
+        randomize_norm_stats(model, seed)
         # What to time: the tensor forward, or backbone+neck when it needs more than tensors
         # (e.g. a two-stage detector's proposals) and cannot run on a dummy batch.
         choices = {'_forward': [('_forward', True)], 'extract_feat': [('extract_feat', False)],
