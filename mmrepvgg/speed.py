@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .winograd import convert_to_winograd
+from .winograd import FASTEST_TILE, convert_to_winograd
 
 #: Recipes, from plain to most optimised:
 #: ``eager``          the module as it is, NCHW.
@@ -39,7 +39,7 @@ from .winograd import convert_to_winograd
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
 #: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
 #:                    one (``mmrepvgg.winograd``): fewer multiplications, minutes of
-#:                    compiling the first time (inductor caches the kernels on disk).
+#:                    compiling (in every process: inductor's cache did not hit).
 MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
 #: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
 #: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
@@ -182,7 +182,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
                            precision: str = 'fp32', method: str = 'forward',
                            extra_args: tuple = (), compile_mode: Optional[str] = None,
                            cudnn_benchmark: bool = True,
-                           winograd_tile: int = 4) -> InferenceRunner:
+                           winograd_tile: int = FASTEST_TILE) -> InferenceRunner:
     """Prepare an eval-mode ``model`` for fast inference on ``device``.
 
     Args:

@@ -21,7 +21,7 @@ small-integer sums; measured relative error per conv ~6e-7 against an fp64 refer
 the same as ``F.conv2d``). Tile 4 multiplies by fractions such as 1/6 and 1/24 and loses
 about 4 bits (~1e-5 per conv): faster, use when that is acceptable.
 """
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,8 @@ _TRANSFORMS = {
             [0, 1, -1, 8, -8, 1]]),
 }
 TILES = tuple(_TRANSFORMS)
+#: The tile of ``optimize_for_inference(mode='winograd')``: 4x fewer products than direct.
+FASTEST_TILE = 4
 
 
 def winograd_unsupported_reason(conv: nn.Module) -> Optional[str]:
@@ -86,6 +88,21 @@ def _combine(coefficients: Sequence[float], terms: List[Tensor]) -> Tensor:
     return total
 
 
+def _apply_separably(matrix: Sequence[Sequence[float]], rows: List[Tensor],
+                     columns_of: Callable[[Tensor], List[Tensor]]) -> List[Tensor]:
+    """``matrix`` applied over tile rows (``rows``: one tensor per row tap), then over tile
+    columns of each result (``columns_of``): the (u, v) terms of M d M^T, u-major."""
+    out = []
+    for part in (_combine(coef, rows) for coef in matrix):
+        out += [_combine(coef, columns_of(part)) for coef in matrix]
+    return out
+
+
+def _check_tile(tile: int) -> None:
+    if tile not in _TRANSFORMS:
+        raise ValueError(f'unknown Winograd tile {tile!r}; valid: {TILES}')
+
+
 class WinogradConv2d(nn.Module):
     """``conv`` (3x3, stride 1, dilation 1, padding 1, zero padding, any groups) computed
     with Winograd F(tile x tile, 3 x 3). Works on NCHW tensors of any memory format and
@@ -100,8 +117,7 @@ class WinogradConv2d(nn.Module):
         reason = winograd_unsupported_reason(conv)
         if reason:
             raise ValueError(f'cannot compute this conv with Winograd: {reason}')
-        if tile not in _TRANSFORMS:
-            raise ValueError(f'unknown Winograd tile {tile!r}; valid: {TILES}')
+        _check_tile(tile)
         self.tile, self.groups = tile, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         mats = _TRANSFORMS[tile]
@@ -132,12 +148,9 @@ class WinogradConv2d(nn.Module):
         x = F.pad(x.permute(0, 2, 3, 1),
                   (0, 0, 1, cols * m + 1 - width, 1, rows * m + 1 - height))
         # Input transform B^T d B, separably: over tile rows, then tile columns.
-        row_taps = [x[:, i:i + m * rows:m] for i in range(side)]
-        by_rows = [_combine(coef, row_taps) for coef in self._input_transform]
-        transformed = []
-        for part in by_rows:
-            col_taps = [part[:, :, j:j + m * cols:m] for j in range(side)]
-            transformed += [_combine(coef, col_taps) for coef in self._input_transform]
+        transformed = _apply_separably(
+            self._input_transform, [x[:, i:i + m * rows:m] for i in range(side)],
+            lambda part: [part[:, :, j:j + m * cols:m] for j in range(side)])
         tiles = n * rows * cols
         v = torch.stack(transformed).reshape(side * side, tiles, groups,
                                               channels // groups)
@@ -147,10 +160,7 @@ class WinogradConv2d(nn.Module):
         prod = prod.reshape(side, side, groups, tiles, -1).permute(0, 1, 3, 2, 4)
         prod = prod.reshape(side, side, n, rows, cols, self.out_channels)
         # Output transform A^T M A, separably.
-        by_rows = [_combine(coef, list(prod)) for coef in self._output_transform]
-        outputs = []
-        for part in by_rows:
-            outputs += [_combine(coef, list(part)) for coef in self._output_transform]
+        outputs = _apply_separably(self._output_transform, list(prod), list)
         y = torch.stack(outputs).reshape(m, m, n, rows, cols, self.out_channels)
         y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, rows * m, cols * m, self.out_channels)
         y = y[:, :height, :width]
@@ -163,6 +173,7 @@ def convert_to_winograd(model: nn.Module, tile: int = 2) -> int:
     """Replace, in place, every conv of ``model`` that ``WinogradConv2d`` can compute.
     Returns how many were replaced. Call on an eval-mode model (e.g. a fused RepVGG);
     the replacements hold buffers, not parameters, so they do not train."""
+    _check_tile(tile)
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
                if winograd_unsupported_reason(child) is None]

@@ -146,13 +146,18 @@ def assert_same_segmentation(ref_maps, maps, ref_metrics, metrics):
             assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 0.05, key
 
 
+def _test_tool(fixture, config, ckpt, work, out, model_args, *extra):
+    """tools/test.py on mini data: (metrics, work dir)."""
+    metrics = _run(tool_test_main, fixture.root,
+                   [config, ckpt, '--mini', '--work-dir', work, '--out', out, *extra],
+                   TEST + model_args)
+    return metrics, work
+
+
 def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
     def test(ckpt, name, *extra):
-        work = tmp_path / name
-        metrics = _run(tool_test_main, seg.root,
-                       [SEG_CONFIG, ckpt, '--mini', '--work-dir', work,
-                        '--out', tmp_path / f'{name}_maps', *extra], TEST + SEG_MODEL)
-        return metrics, work
+        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name,
+                          tmp_path / f'{name}_maps', SEG_MODEL, *extra)
 
     plain, _ = test(seg.ckpt, 'plain')
     deploy, deploy_work = test(seg.ckpt, 'deploy', '--deploy')
@@ -190,11 +195,8 @@ def test_detector_deploy_predictions_and_map_equal_training_form(det, tmp_path):
     assert f'fused {A0_BLOCKS} blocks' in printed
 
     def test(ckpt, name, *extra):
-        work = tmp_path / name
-        metrics = _run(tool_test_main, det.root,
-                       [DET_CONFIG, ckpt, '--mini', '--work-dir', work,
-                        '--out', tmp_path / f'{name}.pkl', *extra], TEST + DET_MODEL)
-        return metrics, work
+        return _test_tool(det, DET_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}.pkl',
+                          DET_MODEL, *extra)
 
     plain, _ = test(det.ckpt, 'plain')
     deploy, deploy_work = test(det.ckpt, 'deploy', '--deploy')

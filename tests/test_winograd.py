@@ -75,6 +75,9 @@ def test_unsupported_convs_say_why(conv, message):
 def test_unknown_tile_lists_valid_ones():
     with pytest.raises(ValueError, match=r'unknown Winograd tile 3; valid: \(2, 4\)'):
         WinogradConv2d(nn.Conv2d(4, 4, 3, padding=1), tile=3)
+    # refused up front, even by a model with nothing to convert
+    with pytest.raises(ValueError, match='unknown Winograd tile 3'):
+        convert_to_winograd(nn.Sequential(nn.Linear(4, 4)), tile=3)
 
 
 def test_convert_a_fused_repvgg(randomize):

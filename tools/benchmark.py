@@ -40,7 +40,7 @@ from mmrepvgg.reparam import (count_unfused, flatten_outputs, fusable_modules,  
 from mmrepvgg.speed import (AUTO_MODE, MEMORY_METHODS, MODES, PRECISIONS,  # noqa: E402
                             Candidate, benchmark_interleaved, count_conv_flops,
                             environment, optimize_for_inference, ratio, resolve_device)
-from mmrepvgg.winograd import TILES as WINOGRAD_TILES  # noqa: E402
+from mmrepvgg.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES  # noqa: E402
 
 #: ImageNet top-1 of the paper's table (RepVGG paper, 120 epochs; ResNets as reported there).
 PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
@@ -102,9 +102,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--baseline', default=None,
                         help='candidate the "x base" column compares with (a name as '
                              'printed, or a unique prefix); default the first row')
-    parser.add_argument('--winograd-tile', type=int, default=4, choices=WINOGRAD_TILES,
+    parser.add_argument('--winograd-tile', type=int, default=FASTEST_TILE,
+                        choices=WINOGRAD_TILES,
                         help='output tile of the winograd recipe: 4 is fastest, 2 as '
-                             'accurate as a direct conv (default: 4)')
+                             f'accurate as a direct conv (default: {FASTEST_TILE})')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode for the compile recipe, e.g. max-autotune")
     parser.add_argument('--no-cudnn-benchmark', action='store_true',
