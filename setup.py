@@ -18,8 +18,10 @@ setup(
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
     python_requires='>=3.8',
     install_requires=[
-        # Users bring their own CUDA build of torch: a floor only.
-        'torch>=1.13',
+        # Users bring their own CUDA build of torch: a floor only. 2.6 is the first
+        # torch whose safe-globals allowlist takes (function, name) entries, which the
+        # weights-only loading of mmengine's runner checkpoints needs (compat.py).
+        'torch>=2.6',
         'mmengine>=0.10,<1',
         # mmdet 3.3 and mmseg 1.2 refuse mmcv >= 2.2 at import.
         'mmcv>=2.0.0rc4,<2.2',

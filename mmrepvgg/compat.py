@@ -2,47 +2,63 @@
 
 Checkpoints written by mmengine's ``Runner`` carry a ``message_hub`` whose log
 buffers (:class:`mmengine.logging.HistoryBuffer`) hold numpy arrays and numpy
-scalars. The weights-only unpickler refuses those globals, so ``tools/test.py``
-and ``resume=True`` fail with "Weights only load failed" even though the file
-is our own. mmengine's ``CheckpointLoader`` calls ``torch.load`` without a
+scalars, and more that is not a tensor: numpy values in ``meta`` and
+``dataset_meta``, OneCycleLR's annealing function in ``param_schedulers``. The
+weights-only unpickler refuses those globals, so ``tools/test.py`` and
+``resume=True`` fail with "Weights only load failed" even though the file is
+our own. mmengine's ``CheckpointLoader`` calls ``torch.load`` without a
 ``weights_only`` argument, so the fix has to be an allowlist, not a flag.
 
 :func:`allow_mmengine_checkpoint_types` registers exactly the globals such a
-checkpoint needs (found by saving real Runner checkpoints and loading them
-back until nothing was refused), and nothing that can run arbitrary code.
-Weights-only loading itself is never switched off.
+checkpoint needs, and nothing that can run arbitrary code. They were found by
+saving real Runner checkpoints and loading them back until nothing was refused:
+the message hub at iteration 0, mid-training and after validation (save_best),
+every param scheduler mmengine, mmdet, mmseg and mmpretrain register, the EMA
+models, AmpOptimWrapper's loss scaler (plain numbers), and the dataset_meta of
+mmdet's and mmseg's datasets. Weights-only loading itself is never switched off.
 """
+import http.client
 import importlib
 import os
 import pickle
 import re
-from typing import Any, Callable, List, Tuple, Union
+import sys
+import urllib.parse
+from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 import torch
 
 __all__ = ['allow_mmengine_checkpoint_types', 'mmengine_checkpoint_safe_globals',
-           'load_file']
+           'load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
+           'CheckpointDownloadError']
 
 SafeGlobal = Union[Callable, Tuple[Callable, str]]
 
-# HistoryBuffer pickles its class-level dict of statistic methods; with pickle
-# protocol 2 a method such as ``HistoryBuffer.mean`` is written as
-# ``getattr(HistoryBuffer, 'mean')``. Allowing the real ``getattr`` would let a
-# crafted file reach any attribute (``__globals__``, ``__builtins__``, ...), so
-# ``builtins.getattr`` is bound to this function, which only hands out those
-# four methods.
-_HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
 
-
-def _history_buffer_statistic(obj: Any, name: str) -> Callable:
+# Pickle protocol 2 (torch.save's) writes a function that lives inside a class as
+# ``getattr(Class, 'name')``: HistoryBuffer's class-level dict of statistic
+# methods (``HistoryBuffer.mean``, ...) and OneCycleParamScheduler's
+# ``anneal_func`` (a staticmethod) in its state dict. Allowing the real
+# ``getattr`` would let a crafted file reach any attribute (``__globals__``,
+# ``__builtins__``, ...), so ``builtins.getattr`` is bound to this function,
+# which hands out only these names of these classes.
+def _getattr_allowed() -> Dict[type, Tuple[str, ...]]:
     from mmengine.logging import HistoryBuffer
-    if obj is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
-        return getattr(HistoryBuffer, name)
+    from mmengine.optim import OneCycleParamScheduler
+    return {HistoryBuffer: ('min', 'max', 'current', 'mean'),
+            OneCycleParamScheduler: ('_annealing_cos', '_annealing_linear')}
+
+
+def _restricted_getattr(obj: Any, name: str) -> Callable:
+    allowed = _getattr_allowed()
+    if isinstance(obj, type) and name in allowed.get(obj, ()):
+        return getattr(obj, name)
+    shown = '; '.join(f'{cls.__name__}.{{{", ".join(names)}}}'
+                      for cls, names in allowed.items())
     raise pickle.UnpicklingError(
-        f'refusing getattr({obj!r}, {name!r}): only the HistoryBuffer '
-        f'statistics {_HISTORY_BUFFER_STATISTICS} may be looked up while '
-        'loading a checkpoint')
+        f'refusing getattr({obj!r}, {name!r}): while loading a checkpoint only '
+        f'{shown} may be looked up')
 
 
 def _numpy_multiarray():
@@ -74,26 +90,44 @@ def mmengine_checkpoint_safe_globals() -> List[SafeGlobal]:
         np.ndarray,
         # called as numpy.dtype('f8', False, True) for every array/scalar dtype.
         np.dtype,
-        # the instance numpy.dtype() returns is of a per-dtype class
-        # (numpy.dtypes.Float64DType), and its BUILD step checks that class:
-        # float64: HistoryBuffer._log_history and the 'eta' scalar;
-        # int64: HistoryBuffer._count_history (and integer logs);
-        # int32: the same counts when numpy's default int is 32-bit
-        #        (numpy 1.x on Windows);
-        # float32: metric values kept in runtime_info, e.g. mmseg's mIoU
-        #          stored as 'best_score' by CheckpointHook(save_best=...).
-        type(np.dtype(np.float64)),
-        type(np.dtype(np.int64)),
-        type(np.dtype(np.int32)),
-        type(np.dtype(np.float32)),
+        # protocol 2 writes empty bytes as bytes() (non-empty ones as
+        # _codecs.encode, which torch allows): the raw data of an empty array,
+        # e.g. a HistoryBuffer() that has no values yet. bytes() only builds
+        # data, as the builtins.bytearray torch allows by default does.
+        bytes,
     ]
-    try:
-        from mmengine.logging import HistoryBuffer
-    except ImportError:  # pragma: no cover - mmengine is a hard dependency
-        return safe
-    # the values of message_hub['log_scalars'], plus the restricted getattr
-    # its pickled statistics dict needs (see _history_buffer_statistic).
-    safe += [HistoryBuffer, (_history_buffer_statistic, 'builtins.getattr')]
+    # The instance numpy.dtype() returns is of a per-dtype class
+    # (numpy.dtypes.Float64DType, ...), and its BUILD step checks that class:
+    safe += [type(np.dtype(t)) for t in (
+        # HistoryBuffer._log_history and the 'eta' scalar;
+        np.float64,
+        # HistoryBuffer._count_history (and integer logs);
+        np.int64,
+        # the same counts when numpy's default int is 32-bit (numpy 1.x on Windows);
+        np.int32,
+        # metric values kept in runtime_info, e.g. mmseg's mIoU stored as
+        # 'best_score' by CheckpointHook(save_best=...);
+        np.float32,
+        # numpy values a dataset's metainfo (saved as meta['dataset_meta'] and
+        # runtime_info['dataset_meta']), a hook's meta or a metric may carry:
+        # np.bool_ flags, uint8 palettes and masks, the other fixed-size ints
+        # and float16. Every one of these is plain data: a dtype class's BUILD
+        # only sets byte order and flags.
+        np.bool_, np.int8, np.int16, np.uint8, np.uint16, np.uint32, np.uint64,
+        np.float16)]
+    from mmengine.logging import HistoryBuffer
+    from mmengine.optim import OneCycleParamScheduler
+    safe += [
+        # the values of message_hub['log_scalars'].
+        HistoryBuffer,
+        # the class whose staticmethod OneCycleLR's state dict holds as
+        # 'anneal_func', looked up by the restricted getattr below. Calling it
+        # runs only its argument checks (it needs a torch Optimizer, which a
+        # weights-only file cannot hold); BUILD on one only fills __dict__.
+        OneCycleParamScheduler,
+        # getattr limited to those two classes' functions (_restricted_getattr).
+        (_restricted_getattr, 'builtins.getattr'),
+    ]
     return safe
 
 
@@ -120,23 +154,134 @@ def _unpickler_reason(msg: str) -> str:
     return (found.group(1) if found else msg).strip()
 
 
-def load_file(path: Union[str, os.PathLike],
-              map_location: Any = 'cpu') -> Any:
-    """``torch.load(path, weights_only=True)`` with clear errors.
+class CheckpointDownloadError(OSError):
+    """A checkpoint URL could not be downloaded (HTTP error, unreachable host, ...)."""
 
-    The mmengine allowlist is (re-)registered first, so Runner checkpoints
-    load; anything else outside torch's own allowlist is refused.
+
+_HTTP = ('http://', 'https://')
+
+
+def is_remote_checkpoint(name: Union[str, os.PathLike]) -> bool:
+    """True for a URL or model-zoo name (``scheme://...``), False for a local path."""
+    return '://' in os.fspath(name)
+
+
+def _zoo_target(name: str) -> Union[str, None]:
+    """What ``name`` stands for, by mmengine's own model-name tables: an http(s) URL, or a
+    file under mmengine's home (open-mmlab:// entries may be local). None for schemes
+    that only their own backend reads (pavi://, s3://, petrel://, registered ones)."""
+    from mmengine.runner import checkpoint as mm
+    if name.startswith(_HTTP):
+        return name
+    tables = {'torchvision://': mm.get_torchvision_models,
+              'modelzoo://': mm.get_torchvision_models,
+              'open-mmlab://': mm.get_external_models,
+              'openmmlab://': mm.get_external_models,
+              'mmcls://': mm.get_mmcls_models}
+    prefix = next((p for p in tables if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    model = name[len(prefix):]
+    if prefix in ('open-mmlab://', 'openmmlab://'):
+        model = mm.get_deprecated_model_names().get(model, model)
+    urls = tables[prefix]()
+    if model not in urls:
+        raise ValueError(f'unknown model name in {name!r}: mmengine\'s {prefix} table has '
+                         f'no {model!r} (it has {len(urls)} names, e.g. '
+                         f'{", ".join(sorted(urls)[:5])})')
+    target = urls[model]
+    return target if target.startswith(_HTTP) else os.path.join(
+        mm._get_mmengine_home(), target)
+
+
+def _download_reason(err: BaseException) -> str:
+    import urllib.error
+    if isinstance(err, urllib.error.HTTPError):
+        return f'HTTP {err.code} {err.reason}'
+    if isinstance(err, urllib.error.URLError):
+        return str(err.reason)
+    return f'{type(err).__name__}: {err}'
+
+
+def fetch_checkpoint(name: Union[str, os.PathLike]) -> str:
+    """The local file to read for checkpoint ``name``; a remote one is downloaded once.
+
+    A local path comes back unchanged. ``http(s)://`` URLs and mmengine's model-zoo
+    names (``torchvision://``, ``open-mmlab://``, ``mmcls://``) are downloaded on first
+    use to ``<torch hub dir>/checkpoints/<file name>``, where mmengine's loader caches
+    them too (so either reuses the other's download), and that file is returned.
+    ``mmcls://`` gives the file as stored (mmengine's loader keeps only its backbone).
+    Names of the other schemes mmengine's ``CheckpointLoader`` registers (``pavi://``,
+    ``s3://``, ...) come back unchanged: only their backend reads them.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a valid PyTorch checkpoint, or it needs a
-            global that is not allowlisted (never retried unsafely).
+        ValueError: a scheme ``CheckpointLoader`` does not handle, an unknown model name.
+        CheckpointDownloadError: the download failed (the message names URL and reason).
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
+    name = os.fspath(name)
+    if not is_remote_checkpoint(name):
+        return name
+    from mmengine.logging import print_log
+    from mmengine.runner import CheckpointLoader
+    # CheckpointLoader reads a scheme it does not know as a local path ('' matches all).
+    schemes = [p for p in CheckpointLoader._schemes if p]
+    if not any(re.match(p, name) for p in schemes):
+        shown = sorted({re.sub(r'\(.*?\)\?', '', p) for p in schemes})
+        raise ValueError(f'unsupported checkpoint location {name!r}: give a local path or '
+                         f'one of the schemes mmengine reads: {", ".join(shown)}')
+    target = _zoo_target(name)
+    if target is None or not target.startswith(_HTTP):
+        return name if target is None else target
+    what = target if target == name else f'{name} ({target})'
+    filename = os.path.basename(urllib.parse.urlparse(target).path)
+    if not filename:
+        raise ValueError(f'{what} names no file (its path ends with "/")')
+    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
+    if os.path.isfile(cached):
+        # cached by file name, as torch.hub and mmengine do
+        print_log(f'{what}: using the copy downloaded before, {cached} (delete it to '
+                  'download again)', logger='current')
+        return cached
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    print_log(f'downloading {what} to {cached}', logger='current')
+    try:
+        # torch writes a temporary file and renames it, so the cache never holds a
+        # half-downloaded checkpoint.
+        torch.hub.download_url_to_file(target, cached, progress=sys.stderr.isatty())
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        raise CheckpointDownloadError(
+            f'could not download the checkpoint {what}: {_download_reason(err)}') from err
+    return cached
+
+
+def load_file(path: Union[str, os.PathLike],
+              map_location: Any = 'cpu') -> Any:
+    """``torch.load(path, weights_only=True)`` with clear errors; ``path`` may be a URL.
+
+    A URL or model-zoo name is downloaded once by :func:`fetch_checkpoint` and read
+    from torch's cache here, never through ``torch.hub.load_state_dict_from_url``
+    (which mmengine's http loader uses, and which unpickles with weights_only=False).
+    The mmengine allowlist is (re-)registered first, so Runner checkpoints load;
+    anything else outside torch's own allowlist is refused.
+
+    Raises:
+        FileNotFoundError: a local ``path`` does not exist.
+        CheckpointDownloadError: a URL could not be downloaded.
+        ValueError: an unsupported scheme; the file is not a valid PyTorch checkpoint,
+            or it needs a global that is not allowlisted (never retried unsafely).
+    """
+    name = os.fspath(path)
+    path = fetch_checkpoint(name)
+    remote = is_remote_checkpoint(path)  # pavi://, s3://: read by mmengine's backend
+    if not remote and not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint file not found: {path}')
+    label = name if path == name else f'{name} (local copy {path})'
     allow_mmengine_checkpoint_types()
     try:
+        if remote:
+            # those loaders call torch.load with its default, weights_only=True
+            from mmengine.runner import CheckpointLoader
+            return CheckpointLoader.load_checkpoint(path, map_location)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # RuntimeError, UnpicklingError, EOFError, ...
         reason = _unpickler_reason(str(err))
@@ -145,11 +290,13 @@ def load_file(path: Union[str, os.PathLike],
             what = (f'the global {found.group(1)}' if found else
                     'an object outside the allowlist')
             raise ValueError(
-                f'refusing to load {path}: it needs {what}, which is not on '
+                f'refusing to load {label}: it needs {what}, which is not on '
                 'the weights_only allowlist, so the file may come from an '
                 'untrusted source. If you trust it, allowlist that global '
                 'with torch.serialization.add_safe_globals([...]) and load '
                 f'again. (torch: {reason})') from err
+        if remote:
+            raise  # the backend's own error (client not installed, no such object, ...)
         raise ValueError(
-            f'{path} is not a valid PyTorch checkpoint (unreadable or '
+            f'{label} is not a valid PyTorch checkpoint (unreadable or '
             f'corrupt): {type(err).__name__}: {reason[:300]}') from err

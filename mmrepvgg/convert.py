@@ -12,17 +12,28 @@ from typing import Optional
 import torch
 from mmengine.config import Config
 
-from .checkpoint import extract_state_dict, to_mmrepvgg
-from .compat import load_file
+from .checkpoint import to_mmrepvgg
+from .compat import fetch_checkpoint, is_remote_checkpoint, load_file
 from .engine.hooks import format_report, fuse_and_report
 
 
-def _check_paths(src: str, dst: str) -> None:
+def _fetch_and_check(checkpoint: str, dst: str) -> str:
+    """The local file to read for ``checkpoint`` (a path, or a URL downloaded once into
+    torch's cache), after making sure ``dst`` is not that file."""
+    src = fetch_checkpoint(checkpoint)
+    if is_remote_checkpoint(src):  # pavi://, s3://: read by mmengine's backend
+        return src
     if not osp.isfile(src):
         raise FileNotFoundError(f'checkpoint not found: {src}')
     if osp.abspath(src) == osp.abspath(dst) or (osp.exists(dst) and osp.samefile(src, dst)):
         raise ValueError(f'output {dst} is the input checkpoint; choose another path, the '
                          'input is never overwritten')
+    return src
+
+
+def _source_name(checkpoint: str) -> str:
+    # a URL is kept whole (where the weights came from); a local path only by file name
+    return checkpoint if is_remote_checkpoint(checkpoint) else osp.basename(checkpoint)
 
 
 def save_atomic(obj, path: str) -> None:
@@ -55,11 +66,11 @@ def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = Tru
                     cfg_options: Optional[dict] = None) -> dict:
     """Load a training checkpoint into the config's model, fuse it, save the deploy form.
 
-    Returns the fusion report (blocks, params before/after, max probe difference).
+    ``checkpoint`` may be a URL. Returns the fusion report (blocks, params before/after,
+    max probe difference).
     """
     from mmengine.runner import load_state_dict
-    _check_paths(checkpoint, output)
-    source = load_file(checkpoint)
+    source = load_file(_fetch_and_check(checkpoint, output))
     if not isinstance(source, dict):
         raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
     _, model = build_model_from_config(config, cfg_options)
@@ -70,16 +81,17 @@ def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = Tru
         raise ValueError(f'nothing to fuse in {checkpoint} with {config}: '
                          f'{format_report(report)}')
     meta = dict(source.get('meta') or {})
-    meta.update(mmrepvgg_deploy=True, source_checkpoint=osp.basename(checkpoint))
+    meta.update(mmrepvgg_deploy=True, source_checkpoint=_source_name(checkpoint))
     save_atomic(dict(meta=meta, state_dict=model.state_dict()), output)
     return report
 
 
 def convert_release(checkpoint: str, output: str) -> dict:
-    """Map a release file's keys onto this project's backbone layout (head dropped)."""
-    _check_paths(checkpoint, output)
-    state, info = to_mmrepvgg(extract_state_dict(load_file(checkpoint)))
-    save_atomic(dict(meta=dict(source_checkpoint=osp.basename(checkpoint),
+    """Map a release file's keys (a path or a URL) onto this project's backbone layout,
+    head dropped."""
+    # the whole object, so a whole model's non-backbone keys count as dropped
+    state, info = to_mmrepvgg(load_file(_fetch_and_check(checkpoint, output)))
+    save_atomic(dict(meta=dict(source_checkpoint=_source_name(checkpoint),
                                source_layout=info['layout'], mmrepvgg_deploy=info['deploy']),
                      state_dict=state), output)
     return info

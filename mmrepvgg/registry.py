@@ -5,9 +5,12 @@ modules as ``type='mmrepvgg.RepVGG'`` once ``custom_imports`` has imported the p
 """
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
 from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmrepvgg',
                   locations=['mmrepvgg.models'])
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmrepvgg',
                  locations=['mmrepvgg.engine'])
+OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS,
+                          scope='mmrepvgg', locations=['mmrepvgg.engine'])

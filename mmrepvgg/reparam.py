@@ -1,6 +1,7 @@
 """Model-wide structural re-parameterization, and a check that it kept the outputs."""
 import copy
-from typing import Any, Callable, Optional
+import math
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from mmengine.model import is_model_wrapper
@@ -64,6 +65,22 @@ def flatten_outputs(output: Any) -> list:
 
 
 @torch.no_grad()
+def output_error(output: Any, reference: Any) -> Tuple[float, float]:
+    """``(max |output - reference|, max |reference|)`` over every tensor of two model
+    outputs (any nesting ``flatten_outputs`` reads), computed in float64."""
+    out, ref = flatten_outputs(output), flatten_outputs(reference)
+    if len(out) != len(ref) or not ref:
+        raise ValueError(f'outputs hold {len(out)} and {len(ref)} tensors; '
+                         'need the same number, at least one')
+    for a, b in zip(out, ref):
+        if a.shape != b.shape:
+            raise ValueError(f'output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}')
+    diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(out, ref))
+    scale = max(b.double().abs().max().item() for b in ref)
+    return diff, scale
+
+
+@torch.no_grad()
 def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: torch.Tensor,
                           forward: Optional[Callable] = None) -> float:
     """Largest absolute difference between two models' outputs on ``probe``.
@@ -72,10 +89,7 @@ def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: tor
     by default the models are called on the probe.
     """
     forward = forward or (lambda m, x: m(x))
-    ref, out = flatten_outputs(forward(reference, probe)), flatten_outputs(forward(candidate, probe))
-    if len(ref) != len(out) or not ref:
-        raise ValueError(f'models gave {len(ref)} and {len(out)} output tensors on the probe')
-    return max((a.double() - b.double()).abs().max().item() for a, b in zip(ref, out))
+    return output_error(forward(candidate, probe), forward(reference, probe))[0]
 
 
 @torch.no_grad()
@@ -102,13 +116,135 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def fusion_errors(model: nn.Module, probe: torch.Tensor) -> dict:
-    """Fuse an eval-mode model in float32 and in float64 and measure both against the
-    training form: max abs difference over max abs output (fp32), max abs (fp64)."""
+#: How much error fusion itself may add, as a multiple of the training form's own fp32
+#: rounding error (both against an fp64 reference). Fusion rounds each folded kernel
+#: and bias to fp32 once (half an ulp per weight), which moves the outputs by less than
+#: the training form's fp32 arithmetic does (0.04-0.3x for every variant, 32 and 64 px
+#: probes, tools/check_fusion.py); a wrong fusion is off by orders of magnitude more.
+FUSION_MARGIN = 4.0
+#: The least any fp32 result can be held to: this many fp32 epsilons of the largest
+#: reference output (an fp32 result carries at least half an ulp of rounding, and a
+#: network whose training form happens to round exactly, e.g. a tiny one, still gives
+#: its fused form a few ulps).
+FLOOR_EPS = 4.0
+#: fp64 fused vs fp64 training form, absolute: fusion in fp64 leaves only fp64 rounding
+#: (~1e-15 here); an algebraic mistake shows as 1e-8 or more.
+FP64_FUSION_TOLERANCE = 1e-10
+
+
+def rounding_bound(own_error: float, scale: float, factor: float = FUSION_MARGIN) -> float:
+    """The error a second fp32 computation of the same function may show: ``factor``
+    times ``own_error`` (a reference computation's fp32 error against fp64), and never
+    less than ``FLOOR_EPS`` fp32 epsilons of ``scale`` (the largest output)."""
+    return max(factor * own_error, FLOOR_EPS * torch.finfo(torch.float32).eps * scale)
+
+
+def rounding_errors(candidate: Any, baseline: Any, reference: Any,
+                    factor: float = FUSION_MARGIN) -> dict:
+    """Compare two low-precision computations of one function with its fp64 output.
+
+    ``baseline`` is the plain computation (e.g. the training form, a direct conv, eager
+    mode), ``candidate`` the rewritten one, ``reference`` the fp64 output; any nesting
+    ``flatten_outputs`` reads. Returns ``output_scale`` (largest reference output),
+    ``baseline_abs`` and ``candidate_abs`` (max absolute errors against the reference),
+    ``margin`` (candidate over baseline error; inf when only the baseline is exact),
+    ``bound`` (``rounding_bound(baseline_abs, output_scale, factor)``) and ``within``
+    (``candidate_abs <= bound``).
+    """
+    baseline_abs, scale = output_error(baseline, reference)
+    candidate_abs, _ = output_error(candidate, reference)
+    if baseline_abs > 0:
+        margin = candidate_abs / baseline_abs
+    else:
+        margin = 0.0 if candidate_abs == 0 else math.inf
+    bound = rounding_bound(baseline_abs, scale, factor)
+    return dict(output_scale=scale, baseline_abs=baseline_abs, candidate_abs=candidate_abs,
+                margin=margin, bound=bound, within=candidate_abs <= bound)
+
+
+@torch.no_grad()
+def fused_weight_errors(model: nn.Module, fused: nn.Module, probe: torch.Tensor,
+                        forward: Optional[Callable] = None, reference: Any = None) -> dict:
+    """How far the fp32 ``fused`` form of the fp32 eval-mode ``model`` moves its outputs
+    on ``probe``, against a float64 copy of ``model`` (the reference). Returned (abs: max
+    absolute difference from the reference):
+
+    * ``output_scale``: the largest reference output;
+    * ``train_fp32_abs``: ``model``'s own fp32 rounding error;
+    * ``fused_fp32_abs``: the fused fp32 model's error, as deployed. Mostly its conv
+      kernels' arithmetic rounding, which depends on the machine: the identity branch's
+      term, added once at the end in the training form, sits inside a long fp32
+      accumulation in the fused conv (3-14x the training form's error on an AMD EPYC);
+    * ``fused_weights_abs``: the fused model's fp32 weights evaluated in fp64: the error
+      fusion itself adds (folding rounds each kernel and bias to fp32), free of any
+      kernel's arithmetic;
+    * ``margin``: ``fused_weights_abs`` over ``train_fp32_abs`` (inf when only the
+      training form is exact);
+    * ``fp32_bound``: what ``fused_weights_abs`` may reach: ``rounding_bound`` of the
+      training form's error (``FUSION_MARGIN`` times it, at least ``FLOOR_EPS`` fp32
+      epsilons of the output scale); ``within``: it does.
+
+    ``forward(model, x)`` picks what to compare (default ``model(x)``); ``reference``,
+    the float64 copy's output, is computed unless given.
+    """
+    forward = forward or (lambda m, x: m(x))
+    probe64 = probe.double()
+    if reference is None:
+        reference = forward(copy.deepcopy(model).double(), probe64)
+    train = forward(model, probe)
+    fused_fp32_abs, _ = output_error(forward(fused, probe), reference)
+    weights = rounding_errors(forward(copy.deepcopy(fused).double(), probe64), train,
+                              reference)
+    return dict(output_scale=weights['output_scale'], train_fp32_abs=weights['baseline_abs'],
+                fused_fp32_abs=fused_fp32_abs, fused_weights_abs=weights['candidate_abs'],
+                margin=weights['margin'], fp32_bound=weights['bound'],
+                within=weights['within'])
+
+
+@torch.no_grad()
+def fusion_errors(model: nn.Module, probe: torch.Tensor,
+                  forward: Optional[Callable] = None,
+                  fuse: Callable[[nn.Module], nn.Module] = reparameterize) -> dict:
+    """Measure how exactly fusion keeps an eval-mode fp32 model's outputs on ``probe``.
+
+    Everything ``fused_weight_errors`` returns for ``fuse(model)``, the absolute errors
+    also relative to ``output_scale`` (``*_rel``), and:
+
+    * ``fp64_abs``: the fusion done in fp64 (``fuse`` of a float64 copy) against the
+      float64 training form: only fp64 rounding when the fusion is algebraically exact
+      (``FP64_FUSION_TOLERANCE``);
+    * ``exact``: both checks hold (``assert_fusion_exact`` says which did not).
+
+    ``fuse(model)`` returns the fused copy (default ``reparameterize``); ``forward(model,
+    x)`` picks what to compare (default ``model(x)``). ``model`` itself is not changed.
+    """
+    forward = forward or (lambda m, x: m(x))
     model = model.eval()
-    reference = flatten_outputs(model(probe))
-    scale = max(t.abs().max().item() for t in reference)
-    fp32 = max_output_difference(model, reparameterize(model), probe) / scale
-    model64 = copy.deepcopy(model).double()
-    fp64 = max_output_difference(model64, reparameterize(model64), probe.double())
-    return dict(fp32_relative=fp32, fp64_absolute=fp64)
+    model64, probe64 = copy.deepcopy(model).double(), probe.double()
+    reference = forward(model64, probe64)
+    errors = fused_weight_errors(model, fuse(model), probe, forward, reference)
+    errors['fp64_abs'], _ = output_error(forward(fuse(model64), probe64), reference)
+    scale = errors['output_scale']
+    for name in ('train_fp32', 'fused_fp32', 'fused_weights'):
+        error = errors[f'{name}_abs']  # all-zero outputs: only an exact result is not off
+        errors[f'{name}_rel'] = error / scale if scale else (0.0 if error == 0 else math.inf)
+    errors['exact'] = errors.pop('within') and errors['fp64_abs'] <= FP64_FUSION_TOLERANCE
+    return errors
+
+
+def assert_fusion_exact(errors: dict) -> None:
+    """Raise ``AssertionError`` saying which check failed when ``fusion_errors`` did not
+    find the fusion exact."""
+    problems = []
+    if not errors['fused_weights_abs'] <= errors['fp32_bound']:
+        problems.append(
+            f'the fused fp32 weights move the outputs by {errors["fused_weights_abs"]:.3e}, '
+            f'more than {errors["fp32_bound"]:.3e} ({FUSION_MARGIN:g}x the training '
+            f'form\'s own fp32 error {errors["train_fp32_abs"]:.3e}, at least '
+            f'{FLOOR_EPS:g} fp32 eps of the output scale {errors["output_scale"]:.3e}); '
+            f'margin {errors["margin"]:.2f}')
+    if not errors['fp64_abs'] <= FP64_FUSION_TOLERANCE:
+        problems.append(f'fused in fp64 the outputs move by {errors["fp64_abs"]:.3e} '
+                        f'(> {FP64_FUSION_TOLERANCE:g}): the fusion is not exact algebra')
+    if problems:
+        raise AssertionError('; '.join(problems))

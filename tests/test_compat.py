@@ -5,8 +5,16 @@ after each with a metric that returns numpy float32 (as mmseg's IoUMetric does)
 and CheckpointHook(save_best=...), so the last checkpoint carries everything a
 real one does: message hub (HistoryBuffers, numpy scalars, 'best_score'),
 optimizer and scheduler states. Every test reuses a copy of that file.
+
+The tests after it train the same toy Runner with what else mmengine writes into
+a checkpoint: an empty HistoryBuffer, every kind of param-scheduler state, the
+EMA variants, AmpOptimWrapper's loss-scaler state and numpy values in meta; each
+file loads weights-only and resumes.
 """
 import argparse
+import contextlib
+import functools
+import io
 import pickle
 import pickletools
 import zipfile
@@ -15,9 +23,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from mmdet.models.layers import ExpMomentumEMA
 from mmengine.evaluator import BaseMetric, Evaluator
-from mmengine.logging import HistoryBuffer
+from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.model import BaseModel
+from mmengine.optim import OneCycleParamScheduler
 from mmengine.registry import MODELS
 from mmengine.runner import Runner, load_checkpoint
 
@@ -68,7 +78,8 @@ def _loader():
 
 
 def make_runner(work_dir, name, max_iters=2, **kwargs):
-    return Runner(
+    """The toy Runner; keyword arguments replace its settings (optim_wrapper, ...)."""
+    settings = dict(
         model=dict(type='CompatToyModel'),
         work_dir=str(work_dir),
         experiment_name=name,
@@ -83,8 +94,9 @@ def make_runner(work_dir, name, max_iters=2, **kwargs):
         default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=1, by_epoch=False,
                                            save_best='acc', rule='greater')),
         default_scope=None,
-        randomness=dict(seed=0),
-        **kwargs)
+        randomness=dict(seed=0))
+    settings.update(kwargs)
+    return Runner(**settings)
 
 
 @pytest.fixture(scope='module')
@@ -114,6 +126,10 @@ def test_allowance_is_idempotent_and_narrow():
     # the real getattr is never allowlisted, only the restricted stand-in
     assert getattr not in after and all(not (isinstance(g, tuple) and g[0] is getattr)
                                         for g in after)
+    # every other entry is a class, and the only builtin one is bytes (data only)
+    classes = [g for g in ours if not isinstance(g, tuple)]
+    assert all(isinstance(g, type) for g in classes)
+    assert {g for g in classes if g.__module__ == 'builtins'} == {bytes}
 
 
 def globals_in(path):
@@ -234,13 +250,160 @@ class _SneakyGetattr:
         return getattr, (HistoryBuffer, '__init__')
 
 
-def test_getattr_is_restricted_to_history_buffer_statistics(tmp_path):
+def test_getattr_is_restricted_to_listed_class_functions(tmp_path):
     path = tmp_path / 'sneaky.pth'
     torch.save({'x': _SneakyGetattr()}, path)
     with pytest.raises(ValueError, match='untrusted'):
         load_file(path)
-    with pytest.raises(pickle.UnpicklingError):
-        compat._history_buffer_statistic(HistoryBuffer, '__init__')
-    with pytest.raises(pickle.UnpicklingError):
-        compat._history_buffer_statistic(torch, 'load')
-    assert compat._history_buffer_statistic(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    for obj, name in [(HistoryBuffer, '__init__'), (torch, 'load'),
+                      (OneCycleParamScheduler, 'step'), (HistoryBuffer(), 'mean'),
+                      ([HistoryBuffer], 'mean')]:
+        with pytest.raises(pickle.UnpicklingError, match='refusing getattr'):
+            compat._restricted_getattr(obj, name)
+    assert compat._restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    assert (compat._restricted_getattr(OneCycleParamScheduler, '_annealing_cos')
+            is OneCycleParamScheduler._annealing_cos)
+
+
+# ------------------------------------------------- what else a Runner checkpoint may hold
+def _pickle_ops(obj):
+    """(opcode, argument) pairs of ``obj`` pickled the way torch.save does, without
+    the memo bookkeeping (BINPUT, ...)."""
+    buf = io.BytesIO()
+    pickle.Pickler(buf, protocol=torch.serialization.DEFAULT_PROTOCOL).dump(obj)
+    return [(op.name, arg) for op, arg, _ in pickletools.genops(buf.getvalue())
+            if not op.name.endswith('PUT')]
+
+
+@contextlib.contextmanager
+def _allowlist_without(entry):
+    """The allowance minus ``entry``; the full allowlist comes back afterwards."""
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(
+        [g for g in compat.mmengine_checkpoint_safe_globals() if g is not entry])
+    try:
+        yield
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+        allow_mmengine_checkpoint_types()
+
+
+def test_empty_history_buffer_needs_bytes(tmp_path):
+    # A buffer with no values yet holds empty arrays, whose raw data protocol 2
+    # writes as bytes() (GLOBAL __builtin__ bytes, EMPTY_TUPLE, REDUCE).
+    hub = MessageHub('compat_empty_buffer', log_scalars={'train/loss': HistoryBuffer()},
+                     resumed_keys={'train/loss': True})
+    ops = _pickle_ops(hub.state_dict())
+    at = ops.index(('GLOBAL', '__builtin__ bytes'))
+    assert [name for name, _ in ops[at + 1:at + 3]] == ['EMPTY_TUPLE', 'REDUCE']
+    path = tmp_path / 'empty_buffer.pth'
+    torch.save({'message_hub': hub.state_dict()}, path)
+    with _allowlist_without(bytes), pytest.raises(pickle.UnpicklingError,
+                                                  match='GLOBAL bytes was not an allowed'):
+        torch.load(str(path))
+    buf = torch.load(str(path))['message_hub']['log_scalars']['train/loss']
+    assert isinstance(buf, HistoryBuffer) and buf.data[0].size == 0
+    buf.update(2.0)  # a working buffer, not just a look-alike
+    assert buf.current() == 2.0
+
+
+# one schedule per kind of state: a Counter (milestones), a function (OneCycle's
+# anneal_func), lists of periods, and ReduceOnPlateau's bookkeeping
+SCHEDULERS = {
+    'MultiStepLR': dict(type='MultiStepLR', milestones=[1, 2], by_epoch=False),
+    'OneCycleLR': dict(type='OneCycleLR', eta_max=0.1, total_steps=4, by_epoch=False),
+    'CosineRestartLR': dict(type='CosineRestartLR', periods=[2, 2],
+                            restart_weights=[1, 0.5], eta_min=0.0, by_epoch=False),
+    'ReduceOnPlateauLR': dict(type='ReduceOnPlateauLR', monitor='acc', rule='greater',
+                              patience=0, by_epoch=True),
+}
+
+
+@pytest.mark.parametrize('name', sorted(SCHEDULERS))
+def test_param_scheduler_states_load_and_resume(tmp_path, name):
+    allow_mmengine_checkpoint_types()
+    straight = make_runner(tmp_path / 'train', f'sched_{name}', max_iters=3,
+                           param_scheduler=SCHEDULERS[name])
+    straight.train()
+    ckpt = tmp_path / 'train' / 'iter_2.pth'
+    saved = torch.load(str(ckpt))['param_schedulers'][0]
+    if name == 'OneCycleLR':
+        assert saved['anneal_func'] is OneCycleParamScheduler._annealing_cos
+        with _allowlist_without(OneCycleParamScheduler), pytest.raises(
+                pickle.UnpicklingError, match='OneCycleParamScheduler was not an allowed'):
+            torch.load(str(ckpt))
+    resumed = make_runner(tmp_path / 'resume', f'sched_{name}_resume', max_iters=3,
+                          param_scheduler=SCHEDULERS[name], load_from=str(ckpt), resume=True)
+    resumed.train()
+    # the schedule went on from the file: the same state as the run that never stopped
+    assert (resumed.param_schedulers[0].state_dict()
+            == straight.param_schedulers[0].state_dict())
+    assert load_file(tmp_path / 'resume' / 'iter_3.pth')['meta']['iter'] == 3
+
+
+EMA_TYPES = ['ExponentialMovingAverage', 'MomentumAnnealingEMA', 'StochasticWeightAverage',
+             ExpMomentumEMA]
+
+
+@pytest.mark.parametrize('ema_type', EMA_TYPES, ids=lambda t: getattr(t, '__name__', t))
+def test_ema_state_loads_and_resumes(tmp_path, ema_type):
+    allow_mmengine_checkpoint_types()
+    hooks = [dict(type='EMAHook', ema_type=ema_type)]
+    make_runner(tmp_path / 'train', 'ema', custom_hooks=hooks).train()
+    ckpt = torch.load(str(tmp_path / 'train' / 'iter_2.pth'))
+    ema = ckpt['ema_state_dict']
+    assert int(ema['steps']) == 2 and 'module.linear.weight' in ema
+    runner = make_runner(tmp_path / 'resume', 'ema_resume', max_iters=3, custom_hooks=hooks,
+                         load_from=str(tmp_path / 'train' / 'iter_2.pth'), resume=True)
+    runner.train()
+    ema_hook = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
+    assert int(ema_hook.ema_model.steps) == 3  # continued from the checkpoint's 2
+
+
+def test_amp_loss_scaler_state_loads_and_resumes(tmp_path, monkeypatch):
+    """AmpOptimWrapper's checkpoint adds its GradScaler's state_dict. Its __init__ asserts
+    an accelerator and builds torch.cuda.amp.GradScaler; torch's device-generic
+    GradScaler on CPU (same class, same state_dict) lets the real wrapper run here."""
+    from mmengine.optim.optimizer import amp_optimizer_wrapper as amp
+    monkeypatch.setattr(amp, 'is_cuda_available', lambda: True)
+    monkeypatch.setattr(amp, 'GradScaler', functools.partial(torch.amp.GradScaler, 'cpu'))
+    allow_mmengine_checkpoint_types()
+    optim = dict(type='AmpOptimWrapper', dtype='bfloat16', loss_scale='dynamic',
+                 optimizer=dict(type='SGD', lr=0.01, momentum=0.9))
+    make_runner(tmp_path / 'train', 'amp', optim_wrapper=optim).train()
+    ckpt = torch.load(str(tmp_path / 'train' / 'iter_2.pth'))
+    scaler = ckpt['optimizer']['loss_scaler']
+    assert {'scale', 'growth_factor', 'backoff_factor', 'growth_interval',
+            '_growth_tracker'} <= set(scaler)
+    assert scaler['_growth_tracker'] == 2  # two finite steps since the last growth
+    runner = make_runner(tmp_path / 'resume', 'amp_resume', max_iters=3, optim_wrapper=optim,
+                         load_from=str(tmp_path / 'train' / 'iter_2.pth'), resume=True)
+    runner.train()
+    assert runner.optim_wrapper.loss_scaler.get_scale() == scaler['scale']
+    assert runner.optim_wrapper.loss_scaler._get_growth_tracker() == 3
+
+
+def test_numpy_values_in_meta(tmp_path):
+    """Meta a hook or a dataset adds may hold numpy scalars and arrays of any fixed-size
+    numeric or bool dtype (a uint8 palette, a np.bool_ flag, an empty array)."""
+    allow_mmengine_checkpoint_types()
+    dtypes = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
+              np.uint32, np.uint64, np.float16, np.float32, np.float64]
+    values = {np.dtype(t).name: t(1) for t in dtypes}
+    values.update(palette=np.arange(12, dtype=np.uint8).reshape(4, 3),
+                  mask=np.array([True, False]), empty=np.zeros((0, 3), np.float32))
+    runner = make_runner(tmp_path, 'numpy_meta')
+    runner.train()
+    runner.save_checkpoint(str(tmp_path), 'numpy_meta.pth', meta=dict(values=values),
+                           by_epoch=False)
+    path = str(tmp_path / 'numpy_meta.pth')
+    with _allowlist_without(type(np.dtype(np.bool_))), pytest.raises(
+            pickle.UnpicklingError, match='Can only build.*BoolDType'):
+        torch.load(path)
+    loaded = torch.load(path)['meta']['values']
+    assert loaded.keys() == values.keys()
+    for key, value in values.items():
+        assert type(loaded[key]) is type(value) and loaded[key].dtype == value.dtype, key
+        assert np.array_equal(loaded[key], value), key

@@ -24,10 +24,12 @@ SMALL = {
             'test_dataloader.dataset.pipeline.1.scale=(128,96)'],
 }
 
+
 def test_expected_configs_are_bundled():
     names = {osp.basename(c) for c in CONFIGS}
     assert 'pspnet_repvgg_b1g2_cityscapes.py' in names
     assert len(SEG) == 5 and len(DET) == 8, names
+
 
 @pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)
 def test_config_inherits_mmlab_and_reads_channel_table(config):
@@ -43,7 +45,11 @@ def test_config_inherits_mmlab_and_reads_channel_table(config):
         assert backbone.strides == (2, 2, 1, 1) and backbone.dilations == (1, 1, 2, 4)
     else:
         assert list(cfg.model.neck.in_channels) == list(channels)
-    assert backbone.init_cfg.checkpoint == f'checkpoints/RepVGG-{backbone.arch}-train.pth'
+    # the ImageNet weights OpenMMLab hosts for that arch (downloaded on first use)
+    from mmrepvgg.checkpoint import imagenet_checkpoint
+    assert backbone.init_cfg.checkpoint == imagenet_checkpoint(backbone.arch)
+    assert backbone.init_cfg.checkpoint.startswith('https://download.openmmlab.com/')
+
 
 @pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)
 def test_config_trains_a_step_and_tests_deployed(config, mini_root, tmp_path, monkeypatch):

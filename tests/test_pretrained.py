@@ -72,7 +72,8 @@ def test_deploy_file_into_training_model_names_keys(randomize, tmp_path):
     fused = source_model(randomize, deploy=True)
     torch.save(rename(fused.state_dict(), OFFICIAL), tmp_path / 'deploy.pth')
     target = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'deploy.pth')))
-    with pytest.raises(ValueError, match=r'deploy.*stem\.fused\.weight|stem\.fused\.weight.*deploy'):
+    fused_key = r'deploy.*stem\.fused\.weight|stem\.fused\.weight.*deploy'
+    with pytest.raises(ValueError, match=fused_key):
         target.init_weights()
 
 

@@ -47,3 +47,13 @@ def test_plugin_registries_are_children_of_mmengine_roots():
     import mmrepvgg
     assert mmrepvgg.MODELS.parent is MODELS and mmrepvgg.MODELS.scope == 'mmrepvgg'
     assert mmrepvgg.HOOKS.parent is HOOKS
+
+
+def test_older_torch_is_refused_with_the_floor_named():
+    import subprocess
+    import sys
+    code = ('import torch; from torch.torch_version import TorchVersion; '
+            "torch.__version__ = TorchVersion('2.5.1'); import mmrepvgg")
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert 'mmrepvgg needs torch >= 2.6, found torch 2.5.1' in proc.stderr

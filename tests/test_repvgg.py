@@ -7,22 +7,20 @@ from torch import nn
 
 from mmrepvgg import RepVGG, RepVGGBlock, reparameterize
 from mmrepvgg.models import ARCH_SETTINGS, arch_channels
-from mmrepvgg.reparam import (count_parameters, count_unfused, fusion_errors,
-                              max_output_difference)
+from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact, count_parameters,
+                              count_unfused, fusion_errors, max_output_difference)
 
 ALL_ARCHS = list(ARCH_SETTINGS)
 
 
-def relative_error(reference, fused, probe):
-    scale = max(o.abs().max().item() for o in reference(probe))
-    return max_output_difference(reference, fused, probe) / scale
-
-
-def assert_exact(model, probe):
-    """fp32: 1e-6 relative to the largest output; fp64 (fused in fp64): 1e-10 absolute."""
-    errors = fusion_errors(model, probe)
-    assert errors['fp32_relative'] < 1e-6 and errors['fp64_absolute'] < 1e-10, errors
+def assert_exact(model, probe, **kwargs):
+    """The error fusion adds (fused fp32 weights, fp64 arithmetic) within FUSION_MARGIN x
+    the training form's own fp32 error, both against an fp64 copy; fusion done in fp64
+    exact to 1e-10 (``fusion_errors``); and every block fused."""
+    errors = fusion_errors(model, probe, **kwargs)
+    assert_fusion_exact(errors)
     assert count_unfused(reparameterize(model)) == 0 and count_unfused(model) > 0
+    return errors
 
 
 @pytest.mark.parametrize('arch', ALL_ARCHS)
@@ -52,10 +50,49 @@ def test_block_grouped_identity_and_se(randomize):
     fused.switch_to_deploy()
     assert fused.fused is not None and fused.dense is None and fused.se is not None
     x = torch.randn(2, 8, 11, 13)
-    assert (block(x) - fused(x)).abs().max() < 1e-6
+    assert_exact(block, x)
+    assert max_output_difference(fused, reparameterize(block), x) == 0  # same weights
+
     # The fused block runs SE after the conv: dropping it changes the output.
-    fused.se = None
-    assert (block(x) - fused(x)).abs().max() > 1e-3
+    def fuse_without_se(module):
+        module = reparameterize(module)
+        module.se = None
+        return module
+
+    with pytest.raises(AssertionError, match='fused fp32 weights move'):
+        assert_exact(block, x, fuse=fuse_without_se)
+
+
+def _perturb_middle_block(fused, delta=1e-3):
+    blocks = [m for m in fused.modules() if isinstance(m, RepVGGBlock)]
+    with torch.no_grad():
+        blocks[len(blocks) // 2].fused.bias.add_(delta)
+
+
+@pytest.mark.parametrize('perturbed', [(), (torch.float32,),
+                                       (torch.float32, torch.float64)])
+def test_check_fails_a_fusion_off_by_1e_3_in_one_bias(perturbed, randomize):
+    """A fusion that is wrong by 1e-3 in one block's bias fails the fp32 check, also
+    when the fp64 fusion is right; the correct fusion passes."""
+    torch.manual_seed(0)
+    model = randomize(RepVGG('A0')).eval()
+
+    def fuse(m):
+        fused = reparameterize(m)
+        if fused.stem.fused.bias.dtype in perturbed:
+            _perturb_middle_block(fused)
+        return fused
+
+    errors = fusion_errors(model, torch.randn(1, 3, 32, 32), fuse=fuse)
+    if not perturbed:
+        assert_fusion_exact(errors)
+        return
+    assert not errors['exact']
+    # far beyond the allowed margin, not a near miss
+    assert errors['margin'] > 10 * FUSION_MARGIN, errors
+    with pytest.raises(AssertionError, match='fp32 weights move .* more than') as failure:
+        assert_fusion_exact(errors)
+    assert ('not exact algebra' in str(failure.value)) == (torch.float64 in perturbed)
 
 
 # Params in millions of the deploy model with a 1000-class head (paper, Table 4/5).
@@ -147,8 +184,7 @@ def test_syncbn_config_reverted_to_batchnormxd_fuses(randomize):
     model = RepVGG('A0', norm_cfg=dict(type='SyncBN', requires_grad=True))
     model = randomize(revert_sync_batchnorm(model)).eval()
     assert 'BatchNormXd' in type(model.stem.dense.bn).__name__
-    probe = torch.randn(1, 3, 32, 32)
-    assert relative_error(model, reparameterize(model), probe) < 1e-6
+    assert_exact(model, torch.randn(1, 3, 32, 32))
 
 
 def test_reparameterize_nested_copy_and_idempotent(randomize):
@@ -168,7 +204,9 @@ def test_reparameterize_nested_copy_and_idempotent(randomize):
     again = reparameterize(fused, inplace=True)
     assert again is fused
     probe = torch.randn(1, 3, 32, 32)
-    assert max_output_difference(model, fused, probe) < 1e-5
+    assert_exact(model, probe)
+    # fusing is deterministic: the checked fusion is the one made above
+    assert max_output_difference(fused, reparameterize(model), probe) == 0
 
 
 def test_deploy_built_model_loads_fused_weights(randomize):
@@ -198,5 +236,32 @@ def test_checkpointing_gives_same_gradients():
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     plain(x)[0].sum().backward()
     ckpt(x)[0].sum().backward()
+    # recomputation repeats the same fp32 arithmetic: torch's fp32 defaults (~10 eps)
     for a, b in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize('frozen_stages', [-1, 1])
+def test_checkpointing_covers_every_trainable_block(frozen_stages, monkeypatch):
+    """The stem and the first trainable block after frozen stages take an input that
+    needs no grad; they are checkpointed all the same, frozen blocks never."""
+    import torch.utils.checkpoint as cp
+    checkpointed = []
+    real = cp.checkpoint
+
+    def spy(block, *args, **kwargs):
+        checkpointed.append(block)
+        return real(block, *args, **kwargs)
+
+    monkeypatch.setattr(cp, 'checkpoint', spy)
+    model = RepVGG('A0', out_indices=(3,), with_cp=True, frozen_stages=frozen_stages)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))[0].sum().backward()
+    blocks = [model.stem] + [b for n in model.stage_names for b in getattr(model, n)]
+    trainable = [b for b in blocks if any(p.requires_grad for p in b.parameters())]
+    assert [id(b) for b in checkpointed] == [id(b) for b in trainable]
+    assert len(trainable) == (22 if frozen_stages < 0 else 22 - 1 - 2)
+    with torch.no_grad():  # nothing to recompute: no checkpointing
+        checkpointed.clear()
+        model(torch.randn(2, 3, 32, 32))
+        assert not checkpointed

@@ -2,8 +2,18 @@
 
     python tools/check_fusion.py [--archs A0 B1g2 ...] [--size 64] [--seed 0]
 
-Batch norms get random statistics first (the default init would hide fusion bugs).
-fp32: max |fused - 3-branch| over max |output|; fp64: max abs difference, fused in fp64.
+Batch norms get random statistics first (the default init would hide fusion bugs). The
+reference is the training form in fp64; errors are max absolute differences from it over
+its largest output (``mmrepvgg.reparam.fusion_errors``):
+
+* training fp32: the training form's own fp32 rounding;
+* fused fp32: the fused model as deployed (mostly its conv kernels' rounding);
+* fused weights: the fused fp32 weights run in fp64, the error fusion itself adds;
+* margin: fused weights over training fp32; the check allows FUSION_MARGIN (or a few
+  fp32 eps of the output scale, whichever is larger);
+* fp64 absolute: the fusion done in fp64 (exact algebra leaves only fp64 rounding).
+
+Exits with status 1 if a variant fails the check.
 """
 import argparse
 import os.path as osp
@@ -15,8 +25,8 @@ import torch  # noqa: E402
 
 from mmrepvgg import RepVGG  # noqa: E402
 from mmrepvgg.models import ARCH_SETTINGS  # noqa: E402
-from mmrepvgg.reparam import (count_parameters, fusion_errors,  # noqa: E402
-                              randomize_norm_stats)
+from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact,  # noqa: E402
+                              count_parameters, fusion_errors, randomize_norm_stats)
 
 
 def main(argv=None):
@@ -28,15 +38,27 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     probe = torch.randn(1, 3, args.size, args.size)
-    print(f'| arch | training params (M) | deploy params (M) | fp32 relative | '
-          f'fp64 absolute |\n|---|---|---|---|---|')
+    print(f'| arch | training params (M) | deploy params (M) | training fp32 | fused fp32 | '
+          f'fused weights | margin (max {FUSION_MARGIN:g}) | fp64 absolute |\n'
+          '|---|---|---|---|---|---|---|---|')
+    failed = []
     for arch in args.archs:
         model = randomize_norm_stats(RepVGG(arch), args.seed).eval()
         deploy_params = count_parameters(RepVGG(arch, deploy=True))
         errors = fusion_errors(model, probe)
         print(f'| {arch} | {count_parameters(model) / 1e6:.2f} | {deploy_params / 1e6:.2f} | '
-              f'{errors["fp32_relative"]:.2e} | {errors["fp64_absolute"]:.2e} |', flush=True)
+              f'{errors["train_fp32_rel"]:.2e} | {errors["fused_fp32_rel"]:.2e} | '
+              f'{errors["fused_weights_rel"]:.2e} | {errors["margin"]:.2f} | '
+              f'{errors["fp64_abs"]:.1e} |', flush=True)
+        try:
+            assert_fusion_exact(errors)
+        except AssertionError as exc:
+            failed.append(f'{arch}: {exc}')
+    if failed:
+        print('fusion check failed:\n' + '\n'.join(failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())

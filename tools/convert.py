@@ -2,6 +2,8 @@
 
   python tools/convert.py CONFIG CHECKPOINT OUTPUT          # trained model -> fused model
   python tools/convert.py --release RELEASE.pth OUTPUT      # official/mmpretrain -> ours
+
+CHECKPOINT and RELEASE may be URLs (downloaded once into torch's cache, as mmengine does).
 """
 import argparse
 import os.path as osp
@@ -47,7 +49,7 @@ def main(argv=None):
             report = fuse_checkpoint(*args.paths, probe=not args.no_probe,
                                      cfg_options=args.cfg_options)
             print(f'{format_report(report)}; wrote {args.paths[2]}')
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError) as err:  # missing or failed download, bad file
         raise SystemExit(f'error: {err}')
 
 

@@ -9,13 +9,14 @@ sys.path.insert(0, REPO)  # run from a checkout
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmrepvgg.engine.cli import (add_common_args, apply_deploy,  # noqa: E402
                                  apply_test_args, build_runner, finish_distributed,
-                                 load_config)
+                                 load_config, resolve_checkpoint)
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test a detector or segmentor')
     parser.add_argument('config', help='config file')
-    parser.add_argument('checkpoint', help='checkpoint file (training or fused)')
+    parser.add_argument('checkpoint', help='checkpoint (training or fused): a file, a URL or '
+                                           'a model-zoo name such as open-mmlab://...')
     parser.add_argument(
         '--deploy', action='store_true',
         help='evaluate the fused model: a training checkpoint is fused after loading, a '
@@ -32,8 +33,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
-    cfg = apply_deploy(cfg, args.checkpoint, args.deploy)
-    cfg = apply_test_args(cfg, args.checkpoint, args.out, args.show, args.show_dir,
+    # A URL is downloaded once: the form check and the runner read the same local file.
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    cfg = apply_deploy(cfg, checkpoint, args.deploy)
+    cfg = apply_test_args(cfg, checkpoint, args.out, args.show, args.show_dir,
                           args.wait_time)
     metrics = build_runner(cfg).test()
     finish_distributed()

@@ -14,7 +14,9 @@ from mmrepvgg.engine.cli import (add_common_args, apply_train_args,  # noqa: E40
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train a detector or segmentor')
     parser.add_argument('config', help='config file')
-    parser.add_argument('--amp', action='store_true', help='mixed-precision training')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed-precision training: float16 with a dynamic loss scale '
+                             'on CUDA, bfloat16 autocast on CPU')
     parser.add_argument(
         '--resume', nargs='?', const='auto', metavar='CHECKPOINT',
         help='resume from CHECKPOINT, or from the latest checkpoint in the work dir '

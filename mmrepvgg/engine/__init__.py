@@ -1,3 +1,4 @@
 from .hooks import ReparamHook
+from .optim_wrapper import CPUAmpOptimWrapper
 
-__all__ = ['ReparamHook']
+__all__ = ['ReparamHook', 'CPUAmpOptimWrapper']

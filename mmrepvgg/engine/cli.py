@@ -58,14 +58,70 @@ def apply_mini(cfg: Config, mini_dir: str) -> Config:
 
 def apply_train_args(cfg: Config, amp: bool, resume: Optional[str]) -> Config:
     if amp:
-        optim = cfg.optim_wrapper
-        if optim.get('type', 'OptimWrapper') != 'AmpOptimWrapper':
-            optim.type = 'AmpOptimWrapper'
-            optim.setdefault('loss_scale', 'dynamic')
+        apply_amp(cfg)
     if resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif resume:
-        cfg.resume, cfg.load_from = True, resume
+        cfg.resume, cfg.load_from = True, resolve_checkpoint(resume)
+    return cfg
+
+
+# Devices whose autocast mmengine's AmpOptimWrapper supports (it asserts one in __init__).
+AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
+
+
+def apply_amp(cfg: Config) -> Config:
+    """``--amp`` as mmdet's tools/train.py does it: an ``OptimWrapper`` becomes the mixed
+    precision wrapper, one that already is stays as configured, any other type is refused.
+
+    On CUDA (NPU, MLU, MUSA) that is mmengine's ``AmpOptimWrapper``, float16 with a
+    dynamic loss scale unless the config sets ``loss_scale``. On CPU, where
+    ``AmpOptimWrapper`` cannot be built, it is :class:`mmrepvgg.CPUAmpOptimWrapper`
+    (bfloat16 autocast); a config's ``AmpOptimWrapper`` is turned into it there, dropping
+    ``loss_scale`` (bfloat16 needs none).
+    """
+    import torch
+    from mmengine.device import get_device
+    from mmengine.logging import print_log
+    from mmengine.optim import AmpOptimWrapper, OptimWrapper
+    from mmengine.registry import OPTIM_WRAPPERS
+
+    from .optim_wrapper import CPUAmpOptimWrapper
+    device = get_device()  # where the Runner will put the model
+    if device == 'cpu':
+        amp_name, amp_cls = 'mmrepvgg.CPUAmpOptimWrapper', CPUAmpOptimWrapper
+    elif device in AMP_DEVICES:
+        amp_name, amp_cls = 'AmpOptimWrapper', AmpOptimWrapper
+    else:
+        raise SystemExit(f'--amp trains in float16 on {", ".join(AMP_DEVICES)} or in '
+                         f'bfloat16 on cpu; this machine runs on {device}')
+    optim = cfg.get('optim_wrapper')
+    if optim is None:
+        raise SystemExit('--amp needs an optim_wrapper in the config')
+    kind = optim.get('type', 'OptimWrapper')
+    # 'OptimWrapper', 'mmengine.OptimWrapper' or the class itself, as the builder reads it
+    cls = OPTIM_WRAPPERS.get(kind) if isinstance(kind, str) else kind
+    if isinstance(cls, type) and issubclass(cls, amp_cls):
+        print_log(f'--amp: the config already trains in mixed precision ({amp_name})',
+                  logger='current')
+        return cfg
+    if device == 'cpu' and cls is AmpOptimWrapper:
+        dtype = optim.pop('dtype', None)
+        if dtype not in (None, 'bfloat16', torch.bfloat16):
+            raise SystemExit(f'--amp on cpu trains in bfloat16; the config\'s '
+                             f'AmpOptimWrapper asks for dtype={dtype!r}')
+        optim.pop('loss_scale', None)
+    elif cls is not OptimWrapper:  # exact: Apex and other subclasses are not converted
+        name = kind if isinstance(kind, str) else getattr(kind, '__name__', repr(kind))
+        converted = 'OptimWrapper or AmpOptimWrapper' if device == 'cpu' else 'OptimWrapper'
+        raise SystemExit(f'--amp on {device} needs an optim_wrapper of type {converted} '
+                         f'(made {amp_name}) or {amp_name}, not {name!r}')
+    optim.type = amp_name
+    if amp_cls is AmpOptimWrapper:
+        optim.setdefault('loss_scale', 'dynamic')
+    else:
+        print_log('--amp on cpu: bfloat16 autocast (mmrepvgg.CPUAmpOptimWrapper); '
+                  "mmengine's AmpOptimWrapper needs CUDA, NPU, MLU or MUSA", logger='current')
     return cfg
 
 
@@ -76,21 +132,22 @@ def scope_of(cfg: Config) -> str:
 def apply_test_args(cfg: Config, checkpoint: str, out: Optional[str] = None,
                     show: bool = False, show_dir: Optional[str] = None,
                     wait_time: float = 2) -> Config:
-    cfg.load_from = checkpoint
+    cfg.load_from = resolve_checkpoint(checkpoint)
     scope = scope_of(cfg)
     if show or show_dir:
-        vis = cfg.default_hooks.get('visualization')
-        if vis is None:
+        if cfg.default_hooks.get('visualization') is None:
             raise SystemExit('--show/--show-dir need default_hooks.visualization in the config')
-        vis.draw = True
-        if show:
-            vis.show, vis.wait_time = True, wait_time
-        if show_dir:
-            # mmdet's hook takes an output folder; mmseg's draws through the visualizer.
-            if scope == 'mmdet':
-                vis.test_out_dir = show_dir
-            else:
-                cfg.visualizer.save_dir = show_dir
+        if scope == 'mmdet':  # mmdet ships the helper its tools/test.py uses
+            from mmdet.engine.hooks.utils import trigger_visualization_hook
+            trigger_visualization_hook(cfg, argparse.Namespace(
+                show=show, wait_time=wait_time, show_dir=show_dir))
+        else:  # mmseg keeps its helper in tools/test.py, outside the package: the same steps
+            vis = cfg.default_hooks.visualization
+            vis.draw = True
+            if show:
+                vis.show, vis.wait_time = True, wait_time
+            if show_dir:
+                cfg.visualizer.save_dir = show_dir  # mmseg's hook draws through it
     if out:
         if scope == 'mmdet':
             dump = dict(type='DumpDetResults', out_file_path=out)
@@ -187,9 +244,22 @@ def build_runner(cfg: Config):
     return Runner.from_cfg(cfg)
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+    """The local file the runner should read for CHECKPOINT (a path, a URL or a model-zoo
+    name such as open-mmlab://...): a remote one is downloaded once into torch's cache.
+    The runner then reads a local file with weights_only loading; given the URL, mmengine
+    would read it through torch.hub, which unpickles with weights_only=False."""
+    from ..compat import fetch_checkpoint
+    try:
+        return fetch_checkpoint(checkpoint)
+    except (OSError, ValueError) as err:  # failed download, unknown scheme or name
+        raise SystemExit(f'error: {err}')
+
+
 def checkpoint_is_fused(path: str) -> Optional[bool]:
     """True for a deploy-form RepVGG checkpoint, False for a training-form one, None when
-    it holds no RepVGG backbone. A missing or unreadable file is an error."""
+    it holds no RepVGG backbone. A missing or unreadable file is an error. ``path`` may be
+    a URL (see :func:`mmrepvgg.compat.load_file`)."""
     from ..checkpoint import detect_layout, extract_state_dict
     from ..compat import load_file
     state = extract_state_dict(load_file(path))
@@ -199,11 +269,24 @@ def checkpoint_is_fused(path: str) -> Optional[bool]:
         return None
 
 
+def is_reparam_hook(hook) -> bool:
+    """Whether a ``custom_hooks`` entry is a ReparamHook: an instance, or a config whose
+    type is the class (or a subclass), or a registered name of it in any scope."""
+    from ..registry import HOOKS  # ours: finds 'ReparamHook' unscoped, and other scopes
+    from .hooks import ReparamHook
+    if isinstance(hook, ReparamHook):
+        return True
+    kind = hook.get('type') if isinstance(hook, dict) else None
+    if isinstance(kind, str):
+        kind = HOOKS.get(kind)  # 'ReparamHook', 'mmrepvgg.ReparamHook', ...
+    return isinstance(kind, type) and issubclass(kind, ReparamHook)
+
+
 def apply_deploy(cfg: Config, checkpoint: str, deploy: bool) -> Config:
     """Build the model to match the checkpoint's form, and fuse at test time if asked."""
     try:
         fused = checkpoint_is_fused(checkpoint)
-    except (FileNotFoundError, ValueError, TypeError) as err:  # missing, corrupt, no weights
+    except (OSError, ValueError, TypeError) as err:  # missing, not downloaded, corrupt, ...
         raise SystemExit(f'error: {err}')
     if fused and not deploy:
         raise SystemExit(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
@@ -214,7 +297,7 @@ def apply_deploy(cfg: Config, checkpoint: str, deploy: bool) -> Config:
         cfg.model.backbone.deploy = True  # load the fused weights as they are
     else:
         hooks = list(cfg.get('custom_hooks') or [])
-        if not any(str(h.get('type', '')).endswith('ReparamHook') for h in hooks):
+        if not any(is_reparam_hook(h) for h in hooks):
             hooks.append(dict(type='mmrepvgg.ReparamHook'))
         cfg.custom_hooks = hooks
     return cfg

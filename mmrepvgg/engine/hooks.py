@@ -1,15 +1,15 @@
 """ReparamHook: evaluate the fused (deploy) form of a RepVGG model inside a runner."""
 import copy
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
+from mmengine.model import BaseAveragedModel, is_model_wrapper
 from torch import nn
 
 from ..registry import HOOKS
-from ..reparam import (count_parameters, count_unfused, max_output_difference,
-                       reparameterize)
+from ..reparam import (count_parameters, count_unfused, fused_weight_errors,
+                       max_output_difference, reparameterize)
 
 
 def _probe_target(model: nn.Module) -> nn.Module:
@@ -17,26 +17,38 @@ def _probe_target(model: nn.Module) -> nn.Module:
     return getattr(model, 'backbone', model)
 
 
-def _probe_input(module: nn.Module, size: int) -> Optional[torch.Tensor]:
+def _probe_input(module: nn.Module, size: int, seed: int = 0) -> Optional[torch.Tensor]:
     first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
     if first_conv is None:
         return None
-    return torch.randn(1, first_conv.in_channels, size, size,
-                       device=first_conv.weight.device, dtype=first_conv.weight.dtype)
+    # A private generator: probing must not shift the run's own random stream (a
+    # validation with fuse_val=True would otherwise change the next training batches).
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.randn(1, first_conv.in_channels, size, size, generator=gen)
+    return probe.to(device=first_conv.weight.device, dtype=first_conv.weight.dtype)
 
 
 def fuse_and_report(model: nn.Module, probe: bool = True, probe_size: int = 64) -> dict:
-    """Fuse ``model`` in place (after switching it to eval) and say what changed."""
+    """Fuse ``model`` in place (after switching it to eval) and say what changed.
+
+    With ``probe``, the backbone's outputs on a random input are compared before and
+    after: ``max_diff`` between the two fp32 forms, and (``fused_weight_errors``)
+    whether the fused weights stay within fp32 rounding of a float64 reference.
+    """
     model.eval()
     report = dict(blocks=count_unfused(model), params_before=count_parameters(model))
     target = _probe_target(model)
     reference = copy.deepcopy(target) if probe and report['blocks'] else None
+    # Drawn before fusing: a fused block registers its conv last (after e.g. SE's), so
+    # only the training form's first conv reliably reads the input.
+    x = _probe_input(reference, probe_size) if reference is not None else None
     reparameterize(model, inplace=True)
     report['params_after'] = count_parameters(model)
-    if reference is not None:
-        x = _probe_input(target, probe_size)
-        report['max_diff'] = (max_output_difference(reference, target, x)
-                              if x is not None else None)
+    if x is not None:
+        errors = fused_weight_errors(reference, target, x)
+        report.update(max_diff=max_output_difference(reference, target, x),
+                      fused_weights_error=errors['fused_weights_abs'],
+                      own_error=errors['train_fp32_abs'], within_rounding=errors['within'])
     return report
 
 
@@ -45,9 +57,21 @@ def format_report(report: dict) -> str:
         return 'nothing to fuse: the model has no re-parameterizable block in training form'
     text = (f"fused {report['blocks']} blocks; parameters {report['params_before']:,} -> "
             f"{report['params_after']:,}")
-    if report.get('max_diff') is not None:
-        text += f"; max output difference on a probe input {report['max_diff']:.3g}"
+    if 'max_diff' in report:
+        verdict = ('within fp32 rounding' if report['within_rounding'] else
+                   'MORE than fp32 rounding explains')
+        text += (f"; max output difference on a probe input {report['max_diff']:.3g}, "
+                 f"{verdict} (from a float64 reference: fused weights "
+                 f"{report['fused_weights_error']:.3g}, 3-branch fp32 {report['own_error']:.3g})")
     return text
+
+
+def _averaged_models(runner) -> List[BaseAveragedModel]:
+    """The averaged copies kept by EMA-style hooks (mmengine's EMAHook and any hook that
+    holds its average in ``ema_model``): they swap their weights into the model for
+    validation and test, so they must be fused and read alongside it."""
+    return [hook.ema_model for hook in getattr(runner, 'hooks', ())
+            if isinstance(getattr(hook, 'ema_model', None), BaseAveragedModel)]
 
 
 @HOOKS.register_module()
@@ -57,6 +81,12 @@ class ReparamHook(Hook):
     ``before_test`` fuses the runner's model in place, after the checkpoint is loaded.
     With ``fuse_val=True``, each validation during training runs on a fused copy, so the
     3-branch weights keep training while metrics reflect the deploy model.
+
+    With an EMA hook (mmengine's ``EMAHook``) in the runner, the test fuses its averaged
+    model as well, so the EMA swap exchanges fused weights with fused weights, and the
+    fused copy validated with ``fuse_val=True`` holds the averaged weights, as the
+    unfused validation would. Both hold whatever priority the EMA hook is given: every
+    hook's ``before_test``/``before_val`` runs before any ``*_epoch`` swap.
 
     Args:
         probe: compare backbone outputs before/after fusion on a random input and log it.
@@ -70,24 +100,39 @@ class ReparamHook(Hook):
         self.probe, self.probe_size, self.fuse_val = probe, probe_size, fuse_val
         self._training_model = None
 
-    def _log(self, runner, message: str) -> None:
-        runner.logger.info(f'ReparamHook: {message}')
+    def _log(self, runner, message: str, report: Optional[dict] = None) -> None:
+        # A probe that moved beyond rounding means a block fused wrongly (e.g. a custom
+        # block's switch_to_deploy): say so loudly, the metrics that follow are suspect.
+        wrong = report is not None and not report.get('within_rounding', True)
+        log = runner.logger.warning if wrong else runner.logger.info
+        log(f'ReparamHook: {message}')
 
     def before_test(self, runner) -> None:
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         report = fuse_and_report(model, self.probe, self.probe_size)
         if not report['blocks']:
             runner.logger.warning(f'ReparamHook: {format_report(report)}')
-        else:
-            self._log(runner, format_report(report))
+            return
+        self._log(runner, format_report(report), report)
+        for averaged in _averaged_models(runner):
+            # The EMA hook's copy was loaded from the same checkpoint; fused the same
+            # way, its parameters line up one to one with the model's for the swap.
+            reparameterize(averaged.module.eval(), inplace=True)
+            self._log(runner, 'fused the EMA model too')
 
     def before_val(self, runner) -> None:
         if not self.fuse_val:
             return
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
         fused = copy.deepcopy(model)
+        averaged = _averaged_models(runner)
+        if averaged:
+            # Unfused validation scores the EMA weights (swapped in before_val_epoch,
+            # which acts on the training model, not on this copy): copy them in here.
+            fused.load_state_dict(averaged[0].module.state_dict())
         report = fuse_and_report(fused, self.probe, self.probe_size)
-        self._log(runner, f'validating a fused copy: {format_report(report)}')
+        what = 'a fused copy of the EMA weights' if averaged else 'a fused copy'
+        self._log(runner, f'validating {what}: {format_report(report)}', report)
         # The val loop calls runner.model.val_step; point it at the copy until
         # after_val_epoch.
         self._training_model, runner.model = runner.model, fused

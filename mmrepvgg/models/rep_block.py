@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from mmcv.cnn import build_activation_layer, build_norm_layer
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
 
 from .fusion import check_fusable_norm, fuse_branches
 
@@ -104,9 +105,11 @@ class RepVGGBlock(nn.Module):
             self.dense.conv.weight, self.dense.bn, self.pointwise.conv.weight,
             self.pointwise.bn, self.identity, self.groups)
         dense = self.dense.conv
-        self.fused = nn.Conv2d(self.in_channels, self.out_channels, 3, self.stride,
-                               dense.padding, dense.dilation, self.groups, bias=True)
-        self.fused.to(device=kernel.device, dtype=kernel.dtype)
+        # skip_init: the weights are overwritten below, and a default init would draw
+        # from the global RNG, shifting the random stream of a run that fuses mid-way.
+        self.fused = skip_init(nn.Conv2d, self.in_channels, self.out_channels, 3,
+                               self.stride, dense.padding, dense.dilation, self.groups,
+                               bias=True, device=kernel.device, dtype=kernel.dtype)
         self.fused.weight.copy_(kernel)
         self.fused.bias.copy_(bias)
         self.dense = self.pointwise = self.identity = None

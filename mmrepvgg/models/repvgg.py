@@ -1,6 +1,7 @@
 """The RepVGG backbone: one arch table drives the construction of every variant."""
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor, nn
@@ -151,7 +152,11 @@ class RepVGG(BaseModule):
         self._freeze_stages()
 
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        if self.with_cp and x.requires_grad:
+        # Non-reentrant checkpointing needs no input gradient, so the stem and the first
+        # trainable block after frozen stages are checkpointed too; frozen blocks keep
+        # no activations for backward anyway.
+        if (self.with_cp and torch.is_grad_enabled()
+                and any(p.requires_grad for p in block.parameters())):
             return cp.checkpoint(block, x, use_reentrant=False)
         return block(x)
 
@@ -194,16 +199,25 @@ class RepVGG(BaseModule):
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoint import load_backbone_checkpoint
+            from ..compat import CheckpointDownloadError, is_remote_checkpoint
             path = self.init_cfg['checkpoint']
+            # Never fall back to a silent random init: say what failed and what to do.
+            instead = 'or set model.backbone.init_cfg=None to train from scratch.'
             try:
                 load_backbone_checkpoint(self, path)
+            except CheckpointDownloadError as err:
+                raise CheckpointDownloadError(
+                    f'pretrained RepVGG weights: {err}. Check the '
+                    'address and the network, or point model.backbone.init_cfg.checkpoint '
+                    'at a local file (e.g. checkpoints/RepVGG-<arch>-train.pth, the '
+                    f'official release), {instead}') from err
             except FileNotFoundError as err:
-                # Never fall back to a silent random init: say where the file goes.
+                if is_remote_checkpoint(path):  # a model-zoo name mapped to a local file
+                    raise
                 raise FileNotFoundError(
                     f'pretrained RepVGG weights not found at {path!r}. Put the release '
                     f'file there (e.g. the official RepVGG-<arch>-train.pth, an mmpretrain '
-                    f'repvgg checkpoint, or one of ours), or set '
-                    f'model.backbone.init_cfg=None to train from scratch.') from err
+                    f'repvgg checkpoint, or one of ours), {instead}') from err
             self._is_init = True
             return
         super().init_weights()

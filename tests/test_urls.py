@@ -1,0 +1,273 @@
+"""Checkpoints given as URLs, served by a loopback HTTP server the tests start.
+
+tools/test.py (with and without --deploy), tools/convert.py (fuse and --release),
+tools/train.py --resume and the backbone's Pretrained init each take a URL, download it
+once (the server counts the GET requests) and read it with weights_only loading; a
+missing URL or an unsupported scheme is a clear error. Every test points TORCH_HOME
+(torch's and mmengine's download cache) and MMENGINE_HOME at its own tmp folders, so
+nothing is cached across tests, and nothing leaves the machine.
+"""
+import fractions
+import functools
+import glob
+import http.server
+import json
+import os
+import os.path as osp
+import shutil
+import threading
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmrepvgg.checkpoint import imagenet_checkpoint
+from mmrepvgg.compat import CheckpointDownloadError, load_file
+from mmrepvgg.engine.cli import apply_mini
+from mmrepvgg.models import RepVGG
+from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_model
+from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert_quiet,
+                        _log_text, _run, _seg_maps, _state, _test_tool,
+                        assert_same_segmentation, train_seg)
+from tools.test import main as tool_test_main
+from tools.train import main as train_main
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.gets.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+class Server:
+    """Serves the files of ``folder`` on 127.0.0.1 and records every GET path."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.httpd = http.server.ThreadingHTTPServer(
+            ('127.0.0.1', 0), functools.partial(_Handler, directory=str(folder)))
+        self.httpd.gets = self.gets = []
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, name):
+        return f'http://127.0.0.1:{self.httpd.server_address[1]}/{name}'
+
+    def serve(self, source, name):
+        shutil.copy(str(source), str(self.folder / name))
+        return self.url(name)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join()
+
+
+def _fresh_cache(monkeypatch, folder):
+    """Point torch's download cache at an empty folder; return where downloads land."""
+    monkeypatch.setenv('TORCH_HOME', str(folder))
+    return folder / 'hub' / 'checkpoints'
+
+
+@pytest.fixture(scope='module')
+def seg(mini_root, tmp_path_factory):
+    """PSPNet RepVGG-A0 after one training iteration (tests/test_tools.py's fixture)."""
+    return train_seg(mini_root, tmp_path_factory)
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    monkeypatch.setenv('MMENGINE_HOME', str(tmp_path / 'mmengine_home'))
+    for var in ('NO_PROXY', 'no_proxy'):  # a configured proxy must not see loopback
+        monkeypatch.setenv(var, '127.0.0.1,localhost')
+    folder = tmp_path / 'served'
+    folder.mkdir()
+    srv = Server(folder)
+    srv.cache = _fresh_cache(monkeypatch, tmp_path / 'torch_home')
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def release(randomize, tmp_path):
+    """An mmpretrain-layout release file of RepVGG-A0 (backbone.stem.branch_3x3...,
+    head.fc.*), renamed by hand from our model's state dict: (source model, path)."""
+    source = source_model(randomize)
+    state = rename(source.state_dict(), MMPRETRAIN, prefix='backbone.')
+    assert 'backbone.stem.branch_3x3.conv.weight' in state
+    assert 'backbone.stage_1.1.branch_norm.running_var' in state
+    state['head.fc.weight'] = torch.randn(1000, 1280)
+    state['head.fc.bias'] = torch.zeros(1000)
+    path = tmp_path / 'repvgg-A0_in1k.pth'
+    torch.save(dict(meta=dict(), state_dict=state), path)
+    return source, path
+
+
+# ------------------------------------------------------------------------ tools/test.py
+def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeypatch):
+    url = server.serve(seg.ckpt, 'iter_1.pth')
+
+    def test(ckpt, name, *extra):
+        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
+                          SEG_MODEL, *extra)
+
+    plain, plain_work = test(url, 'plain')
+    # one download serves both the form check and the runner, which reads the cached
+    # copy (byte for byte the served file) with weights_only loading, not the URL
+    assert server.gets == ['/iter_1.pth']
+    cached = server.cache / 'iter_1.pth'
+    assert cached.read_bytes() == seg.ckpt.read_bytes()
+    assert f'Load checkpoint from {cached}' in _log_text(plain_work)
+    assert plain['aAcc'] > 0
+
+    server.cache = _fresh_cache(monkeypatch, tmp_path / 'torch_home_deploy')
+    deploy, deploy_work = test(url, 'deploy', '--deploy')
+    assert server.gets == ['/iter_1.pth'] * 2  # once more, into the fresh cache
+    log = _log_text(deploy_work)
+    assert f'Load checkpoint from {server.cache / "iter_1.pth"}' in log
+    assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log
+    assert_same_segmentation(_seg_maps(tmp_path / 'plain_maps'),
+                             _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+
+
+def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path):
+    """mmengine reads http(s) checkpoints through torch.hub with weights_only=False; ours
+    are read with weights_only=True, so a file needing other globals is refused."""
+    evil = tmp_path / 'evil.pth'
+    torch.save(dict(state_dict={'w': torch.zeros(1)}, meta=dict(x=fractions.Fraction(1, 3))),
+               evil)
+    url = server.serve(evil, 'evil.pth')
+    with pytest.raises(ValueError, match=r'refusing to load .*evil\.pth.*fractions\.Fraction'):
+        load_file(url)
+    work = tmp_path / 'work'
+    with pytest.raises(SystemExit, match='refusing to load'):
+        _run(tool_test_main, seg.root, [SEG_CONFIG, url, '--mini', '--work-dir', work],
+             SEG_MODEL)
+    assert not work.exists()
+
+
+# --------------------------------------------------------------------- tools/convert.py
+def test_convert_by_url(seg, server, release, tmp_path):
+    url = server.serve(seg.ckpt, 'iter_1.pth')
+    fused = tmp_path / 'fused.pth'
+    printed = _convert_quiet(seg.root, [SEG_CONFIG, url, fused, '--cfg-options', *SEG_MODEL])
+    assert f'fused {A0_BLOCKS} blocks' in printed
+    assert server.gets == ['/iter_1.pth']
+    got, ref = _state(fused), _state(seg.fused)  # seg.fused: converted from the local file
+    assert got['meta']['source_checkpoint'] == url
+    assert got['state_dict'].keys() == ref['state_dict'].keys()
+    for key, value in ref['state_dict'].items():
+        torch.testing.assert_close(got['state_dict'][key], value, rtol=0, atol=0, msg=key)
+
+    source, path = release
+    release_url = server.serve(path, path.name)
+    out = tmp_path / 'converted.pth'
+    printed = _convert_quiet(tmp_path, ['--release', release_url, out])
+    assert 'mmpretrain layout, training form; dropped 2 head keys' in printed
+    assert server.gets == ['/iter_1.pth', f'/{path.name}']
+    state = _state(out)['state_dict']
+    assert state.keys() == source.state_dict().keys()
+    for key, value in source.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+# ------------------------------------------------------------ backbone Pretrained init
+def test_pretrained_init_by_url_and_model_zoo_name(server, release):
+    source, path = release
+    url = server.serve(path, path.name)
+    for _ in range(2):  # the second model finds the first download in the cache
+        model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=url))
+        model.init_weights()
+        assert_same_weights(source, model.eval())
+    assert server.gets == [f'/{path.name}']
+
+    # an open-mmlab:// name, resolved through mmengine's table (extended by the
+    # open_mmlab.json in MMENGINE_HOME, as mmengine documents) to the loopback server
+    zoo_url = server.serve(path, 'zoo-a0.pth')
+    home = os.environ['MMENGINE_HOME']
+    os.makedirs(home, exist_ok=True)
+    with open(osp.join(home, 'open_mmlab.json'), 'w') as f:
+        json.dump({'repvgg_a0_loopback': zoo_url}, f)
+    model = RepVGG('A0', init_cfg=dict(type='Pretrained',
+                                       checkpoint='open-mmlab://repvgg_a0_loopback'))
+    model.init_weights()
+    assert_same_weights(source, model.eval())
+    assert server.gets == [f'/{path.name}', '/zoo-a0.pth']
+
+
+# ------------------------------------------------------------------------ tools/train.py
+def test_resume_by_url(seg, server, tmp_path):
+    url = server.serve(seg.ckpt, 'iter_1.pth')
+    work = tmp_path / 'work'
+    _run(train_main, seg.root, [SEG_CONFIG, '--mini', '--work-dir', work, '--resume', url],
+         TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    assert server.gets == ['/iter_1.pth']
+    assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
+    log = _log_text(work)
+    assert 'resumed epoch: 0, iter: 1' in log
+    assert 'Iter(train) [1/2]' not in log and 'Iter(train) [2/2]' in log
+    # the runner read the downloaded file (weights_only), not the URL (torch.hub)
+    dumped = Config.fromfile(str(work / osp.basename(SEG_CONFIG)))
+    assert dumped.load_from == str(server.cache / 'iter_1.pth')
+
+
+# ------------------------------------------------------------------------- bad input
+def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
+    missing = server.url('missing/iter_4.pth')
+    work = tmp_path / 'work'
+    for extra in ([], ['--deploy']):
+        with pytest.raises(SystemExit) as err:
+            _run(tool_test_main, seg.root,
+                 [SEG_CONFIG, missing, '--mini', '--work-dir', work, *extra], SEG_MODEL)
+        message = str(err.value.code)
+        assert missing in message and 'HTTP 404' in message, message
+        assert 'Traceback' not in message
+    with pytest.raises(SystemExit, match=r'could not download .*missing/iter_4\.pth.*404'):
+        _convert_quiet(seg.root, [SEG_CONFIG, missing, tmp_path / 'out.pth',
+                                  '--cfg-options', *SEG_MODEL])
+    with pytest.raises(SystemExit, match='HTTP 404'):
+        _convert_quiet(seg.root, ['--release', missing, tmp_path / 'out.pth'])
+    with pytest.raises(SystemExit, match='HTTP 404'):
+        _run(train_main, seg.root,
+             [SEG_CONFIG, '--mini', '--work-dir', work, '--resume', missing], SEG_MODEL)
+
+    model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=missing))
+    with pytest.raises(CheckpointDownloadError) as err:
+        model.init_weights()
+    message = str(err.value)
+    assert missing in message and 'HTTP 404' in message and 'init_cfg=None' in message
+    assert 'Put the release file there' not in message  # that is for local paths
+
+    for bad, expected in [('ftp://127.0.0.1/iter_1.pth', 'unsupported checkpoint location'),
+                          ('open-mmlab://no_such_model', 'unknown model name')]:
+        with pytest.raises(SystemExit, match=expected) as err:
+            _run(tool_test_main, seg.root,
+                 [SEG_CONFIG, bad, '--mini', '--work-dir', work], SEG_MODEL)
+        assert bad in str(err.value.code)
+
+    assert len(server.gets) == 6 and set(server.gets) == {'/missing/iter_4.pth'}
+    assert not work.exists() and not (tmp_path / 'out.pth').exists()
+    # no partial download is left in the cache
+    assert not server.cache.exists() or os.listdir(server.cache) == []
+
+
+# --------------------------------------------------------------------- bundled configs
+REPVGG_CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*repvgg*.py')))
+
+
+@pytest.mark.parametrize('config', REPVGG_CONFIGS, ids=osp.basename)
+def test_bundled_configs_start_from_hosted_weights_but_mini_downloads_nothing(config):
+    cfg = Config.fromfile(config)
+    backbone = cfg.model.backbone
+    assert backbone.init_cfg.checkpoint == imagenet_checkpoint(backbone.arch)
+    apply_mini(cfg, osp.join(ROOT, 'configs', '_base_', 'mini'))
+    assert cfg.model.backbone.init_cfg is None
+
+
+@pytest.mark.parametrize('arch', ['B2g2', 'B3g2'])
+def test_arch_without_hosted_weights_names_the_official_file(arch):
+    with pytest.raises(ValueError, match=f'checkpoints/RepVGG-{arch}-train.pth'):
+        imagenet_checkpoint(arch)
