@@ -10,6 +10,8 @@ def read_version():
     return namespace['__version__']
 
 
+DEPLOY = ['onnx>=1.16', 'onnxscript>=0.3', 'onnxruntime>=1.20', 'openvino>=2024.4']
+
 setup(
     name='mmrepvgg',
     version=read_version(),
@@ -32,7 +34,11 @@ setup(
         # Only needed to read mmpretrain checkpoints' model zoo or use its classifiers;
         # the loader maps mmpretrain key layouts without importing it.
         'pretrain': ['mmpretrain>=1.0,<1.3'],
-        'all': ['mmdet>=3.0,<3.4', 'mmsegmentation>=1.0,<1.3', 'mmpretrain>=1.0,<1.3'],
+        # ONNX export (torch's torch.export-based exporter needs onnxscript) and the CPU
+        # backends tools/test.py --backend and tools/benchmark.py run.
+        'deploy': DEPLOY,
+        'all': ['mmdet>=3.0,<3.4', 'mmsegmentation>=1.0,<1.3', 'mmpretrain>=1.0,<1.3']
+               + DEPLOY,
         'tests': ['pytest'],
     },
     zip_safe=False,

@@ -62,6 +62,41 @@ def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
     return cfg, model
 
 
+def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
+                   avoid: Optional[str], probe: bool = True):
+    from mmengine.runner import load_state_dict
+
+    from .checkpoint import detect_layout, extract_state_dict
+    source = load_file(_fetch_and_check(checkpoint, avoid) if avoid else
+                       fetch_checkpoint(checkpoint))
+    if not isinstance(source, dict):
+        raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
+    try:
+        fused = detect_layout(extract_state_dict(source))[1]
+    except ValueError:  # no RepVGG backbone in it (e.g. a ResNet baseline)
+        fused = False
+    options = dict(cfg_options or {})
+    if fused:
+        options['model.backbone.deploy'] = True  # load the fused weights as they are
+    cfg, model = build_model_from_config(config, options)
+    load_state_dict(model, source.get('state_dict', source), strict=True)
+    model.eval()
+    report = None if fused else fuse_and_report(model, probe=probe)
+    return cfg, model, report, source
+
+
+def load_fused_model(config: str, checkpoint: str, cfg_options: Optional[dict] = None,
+                     avoid: Optional[str] = None):
+    """Build the config's model with ``checkpoint``'s weights (training or fused form, a
+    path or a URL, read once) and fuse it in eval mode.
+
+    Returns ``(cfg, model, report)``: the fusion report, or None when the checkpoint was
+    already fused (the model is then built in deploy form). ``avoid`` names an output
+    path that must not be the checkpoint itself.
+    """
+    return _load_and_fuse(config, checkpoint, cfg_options, avoid)[:3]
+
+
 def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = True,
                     cfg_options: Optional[dict] = None) -> dict:
     """Load a training checkpoint into the config's model, fuse it, save the deploy form.
@@ -69,17 +104,10 @@ def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = Tru
     ``checkpoint`` may be a URL. Returns the fusion report (blocks, params before/after,
     max probe difference).
     """
-    from mmengine.runner import load_state_dict
-    source = load_file(_fetch_and_check(checkpoint, output))
-    if not isinstance(source, dict):
-        raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
-    _, model = build_model_from_config(config, cfg_options)
-    state = source.get('state_dict', source)
-    load_state_dict(model, state, strict=True)
-    report = fuse_and_report(model, probe=probe)
-    if not report['blocks']:
-        raise ValueError(f'nothing to fuse in {checkpoint} with {config}: '
-                         f'{format_report(report)}')
+    _, model, report, source = _load_and_fuse(config, checkpoint, cfg_options, output, probe)
+    if report is None or not report['blocks']:
+        what = ('it is fused already' if report is None else format_report(report))
+        raise ValueError(f'nothing to fuse in {checkpoint} with {config}: {what}')
     meta = dict(source.get('meta') or {})
     meta.update(mmrepvgg_deploy=True, source_checkpoint=_source_name(checkpoint))
     save_atomic(dict(meta=meta, state_dict=model.state_dict()), output)

@@ -18,7 +18,11 @@ MMCV_VERSION="2.1.0"
 MM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0"
 # Runtime deps that mmseg/mmpretrain import lazily but their metadata does not declare.
 EXTRA_PINS="ftfy regex pytest"
+# The [deploy] extra: ONNX export and the CPU backends.
+DEPLOY_PINS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 openvino==2026.4.1"
+# The deploy pins are not part of the stack id: adding them must not rebuild the rest.
 STACK_ID="$(echo "$PY $TORCH_PINS $MMENGINE_PIN mmcv==$MMCV_VERSION $MM_PINS $EXTRA_PINS" | sha1sum | cut -c1-12)"
+DEPLOY_ID="$(echo "$DEPLOY_PINS" | sha1sum | cut -c1-12)"
 
 step() { CURRENT_STEP="$1"; echo "[bootstrap] $1"; }
 trap 'echo "[bootstrap] FAILED at step: ${CURRENT_STEP:-start} (see output above)" >&2' ERR
@@ -76,6 +80,12 @@ if ! stamp mm; then
   mark mm
 fi
 
+if [ ! -f "$VENV/.stamp-deploy-$STACK_ID-$DEPLOY_ID" ]; then
+  step "install the deploy extra ($DEPLOY_PINS)"
+  "${PIP[@]}" install -q $DEPLOY_PINS
+  touch "$VENV/.stamp-deploy-$STACK_ID-$DEPLOY_ID"
+fi
+
 if ! stamp project || [ "$ROOT/setup.py" -nt "$VENV/.stamp-project-$STACK_ID" ]; then
   step "install mmrepvgg (editable)"
   "${PIP[@]}" install -q --no-deps --no-build-isolation -e "$ROOT"
@@ -85,8 +95,10 @@ fi
 step "check the stack imports"
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, mmengine, mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmrepvgg
+import onnx, onnxscript, onnxruntime, openvino
 from torchvision.ops import nms  # torchvision's compiled ops must load
 print(f"[bootstrap] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, "
-      f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}")
+      f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}, "
+      f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}")
 PY

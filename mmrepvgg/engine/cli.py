@@ -129,10 +129,10 @@ def scope_of(cfg: Config) -> str:
     return cfg.get('default_scope') or 'mmengine'
 
 
-def apply_test_args(cfg: Config, checkpoint: str, out: Optional[str] = None,
+def apply_test_args(cfg: Config, checkpoint: Optional[str], out: Optional[str] = None,
                     show: bool = False, show_dir: Optional[str] = None,
                     wait_time: float = 2) -> Config:
-    cfg.load_from = resolve_checkpoint(checkpoint)
+    cfg.load_from = resolve_checkpoint(checkpoint) if checkpoint else None
     scope = scope_of(cfg)
     if show or show_dir:
         if cfg.default_hooks.get('visualization') is None:
@@ -242,6 +242,21 @@ def build_runner(cfg: Config):
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def attach_backend(runner, onnx_file: str, backend: str, precision: str) -> None:
+    """Run the exported network of ``onnx_file`` in ``backend`` inside the runner's model
+    (see :func:`mmrepvgg.deploy.use_backend`); bad files end the tool with the reason."""
+    from mmengine.model import is_model_wrapper
+
+    from ..deploy import use_backend
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    try:
+        use_backend(model, onnx_file, backend, precision)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f'error: {err}')
+    runner.logger.info(f'testing {onnx_file} in {backend} ({precision}); the rest of the '
+                       'model runs in torch')
 
 
 def resolve_checkpoint(checkpoint: str) -> str:

@@ -1,0 +1,131 @@
+"""Run an exported ONNX file in ONNX Runtime or OpenVINO, torch tensors in and out.
+
+A runner takes one NCHW float32 batch and returns the file's outputs as a list of
+float32 tensors, in the order the file declares them, so callers (``tools/test.py
+--backend``, ``tools/benchmark.py``, the export's parity check) never touch the
+backends' own APIs. Both run on CPU.
+"""
+import os
+import os.path as osp
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ['BACKENDS', 'PRECISIONS', 'BackendRunner', 'load_backend', 'read_onnx']
+
+#: Backend names as the tools take them.
+BACKENDS = ('onnxruntime', 'openvino')
+#: Arithmetic each backend can be asked for. ``bf16`` is OpenVINO's inference precision
+#: hint: weights and activations in bfloat16 on CPUs with AVX512-BF16 or AMX, fp32 where
+#: the CPU has neither.
+PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16')}
+_OPENVINO_PRECISION = {'fp32': 'f32', 'bf16': 'bf16'}
+
+
+def read_onnx(path: str, load_weights: bool = False):
+    """The ``onnx.ModelProto`` of ``path``, checked; a clear error when it is not ONNX."""
+    import onnx
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'ONNX file not found: {path}')
+    try:
+        model = onnx.load(path, load_external_data=load_weights)
+    except Exception as err:  # DecodeError, google.protobuf errors, ...
+        raise ValueError(f'{path} is not an ONNX model ({type(err).__name__}: '
+                         f'{str(err)[:200]}); give a file written by tools/export.py') from err
+    if not model.graph.node:
+        raise ValueError(f'{path} is not an ONNX model (it holds no graph); give a file '
+                         'written by tools/export.py')
+    return model
+
+
+class BackendRunner:
+    """A compiled ONNX model: ``runner(x)`` -> list of output tensors.
+
+    Attributes:
+        backend, precision, path: what runs.
+        input_name, output_names: the file's tensor names.
+        input_shape: the declared input shape, ``None`` for a dynamic axis.
+        metadata: the file's metadata properties (``tools/export.py`` records what was
+            exported there).
+    """
+
+    def __init__(self, path: str, backend: str, precision: str = 'fp32',
+                 threads: Optional[int] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f'unknown backend {backend!r}; valid: {", ".join(BACKENDS)}')
+        if precision not in PRECISIONS[backend]:
+            raise ValueError(f'{backend} runs {", ".join(PRECISIONS[backend])}, not '
+                             f'{precision!r}')
+        proto = read_onnx(path)
+        inputs = [i for i in proto.graph.input
+                  if i.name not in {t.name for t in proto.graph.initializer}]
+        if len(inputs) != 1:
+            raise ValueError(f'{path} takes {len(inputs)} inputs; an exported network takes '
+                             'one image batch')
+        dims = inputs[0].type.tensor_type.shape.dim
+        self.input_shape = [d.dim_value if d.HasField('dim_value') else None for d in dims]
+        self.input_name = inputs[0].name
+        self.output_names = [o.name for o in proto.graph.output]
+        self.metadata: Dict[str, str] = {p.key: p.value for p in proto.metadata_props}
+        self.path, self.backend, self.precision = path, backend, precision
+        self.threads = threads
+        del proto
+        self._run = (self._load_onnxruntime if backend == 'onnxruntime'
+                     else self._load_openvino)(path, precision, threads)
+
+    def _load_onnxruntime(self, path, precision, threads):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+        def run(array):
+            return session.run(self.output_names, {self.input_name: array})
+        return run
+
+    def _load_openvino(self, path, precision, threads):
+        import openvino as ov
+        config = {'INFERENCE_PRECISION_HINT': _OPENVINO_PRECISION[precision]}
+        if threads:
+            config['INFERENCE_NUM_THREADS'] = threads
+        compiled = ov.Core().compile_model(path, 'CPU', config)
+        request = compiled.create_infer_request()
+        outputs = compiled.outputs
+
+        def run(array):
+            result = request.infer({0: array})
+            return [result[o] for o in outputs]
+        return run
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise ``ValueError`` when ``x`` does not fit the file's declared input."""
+        fixed = [d for d in self.input_shape]
+        if len(fixed) != x.dim() or any(d is not None and d != s
+                                        for d, s in zip(fixed, x.shape)):
+            shown = 'x'.join('?' if d is None else str(d) for d in fixed)
+            raise ValueError(
+                f'{osp.basename(self.path)} takes inputs of shape {shown}, got '
+                f'{"x".join(map(str, x.shape))}: export again with --dynamic, or with '
+                '--batch/--shape matching this data')
+
+    def __call__(self, x: torch.Tensor) -> List[torch.Tensor]:
+        self.check_input(x)
+        array = np.ascontiguousarray(x.detach().to('cpu', torch.float32).numpy())
+        return [torch.from_numpy(np.asarray(o, dtype=np.float32)) for o in self._run(array)]
+
+    def __repr__(self) -> str:
+        return (f'BackendRunner({osp.basename(self.path)!r}, backend={self.backend!r}, '
+                f'precision={self.precision!r})')
+
+
+def load_backend(path: str, backend: str = 'onnxruntime', precision: str = 'fp32',
+                 threads: Optional[int] = None) -> BackendRunner:
+    """Compile the ONNX file ``path`` for ``backend`` on CPU (see :class:`BackendRunner`).
+
+    ``threads`` caps the backend's intra-op threads (default: the backend's own choice,
+    usually one per physical core).
+    """
+    return BackendRunner(os.fspath(path), backend, precision, threads)
