@@ -36,15 +36,25 @@ def _source_name(checkpoint: str) -> str:
     return checkpoint if is_remote_checkpoint(checkpoint) else osp.basename(checkpoint)
 
 
+def temporary_beside(path: str, suffix: str = '.tmp') -> str:
+    """A new empty file beside ``path`` (the same filesystem, so renaming it onto
+    ``path`` is atomic), with the permissions a plain ``open(path, 'w')`` would give."""
+    folder = osp.dirname(osp.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(path), suffix=suffix)
+    os.close(fd)
+    umask = os.umask(0)  # mkstemp makes 0600; read the umask (only settable) and restore
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
+
+
 def save_atomic(obj, path: str) -> None:
     """Write to a temporary file beside ``path`` and rename it into place, so a crash
     never leaves a half-written file where the user expects a checkpoint."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(path), suffix='.tmp')
+    tmp = temporary_beside(path)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+        torch.save(obj, tmp)
         os.replace(tmp, path)
     except BaseException:
         if osp.exists(tmp):

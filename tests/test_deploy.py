@@ -136,9 +136,9 @@ def test_two_stage_detector_backends_match_deploy(det, tmp_path):
 
 
 def test_single_stage_detector_backends_match_deploy(det, tmp_path):
-    _, model = build_model_from_config(RETINA_CONFIG, {'model.backbone.arch': 'A0',
-                                                       'model.neck.in_channels': [48, 96, 192, 1280],
-                                                       'model.backbone.init_cfg': None})
+    _, model = build_model_from_config(RETINA_CONFIG, {
+        'model.backbone.arch': 'A0', 'model.neck.in_channels': [48, 96, 192, 1280],
+        'model.backbone.init_cfg': None})
     torch.manual_seed(0)
     randomize_norm_stats(model)
     ckpt = tmp_path / 'retina.pth'

@@ -7,7 +7,7 @@ backends' own APIs. Both run on CPU.
 """
 import os
 import os.path as osp
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch

@@ -21,7 +21,6 @@ import json
 import os
 import os.path as osp
 import re
-import tempfile
 import warnings
 from collections import Counter
 from typing import Dict, List, Optional, Sequence
@@ -29,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..convert import load_fused_model, save_atomic, temporary_beside
 from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
 from .parts import ExportedPart
 
@@ -48,14 +48,6 @@ def torch_part_path(onnx_path: str) -> str:
     """Where the weights of the Python part go: ``model.onnx`` -> ``model.torch.pth``."""
     stem = onnx_path[:-5] if onnx_path.endswith('.onnx') else onnx_path
     return stem + '.torch.pth'
-
-
-def _temporary_beside(path: str, suffix: str) -> str:
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(path), suffix=suffix)
-    os.close(fd)
-    return tmp
 
 
 _OP_PATTERN = re.compile(r'\b(?:aten|torch\.ops\.[A-Za-z_]\w*|[A-Za-z_]\w*)(?:::|\.)'
@@ -104,7 +96,7 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
     """
     import onnx
     module = module.eval()
-    tmp = _temporary_beside(path, '.onnx')
+    tmp = temporary_beside(path, '.onnx')
     kwargs = {}
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
@@ -213,7 +205,6 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         ExportFailure: the exporter could not write the network.
     """
     import onnx
-    from ..convert import load_fused_model
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f'shape must be two positive sizes H W, got {tuple(shape)}')
     cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output)
@@ -235,13 +226,12 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     side = torch_part_path(output) if torch_state else None
     side_tmp = None
     if side:
-        from ..convert import save_atomic
-        side_tmp = _temporary_beside(side, '.pth')
+        side_tmp = temporary_beside(side, '.pth')
         save_atomic(dict(meta=dict(config=osp.basename(config), kind=exported.kind),
                          state_dict=torch_state), side_tmp)
         metadata.update({'mmrepvgg.torch_part': osp.basename(side),
                          'mmrepvgg.torch_part_sha256': _sha256(side_tmp)})
-    onnx_tmp = _temporary_beside(output, '.onnx')
+    onnx_tmp = temporary_beside(output, '.onnx')
     try:
         export_module(exported, probe, onnx_tmp, dynamic, opset, exported.output_names(),
                       metadata)

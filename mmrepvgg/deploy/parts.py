@@ -19,7 +19,6 @@ them, and the exporter writes them beside the ONNX file.
 import json
 from typing import Callable, Dict, List, Sequence, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
