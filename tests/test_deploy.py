@@ -100,6 +100,27 @@ def test_segmentor_backends_score_as_deploy(seg, tmp_path):
                                  reference, metrics)
 
 
+def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args, folder,
+                                   backends):
+    """tools/test.py --backend gives the boxes and COCO metrics of torch --deploy;
+    returns the test runner for more calls."""
+    def test(name, path, *extra):
+        return _test_tool(fixture, config, path, folder / name, folder / f'{name}.pkl',
+                          model_args, *extra)
+
+    reference, _ = test('deploy', ckpt, '--deploy')
+    boxes = _det_results(folder / 'deploy.pkl')
+    for backend in backends:
+        metrics, _ = test(backend, onnx_file, '--backend', backend)
+        print(f'\n{osp.basename(config)} (A0) mini: torch --deploy {reference}; {backend} '
+              f'{metrics}')
+        assert metrics == reference
+        got = _det_results(folder / f'{backend}.pkl')
+        for img_id, ref in boxes.items():
+            assert_same_detections(ref, got[img_id])
+    return test
+
+
 def test_two_stage_detector_backends_match_deploy(det, tmp_path):
     out = tmp_path / 'frcnn.onnx'
     report = _export(det, DET_CONFIG, det.ckpt, out, DET_MODEL, '--dynamic')
@@ -115,19 +136,8 @@ def test_two_stage_detector_backends_match_deploy(det, tmp_path):
     assert json.loads(meta['mmrepvgg.groups']) == [['feat', 5], ['cls_score', 5],
                                                    ['bbox_pred', 5]]
 
-    def test(name, ckpt, *extra):
-        return _test_tool(det, DET_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}.pkl',
-                          DET_MODEL, *extra)
-
-    reference, _ = test('deploy', det.ckpt, '--deploy')
-    boxes = _det_results(tmp_path / 'deploy.pkl')
-    for backend in BACKENDS:
-        metrics, _ = test(backend, out, '--backend', backend)
-        print(f'\nFaster R-CNN A0 mini: torch --deploy {reference}; {backend} {metrics}')
-        assert metrics == reference
-        got = _det_results(tmp_path / f'{backend}.pkl')
-        for img_id, ref in boxes.items():
-            assert_same_detections(ref, got[img_id])
+    test = assert_detections_match_deploy(det, DET_CONFIG, det.ckpt, out, DET_MODEL,
+                                          tmp_path, BACKENDS)
 
     # Without its RoI-head weights the file cannot be tested; the message says why.
     os.remove(report['torch_part'])
@@ -148,17 +158,8 @@ def test_single_stage_detector_backends_match_deploy(det, tmp_path):
     assert report['kind'] == 'single_stage' and report['torch_part'] is None
     assert report['output_names'][:1] == ['cls_score_0'] and len(report['output_names']) == 10
 
-    def test(name, path, *extra):
-        return _test_tool(det, RETINA_CONFIG, path, tmp_path / name, tmp_path / f'{name}.pkl',
-                          RETINA_MODEL, *extra)
-
-    reference, _ = test('deploy', ckpt, '--deploy')
-    boxes = _det_results(tmp_path / 'deploy.pkl')
-    metrics, _ = test('ort', out, '--backend', 'onnxruntime')
-    assert metrics == reference
-    got = _det_results(tmp_path / 'ort.pkl')
-    for img_id, ref in boxes.items():
-        assert_same_detections(ref, got[img_id])
+    assert_detections_match_deploy(det, RETINA_CONFIG, ckpt, out, RETINA_MODEL, tmp_path,
+                                   ('onnxruntime',))
 
 
 # ------------------------------------------------------- the cut itself is exact in torch
