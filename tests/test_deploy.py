@@ -77,6 +77,17 @@ def test_exported_backbone_graph_without_and_with_fusion(se, tmp_path):
     assert {'Add'} <= types['train'], types['train']  # the 3-branch form is not plain
 
 
+def test_export_of_a_module_whose_train_returns_none(tmp_path):
+    class Backbone(nn.Conv2d):  # as mmdet's ResNet, whose train() returns None
+        def train(self, mode=True):
+            super().train(mode)
+
+    net, x = Backbone(3, 4, 3), torch.randn(1, 3, 8, 8)
+    export_module(net, x, str(tmp_path / 'net.onnx'))
+    out = load_backend(str(tmp_path / 'net.onnx'), 'onnxruntime')(x)[0]
+    assert out.shape == net(x).shape
+
+
 # -------------------------------------------------------------- backends: same metrics
 def test_segmentor_backends_score_as_deploy(seg, tmp_path):
     out = tmp_path / 'pspnet.onnx'
@@ -273,6 +284,12 @@ def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
         test(SEG_CONFIG, psp, SEG_MODEL, '--backend', 'onnxruntime', '--precision', 'bf16')
     with pytest.raises(SystemExit, match='drop --deploy'):
         test(SEG_CONFIG, psp, SEG_MODEL, '--backend', 'onnxruntime', '--deploy')
+    # OpenVINO says what it runs: bf16 only where the CPU has bfloat16 instructions.
+    import openvino as ov
+    has_bf16 = 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    assert load_backend(str(psp), 'openvino', 'bf16').precision_used == \
+        ('bf16' if has_bf16 else 'fp32')
+    assert load_backend(str(psp), 'openvino').precision_used == 'fp32'
     # A static file and a batch of another size: what to do instead.
     runner = load_backend(str(psp), 'onnxruntime')
     with pytest.raises(ValueError, match=r'takes inputs of shape 1x3x128x256, got '

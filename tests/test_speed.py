@@ -1,4 +1,6 @@
-"""Behaviour of the speed helpers and tools/benchmark.py (never their timings)."""
+"""Behaviour of the inference recipes, the benchmark harness and tools/benchmark.py
+(never their timings)."""
+import argparse
 import copy
 import importlib.util
 import json
@@ -9,11 +11,12 @@ import pytest
 import torch
 
 from mmrepvgg import RepVGG, reparameterize
+from mmrepvgg.deploy.inference import MODES, optimize_for_inference
+from mmrepvgg.deploy.winograd import FASTEST_TILE, convert_to_winograd
 from mmrepvgg.reparam import (assert_fusion_exact, fusion_errors, output_error,
-                              rounding_errors)
-from mmrepvgg.speed import (MODES, Candidate, benchmark_interleaved, count_conv_flops,
-                            optimize_for_inference, peak_memory, summarize)
-from mmrepvgg.winograd import FASTEST_TILE, convert_to_winograd
+                              rounding_bound, rounding_errors)
+from tools.benchmark_harness import (Candidate, benchmark_interleaved, count_conv_flops,
+                                     peak_memory, summarize)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25, 0.25, 0.25, 0.25),
@@ -191,6 +194,58 @@ def test_tool_end_to_end(tool, tmp_path, capsys):
     assert result['baseline'] == 'RepVGG-A0/train @eager'
 
 
+def test_tool_times_the_exported_backends(tool, monkeypatch):
+    # The tool's A0 built as TINY, to keep its four exports short; openvino-bf16 stands for
+    # both OpenVINO modes (it computes in fp32 where the CPU has no bf16 arithmetic).
+    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
+    modes = ['eager', 'onnxruntime', 'openvino-bf16']
+    result = tool.main(['--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
+                        '--input-size', '32', '32', '--repeats', '2', '--warmup', '0',
+                        '--modes', ','.join(modes), '--no-memory', '--no-flush-denormal',
+                        '--device', 'cpu', '--seed', '0'])
+    rows = {c['name']: c for c in result['candidates']}
+    assert list(rows) == [f'RepVGG-A0/{form} @{mode}' for mode in modes
+                          for form in ('train', 'fused')]
+    train = tool.repvgg_specs(['A0'], ['train'], seed=0)[0].model
+    inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fusion = fusion_errors(train, inputs)
+    scale = fusion['output_scale']
+    models = {'train': train, 'fused': reparameterize(train)}
+    own_error = {'train': fusion['train_fp32_abs'], 'fused': fusion['fused_fp32_abs']}
+    # OpenVINO computes in fp32 where the CPU has no bf16 arithmetic (the tool says so)
+    bf16_math = tool.openvino_bf16_note() is None
+    for form, model in models.items():
+        # a backend's fp32 error is held to rounding_bound of torch's own for the same
+        # network, as the export's parity check holds it; bf16 products as in the tf32
+        # test above; either way plus the training form's own error, the reference's
+        fp32_bound = rounding_bound(own_error[form], scale)
+        bf16_bound = (count_conv_flops(model, inputs)['convs']
+                      * torch.finfo(torch.bfloat16).eps * scale)
+        bounds = {'onnxruntime': ('fp32', fp32_bound),
+                  'openvino-bf16': ('bf16', bf16_bound if bf16_math else fp32_bound)}
+        for mode, (precision, bound) in bounds.items():
+            row = rows[f'RepVGG-A0/{form} @{mode}']
+            assert row['error'] is None and row['precision'] == precision, row
+            assert len(row['times_ms']) == 2 and min(row['times_ms']) > 0, row
+            assert row['max_abs_diff'] <= bound + fusion['train_fp32_abs'], (row, bound)
+            assert 0 < row['export_s'] + row['compile_s'] <= row['prep_s']
+    assert result['environment']['backends'].keys() == {'onnxruntime', 'openvino'}
+
+
+def test_tool_marks_backend_rows_skipped_off_the_cpu(tool, monkeypatch):
+    # one row per model for a backend mode (it sets its own precision), none timed on CUDA
+    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
+    specs = tool.repvgg_specs(['A0'], ['fused'], seed=0)
+    args = argparse.Namespace(device=torch.device('cuda'))
+    candidates = tool.make_candidates(specs, ['eager', 'onnxruntime', 'openvino-bf16'],
+                                      ['fp32', 'amp'], torch.zeros(1, 3, 32, 32), args)
+    assert [c.name for c in candidates] == [
+        'RepVGG-A0/fused @eager fp32', 'RepVGG-A0/fused @onnxruntime fp32',
+        'RepVGG-A0/fused @openvino-bf16 bf16', 'RepVGG-A0/fused @eager amp']
+    for cand in candidates[1:3]:
+        assert cand.setup is None and 'CPU only' in cand.info['skipped']
+
+
 def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
     # sys.modules[name] = None makes any import of mmdet fail, as if it were missing
     for name in [n for n in sys.modules if n == 'mmdet' or n.startswith('mmdet.')]:
@@ -208,6 +263,7 @@ def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--archs', 'B1g2,Z9'], "unknown RepVGG arch 'Z9'; valid names: A0, A1"),
     (['--modes', 'eager,turbo'], 'valid modes: eager, channels_last'),
+    (['--modes', 'tensorrt'], 'winograd, onnxruntime, openvino, openvino-bf16, auto, all'),
     (['--resnets', '42'], '--resnets takes depths'),
 ])
 def test_tool_bad_arguments(tool, capsys, argv, message):

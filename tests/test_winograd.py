@@ -9,8 +9,8 @@ from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.reparam import rounding_errors
-from mmrepvgg.winograd import (_TRANSFORMS, TILES, WinogradConv2d, convert_to_winograd,
-                               winograd_unsupported_reason)
+from mmrepvgg.deploy.winograd import (_TRANSFORMS, TILES, WinogradConv2d,
+                                      convert_to_winograd, winograd_unsupported_reason)
 
 
 def error_growth(tile):

@@ -7,13 +7,18 @@ and whole models from config files, all timed in ONE process, interleaved round-
   # a whole segmentor, fused and not (configs of the project, or packaged ones)
   python tools/benchmark.py --archs none --resnets none --batch-size 1 --input-size 512 1024 \\
       --config mmseg::pspnet/pspnet_r50-d8_4xb2-40k_cityscapes-512x1024.py
+  # the models exported to ONNX, in ONNX Runtime and OpenVINO (CPU only), against torch
+  python tools/benchmark.py --archs B1g2 --resnets 101 \\
+      --modes eager,compile,onnxruntime,openvino,openvino-bf16
   # GPU: fp32 and AMP, results and a speed/accuracy plot
   python tools/benchmark.py --device cuda --batch-size 128 --precision fp32,amp \\
       --archs A0,A1,A2,B0,B1g4,B1g2,B1 --json out.json --plot out.png
 
 Every candidate is a (model, mode, precision) triple; modes are the recipes of
-mmrepvgg.speed.optimize_for_inference, applied alike to every model ("same treatment"),
-and the report also gives each model at its own best mode ("best of each").
+mmrepvgg.deploy.optimize_for_inference and the backends of mmrepvgg.deploy.load_backend
+(the model exported to ONNX and run by ONNX Runtime or OpenVINO), applied alike to every
+model ("same treatment"), and the report also gives each model at its own best mode
+("best of each").
 Only torch, mmengine and mmcv's pure-Python parts are needed for the RepVGG rows; mmdet
 (ResNet rows) and mmdet/mmseg (config rows) are imported only when asked for, and those
 rows are skipped with a message when they cannot be imported.
@@ -21,10 +26,13 @@ rows are skipped with a message when they cannot be imported.
 import argparse
 import copy
 import datetime
+import importlib
 import json
 import os
 import os.path as osp
 import sys
+import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -34,13 +42,16 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mmrepvgg.deploy import ExportedPart, export_module, load_backend  # noqa: E402
+from mmrepvgg.deploy.inference import (AUTO_MODE, MODES, PRECISIONS,  # noqa: E402
+                                       optimize_for_inference, resolve_device)
+from mmrepvgg.deploy.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES  # noqa: E402
 from mmrepvgg.models import ARCH_SETTINGS, RepVGG  # noqa: E402
 from mmrepvgg.reparam import (count_unfused, flatten_outputs, fusable_modules,  # noqa: E402
                               randomize_norm_stats, reparameterize)
-from mmrepvgg.speed import (AUTO_MODE, MEMORY_METHODS, MODES, PRECISIONS,  # noqa: E402
-                            Candidate, benchmark_interleaved, count_conv_flops,
-                            environment, optimize_for_inference, ratio, resolve_device)
-from mmrepvgg.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES  # noqa: E402
+from tools.benchmark_harness import (MEMORY_METHODS, Candidate,  # noqa: E402
+                                     benchmark_interleaved, count_conv_flops, environment,
+                                     ratio)
 
 #: ImageNet top-1 of the paper's table (RepVGG paper, 120 epochs; ResNets as reported there).
 PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
@@ -48,6 +59,10 @@ PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
               'RepVGG-B1': 78.37, 'RepVGG-B2g4': 78.50, 'RepVGG-B2': 78.78,
               'ResNet-50': 76.31, 'ResNet-101': 77.21}
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
+#: Modes that export the model to ONNX and run the file outside torch, on the CPU:
+#: mode -> (backend, precision) of mmrepvgg.deploy.load_backend.
+BACKEND_MODES = {'onnxruntime': ('onnxruntime', 'fp32'), 'openvino': ('openvino', 'fp32'),
+                 'openvino-bf16': ('openvino', 'bf16')}
 
 
 def log(msg: str) -> None:
@@ -83,7 +98,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--modes', default='eager,auto',
                         help=f'recipes, comma-separated, from {", ".join(MODES)}; "auto" is '
                              f'the default recipe of the device ({AUTO_MODE}); "all" for '
-                             'every one (default eager,auto)')
+                             'every one of these; the backends '
+                             f'{", ".join(BACKEND_MODES)} (CPU only; each sets its own '
+                             'precision) time the model exported to ONNX (default eager,auto)')
     parser.add_argument('--precision', default='fp32',
                         help=f'comma-separated from {", ".join(PRECISIONS)} (amp: fp16 '
                              'autocast on CUDA, bf16 on CPU); default fp32')
@@ -149,9 +166,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if modes == ['all']:
         modes = list(MODES)
     modes = [AUTO_MODE.get(args.device.type, 'eager') if m == 'auto' else m for m in modes]
-    bad = [m for m in modes if m not in MODES]
+    valid = list(MODES) + list(BACKEND_MODES)
+    bad = [m for m in modes if m not in valid]
     if bad or not modes:
-        parser.error(f'unknown mode {bad}; valid modes: {", ".join(MODES)}, auto, all')
+        parser.error(f'unknown mode {bad}; valid modes: {", ".join(valid)}, auto, all')
     args.modes = list(dict.fromkeys(modes))
     args.precision = list(dict.fromkeys(_csv(args.precision)))
     bad = [p for p in args.precision if p not in PRECISIONS]
@@ -181,10 +199,20 @@ class ModelSpec:
     reference: Optional['ModelSpec'] = None   # whose eager output this one must match
     info: Dict[str, Any] = field(default_factory=dict)
     output: Any = None     # eager fp32 output on the benchmark input
+    # The same for the network the backend modes export, and what it runs where that is
+    # not `method` (a whole model's ExportedPart); why it cannot be exported, if so.
+    exported_output: Any = None
+    exported_info: Dict[str, Any] = field(default_factory=dict)
+    export_error: Optional[str] = None
 
     @property
     def key(self) -> str:
         return f'{self.label}/{self.form}' if self.form else self.label
+
+    def exported_network(self, model: nn.Module) -> nn.Module:
+        """What the backend modes export of ``model`` (this spec's model or a copy): a
+        backbone as it is, a whole model's dense part (one batch in, flat tensors out)."""
+        return model if self.kind == 'backbone' else ExportedPart(model)
 
 
 def repvgg_specs(archs: Sequence[str], forms: Sequence[str], seed: int) -> List[ModelSpec]:
@@ -318,61 +346,137 @@ def _max_difference(a: Any, b: Any) -> Optional[float]:
                for x, y in zip(ta, tb))
 
 
+@torch.no_grad()
+def _eager_pass(model: nn.Module, forward: Callable, inputs: torch.Tensor,
+                check: bool) -> tuple:
+    """The MAC counts of ``forward(inputs)`` and, with ``check``, its outputs on CPU."""
+    counts = count_conv_flops(model, inputs, forward=forward)
+    output = [t.detach().cpu() for t in flatten_outputs(forward(inputs))] if check else None
+    return dict(macs_per_image=counts['macs'] / inputs.shape[0],
+                flops_per_batch=counts['flops']), output
+
+
 def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torch.device,
-                  check: bool) -> None:
-    """One eager fp32 forward of each spec on the device: FLOPs, and the reference output."""
+                  check: bool, exported: bool = False) -> None:
+    """One eager fp32 forward of each spec on the device: FLOPs, and the reference output;
+    with ``exported``, also of the network the backend modes export."""
     for spec in specs:
         model = copy.deepcopy(spec.model).to(device)
         model.eval()
         fwd = getattr(model, spec.method)
         extra = spec.extra_args(inputs.shape[0])
-        with torch.no_grad():
-            counts = count_conv_flops(model, inputs.to(device),
-                                      forward=lambda x: fwd(x, *extra))
-            if check:
-                spec.output = flatten_outputs(fwd(inputs.to(device), *extra))
-                spec.output = [t.detach().cpu() for t in spec.output]
+        macs, spec.output = _eager_pass(model, lambda x: fwd(x, *extra), inputs.to(device),
+                                        check)
+        spec.info.update(macs, params=sum(p.numel() for p in spec.model.parameters()))
+        if exported and spec.kind == 'backbone':
+            spec.exported_output = spec.output
+        elif exported:
+            try:
+                network = spec.exported_network(model)
+            except ValueError as exc:  # a model type mmrepvgg.deploy.parts cannot cut
+                spec.export_error = str(exc)
+            else:
+                macs, spec.exported_output = _eager_pass(network, network, inputs.to(device),
+                                                         check)
+                spec.exported_info = dict(macs, method=f'ExportedPart ({network.kind})')
         del model
-        spec.info.update(macs_per_image=counts['macs'] / inputs.shape[0],
-                         flops_per_batch=counts['flops'],
-                         params=sum(p.numel() for p in spec.model.parameters()))
+
+
+def _torch_setup(cand: Candidate, spec: ModelSpec, mode: str, precision: str,
+                 inputs: torch.Tensor, args) -> Callable[[], Callable[[], Any]]:
+    """A copy of the spec's model prepared by ``optimize_for_inference``."""
+    def setup():
+        runner = optimize_for_inference(
+            copy.deepcopy(spec.model), inputs, args.device, mode, precision,
+            method=spec.method, extra_args=spec.extra_args(inputs.shape[0]),
+            compile_mode=args.compile_mode, cudnn_benchmark=not args.no_cudnn_benchmark,
+            winograd_tile=args.winograd_tile)
+        cand.info['first_call_s'] = round(runner.prep_seconds, 3)
+        if runner.note:
+            cand.info['note'] = runner.note
+        prepared = runner.prepare_input(inputs)
+        ref = spec.reference or spec
+        if ref.output is not None:
+            cand.info['max_abs_diff'] = _max_difference(runner.run(prepared), ref.output)
+        return lambda: runner.run(prepared)
+    return setup
+
+
+def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: str,
+                   inputs: torch.Tensor) -> Callable[[], Callable[[], Any]]:
+    """The spec's network exported to a temporary ONNX file and compiled by ``backend``
+    (both are set-up time); what is timed is the runner's call alone."""
+    def setup():
+        if spec.export_error:
+            raise ValueError(spec.export_error)
+        network = spec.exported_network(copy.deepcopy(spec.model))
+        with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as folder:
+            path = osp.join(folder, 'network.onnx')
+            start = time.perf_counter()
+            export_module(network, inputs, path, dynamic=False)
+            exported = time.perf_counter()
+            runner = load_backend(path, backend, precision, threads=torch.get_num_threads())
+            cand.info.update(export_s=round(exported - start, 3),
+                             compile_s=round(time.perf_counter() - exported, 3))
+        output = runner(inputs)
+        ref = spec.reference or spec
+        if ref.exported_output is not None:
+            cand.info['max_abs_diff'] = _max_difference(output, ref.exported_output)
+        return lambda: runner(inputs)
+    return setup
 
 
 def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                     precisions: Sequence[str], inputs: torch.Tensor, args) -> List[Candidate]:
+    """Every (model, mode, precision) to time. A backend mode sets its own precision, so
+    it gives one row per model; off the CPU its rows are marked ``skipped``."""
     candidates = []
     for precision in precisions:
         for mode in modes:
+            backend = BACKEND_MODES.get(mode)
+            if backend and precision != precisions[0]:
+                continue
+            row_precision = backend[1] if backend else precision
             for spec in specs:
-                name = f'{spec.key} @{mode}' + (f' {precision}' if len(precisions) > 1 else '')
-
-                def setup(spec=spec, mode=mode, precision=precision):
-                    extra = spec.extra_args(inputs.shape[0])
-                    runner = optimize_for_inference(
-                        copy.deepcopy(spec.model), inputs, args.device, mode, precision,
-                        method=spec.method, extra_args=extra, compile_mode=args.compile_mode,
-                        cudnn_benchmark=not args.no_cudnn_benchmark,
-                        winograd_tile=args.winograd_tile)
-                    prepared = runner.prepare_input(inputs)
-                    return lambda: runner.run(prepared), runner
-
+                name = f'{spec.key} @{mode}' + (
+                    f' {row_precision}' if len(precisions) > 1 else '')
                 cand = Candidate(name=name, setup=None, info=dict(
                     model=spec.label, form=spec.form, kind=spec.kind, mode=mode,
-                    precision=precision, key=spec.key, **spec.info))
-
-                def wrapped(setup=setup, cand=cand, spec=spec):
-                    fn, runner = setup()
-                    cand.info['first_call_s'] = round(runner.prep_seconds, 3)
-                    if runner.note:
-                        cand.info['note'] = runner.note
-                    ref = spec.reference or spec
-                    if ref.output is not None:
-                        cand.info['max_abs_diff'] = _max_difference(runner.run(
-                            runner.prepare_input(inputs)), ref.output)
-                    return fn
-                cand.setup = wrapped
+                    precision=row_precision, key=spec.key, **spec.info))
+                if not backend:
+                    cand.setup = _torch_setup(cand, spec, mode, precision, inputs, args)
+                elif args.device.type != 'cpu':
+                    cand.info['skipped'] = f'{mode} runs on the CPU only'
+                else:
+                    cand.info.update(spec.exported_info)
+                    cand.setup = _backend_setup(cand, spec, *backend, inputs)
                 candidates.append(cand)
     return candidates
+
+
+def backend_versions(modes: Sequence[str]) -> Dict[str, str]:
+    """The version of each runtime the backend modes among ``modes`` use."""
+    versions = {}
+    for backend in dict.fromkeys(BACKEND_MODES[m][0] for m in modes if m in BACKEND_MODES):
+        try:
+            versions[backend] = importlib.import_module(backend).__version__
+        except ImportError:
+            versions[backend] = 'not installed'
+    return versions
+
+
+def openvino_bf16_note() -> Optional[str]:
+    """What to say when OpenVINO cannot compute in bf16 on this CPU (it falls back to
+    fp32 then), or None."""
+    try:
+        import openvino
+        capabilities = openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    except Exception:  # noqa: BLE001  (not installed: the rows say so)
+        return None
+    if 'BF16' in capabilities:
+        return None
+    return (f'openvino-bf16: OpenVINO lists no BF16 among this CPU\'s capabilities '
+            f'({", ".join(capabilities)}), so these rows computed in fp32')
 
 
 # --------------------------------------------------------------------------- report
@@ -420,7 +524,8 @@ def format_table(rows: Sequence[Dict[str, Any]], columns: Sequence[tuple]) -> st
 
 MAIN_COLUMNS = (
     ('candidate', lambda r: r['name'], True),
-    ('ms/batch', lambda r: _fmt(r['median_ms']) if not r['error'] else 'FAILED', False),
+    ('ms/batch', lambda r: 'FAILED' if r['error'] else 'skipped' if r.get('skipped')
+     else _fmt(r['median_ms']), False),
     ('IQR', lambda r: _fmt(r['iqr_ms']), False),
     ('min', lambda r: _fmt(r['min_ms']), False),
     ('img/s', lambda r: _fmt(r['images_per_s']), False),
@@ -605,7 +710,7 @@ def write_plot(path: str, rows: Sequence[Dict[str, Any]], comp: Dict[str, Any],
 
 def find_baseline(candidates: Sequence[Candidate], name: Optional[str]) -> Candidate:
     if name is None:
-        timed = [c for c in candidates if c.error is None]
+        timed = [c for c in candidates if c.error is None and c.times]
         return (timed or list(candidates))[0]
     exact = [c for c in candidates if c.name == name]
     if exact:
@@ -634,6 +739,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     env = environment()
     env['date'] = datetime.datetime.now().isoformat(timespec='seconds')
     env['device'] = str(args.device)
+    backend_modes = [m for m in args.modes if m in BACKEND_MODES]
+    on_cpu = args.device.type == 'cpu'
+    env['backends'] = backend_versions(backend_modes)
     command = 'python tools/benchmark.py ' + ' '.join(
         sys.argv[1:] if argv is None else list(argv))
 
@@ -646,23 +754,34 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit('nothing left to time: ' + '; '.join(skipped))
     gen = torch.Generator().manual_seed(args.seed)
     inputs = torch.randn(args.batch_size, 3, *args.input_size, generator=gen)
-    prepare_specs(specs, inputs, args.device, check=not args.no_check)
+    prepare_specs(specs, inputs, args.device, check=not args.no_check,
+                  exported=bool(backend_modes) and on_cpu)
     candidates = make_candidates(specs, args.modes, args.precision, inputs, args)
-    log(f'setting up {len(candidates)} candidates, then {args.warmup} warm-up and '
+    if backend_modes and not on_cpu:
+        msg = (f'skipped the {", ".join(backend_modes)} rows: ONNX Runtime and OpenVINO run '
+               f'on the CPU here, this run is on {args.device} (time them with --device cpu)')
+        log(msg)
+        skipped.append(msg)
+    timed = [c for c in candidates if 'skipped' not in c.info]
+    log(f'setting up {len(timed)} candidates, then {args.warmup} warm-up and '
         f'{args.repeats} timed rounds over all of them...')
-    benchmark_interleaved(candidates, args.device, repeats=args.repeats, warmup=args.warmup,
+    benchmark_interleaved(timed, args.device, repeats=args.repeats, warmup=args.warmup,
                           measure_memory=not args.no_memory, log=log)
     env['loadavg_end'] = environment().get('loadavg')
 
     baseline = find_baseline(candidates, args.baseline)
     rows = result_rows(candidates, args.batch_size, baseline)
-    comp = comparisons(rows, args.precision, args.modes)
+    # the backend modes add the precisions they set (openvino-bf16: bf16)
+    precisions = list(dict.fromkeys(list(args.precision) + [r['precision'] for r in rows]))
+    comp = comparisons(rows, precisions, args.modes)
     methods = sorted({r['memory_method'] for r in rows if r['memory_method']})
 
     header = (f'# {command}\n# {env["date"]}  device {env["device"]}'
               f'{" (" + env["gpu"] + ")" if args.device.type == "cuda" else ""}  '
-              f'cpu {env.get("cpu")} x{env["cpu_count"]}  torch {env["torch"]}  threads '
-              f'{env["threads"]}  load avg {env.get("loadavg")} -> {env.get("loadavg_end")}\n'
+              f'cpu {env.get("cpu")} x{env["cpu_count"]}  torch {env["torch"]}'
+              + ''.join(f'  {name} {version}' for name, version in env['backends'].items())
+              + f'  threads {env["threads"]}  load avg {env.get("loadavg")} -> '
+              f'{env.get("loadavg_end")}\n'
               f'# batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}, '
               f'{args.warmup} warm-up + {args.repeats} timed rounds, interleaved; medians; '
               f'x base = speed relative to {baseline.name!r}')
@@ -674,6 +793,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f'peak MB: {MEMORY_METHODS[m]}.')
     print('prep s: build + optimise + first call (tracing/compiling); max|diff|: against the '
           'eager fp32 output (fused rows: against the training form).')
+    exported_rows = [r for r in rows if r['mode'] in BACKEND_MODES and not r.get('skipped')]
+    if exported_rows:
+        print(f'{"/".join(backend_modes)} rows: the eval-mode network exported to ONNX '
+              '(mmrepvgg.deploy.export_module, static shape) and run on the CPU by '
+              f'mmrepvgg.deploy.load_backend with {env["threads"]} threads; ms/batch is the '
+              'runner\'s call, numpy conversion of input and outputs included; prep s: '
+              'export + compile + first call.')
+    if any(r['kind'] == 'model' for r in exported_rows):
+        print('Whole models in those rows run mmrepvgg.deploy.ExportedPart (the dense part: '
+              'a segmentor to its resized logits, a detector to its dense or RPN head), '
+              'whatever --forward times in torch; GMAC/img and max|diff| are of that part.')
+    bf16_note = openvino_bf16_note() if 'openvino-bf16' in backend_modes and on_cpu else None
+    if bf16_note:
+        env['openvino_bf16'] = bf16_note
+        print(bf16_note)
     for r in rows:
         if r['error']:
             print(f'FAILED {r["name"]}: {r["error"]}')

@@ -67,9 +67,10 @@ def _check_matches(model: nn.Module, kind: str, runner: BackendRunner) -> None:
 
 
 def use_backend(model: nn.Module, path: str, backend: str = 'onnxruntime',
-                precision: str = 'fp32', threads: Optional[int] = None) -> nn.Module:
+                precision: str = 'fp32', threads: Optional[int] = None) -> BackendRunner:
     """Make ``model`` (built from the config the file was exported from) run the exported
-    network of ``path`` in ``backend``; the rest stays in torch. Returns ``model``.
+    network of ``path`` in ``backend``; the rest stays in torch. ``model`` is changed in
+    place; returns the backend runner (its ``precision_used`` says what runs).
 
     Raises:
         FileNotFoundError: ``path``, or the torch-part weights it names, is missing.
@@ -85,4 +86,5 @@ def use_backend(model: nn.Module, path: str, backend: str = 'onnxruntime',
     model.eval()
     _check_matches(model, kind, runner)
     _load_torch_part(model, runner)
-    return attach_backend(model, runner, kind, json.loads(groups))
+    attach_backend(model, runner, kind, json.loads(groups))
+    return runner

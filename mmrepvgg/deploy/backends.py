@@ -43,7 +43,9 @@ class BackendRunner:
     """A compiled ONNX model: ``runner(x)`` -> list of output tensors.
 
     Attributes:
-        backend, precision, path: what runs.
+        backend, precision, path: what runs; ``precision_used``: what the backend
+            actually computes in (OpenVINO runs bf16 requests in fp32 on CPUs without
+            bfloat16 instructions).
         input_name, output_names: the file's tensor names.
         input_shape: the declared input shape, ``None`` for a dynamic axis.
         metadata: the file's metadata properties (``tools/export.py`` records what was
@@ -70,6 +72,8 @@ class BackendRunner:
         self.metadata: Dict[str, str] = {p.key: p.value for p in proto.metadata_props}
         self.path, self.backend, self.precision = path, backend, precision
         self.threads = threads
+        #: the arithmetic the backend chose (OpenVINO may run a bf16 request in fp32)
+        self.precision_used = precision
         del proto
         self._run = (self._load_onnxruntime if backend == 'onnxruntime'
                      else self._load_openvino)(path, precision, threads)
@@ -92,6 +96,10 @@ class BackendRunner:
         if threads:
             config['INFERENCE_NUM_THREADS'] = threads
         compiled = ov.Core().compile_model(path, 'CPU', config)
+        # A CPU without bfloat16 support runs a bf16 request in f32: say what ran.
+        ran = compiled.get_property('INFERENCE_PRECISION_HINT').get_type_name()
+        self.precision_used = {value: key for key, value in
+                               _OPENVINO_PRECISION.items()}.get(ran, ran)
         request = compiled.create_infer_request()
         outputs = compiled.outputs
 

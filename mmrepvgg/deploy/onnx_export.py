@@ -50,6 +50,8 @@ def torch_part_path(onnx_path: str) -> str:
     return stem + '.torch.pth'
 
 
+# torch's exporter colours parts of its messages for terminals
+_ANSI_COLOUR = re.compile(r'\x1b\[[0-9;]*m')
 _OP_PATTERN = re.compile(r'\b(?:aten|torch\.ops\.[A-Za-z_]\w*|[A-Za-z_]\w*)(?:::|\.)'
                          r'([A-Za-z_]\w*)(?:\.(?:default|Tensor|Scalar|int|out)\b)?')
 
@@ -95,7 +97,7 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
             handle and the modules that called them, where it can tell.
     """
     import onnx
-    module = module.eval()
+    module.eval()  # not chained: some modules' train() returns None (mmdet's ResNet)
     tmp = temporary_beside(path, '.onnx')
     kwargs = {}
     if dynamic:
@@ -113,7 +115,7 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
                                   output_names=list(output_names or []) or None,
                                   external_data=False, **kwargs)
         except Exception as err:  # torch.export, decomposition or translation errors
-            text = f'{type(err).__name__}: {err}'
+            text = _ANSI_COLOUR.sub('', f'{type(err).__name__}: {err}')
             owners = _op_owners(module, example_input, text)
             where = (f' (unsupported: {"; ".join(owners)})' if owners else '')
             first = next((line for line in text.splitlines() if line.strip()), text)
@@ -142,7 +144,7 @@ def onnx_parity(module: nn.Module, onnx_path: str, probe: Tensor,
     and ``max_rel`` (ONNX Runtime vs torch fp32, absolute and over the output scale).
     """
     from .backends import load_backend
-    module = module.eval()
+    module.eval()  # not chained: some modules' train() returns None (mmdet's ResNet)
     torch_out = flatten_outputs(module(probe))
     reference = flatten_outputs(copy.deepcopy(module).double()(probe.double()))
     onnx_out = load_backend(onnx_path, 'onnxruntime')(probe)

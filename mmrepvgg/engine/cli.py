@@ -252,11 +252,14 @@ def attach_backend(runner, onnx_file: str, backend: str, precision: str) -> None
     from ..deploy import use_backend
     model = runner.model.module if is_model_wrapper(runner.model) else runner.model
     try:
-        use_backend(model, onnx_file, backend, precision)
+        used = use_backend(model, onnx_file, backend, precision)
     except (OSError, ValueError) as err:
         raise SystemExit(f'error: {err}')
-    runner.logger.info(f'testing {onnx_file} in {backend} ({precision}); the rest of the '
-                       'model runs in torch')
+    log = runner.logger.info
+    if used.precision_used != precision:  # OpenVINO on a CPU without bfloat16
+        log = runner.logger.warning
+    log(f'testing {onnx_file} in {backend} (asked {precision}, runs '
+        f'{used.precision_used}); the rest of the model runs in torch')
 
 
 def resolve_checkpoint(checkpoint: str) -> str:

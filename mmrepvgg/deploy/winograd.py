@@ -13,7 +13,7 @@ go to batched matmuls.
 * ``WinogradConv2d(conv, tile)`` computes ``conv`` (3x3, stride 1, dilation 1, padding 1,
   any groups, zero padding) this way. Eager it is *slower* than ``F.conv2d`` (every
   transform step is a pass over memory); it pays off compiled, which is how
-  ``mmrepvgg.speed.optimize_for_inference(mode='winograd')`` uses it.
+  ``mmrepvgg.deploy.optimize_for_inference(mode='winograd')`` uses it.
 * ``convert_to_winograd(model, tile)`` replaces every such conv of a model, in place.
 
 Accuracy: tile 2 computes in fp32 as accurately as a direct conv (the transforms are exact
@@ -153,7 +153,7 @@ class WinogradConv2d(nn.Module):
             lambda part: [part[:, :, j:j + m * cols:m] for j in range(side)])
         tiles = n * rows * cols
         v = torch.stack(transformed).reshape(side * side, tiles, groups,
-                                              channels // groups)
+                                             channels // groups)
         v = v.transpose(1, 2).reshape(side * side * groups, tiles, channels // groups)
         # One matmul per (tile position, group) over the input channels.
         prod = torch.bmm(v, self.kernel)

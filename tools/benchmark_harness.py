@@ -1,0 +1,260 @@
+"""The measuring harness of ``tools/benchmark.py``: MAC counts, peak memory of one call,
+interleaved timing and what a report states about the machine.
+
+* ``count_conv_flops`` counts the multiply-accumulates of every conv and linear layer with
+  forward hooks (the paper's "FLOPs" are these MACs; FLOP/s figures use 2 x MACs).
+* ``peak_memory`` measures the memory one forward pass needs on CPU or CUDA.
+* ``benchmark_interleaved`` times many candidates in one process, round-robin, so that a
+  noisy machine slows all of them alike, and reports medians and quartiles.
+
+Only torch is needed here (no mmcv.ops, mmdet or mmseg).
+"""
+import ctypes
+import gc
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from mmrepvgg.deploy.inference import describe_error, fp32_math_flags, synchronize
+
+
+# --------------------------------------------------------------------------- FLOPs
+# Not mmengine.analysis: its FlopAnalyzer counts batch norms too (ResNet-101 at 1x3x224x224:
+# 7,831,821,312 against 7,799,357,440 conv MACs; fused B1g2 8,807,694,336 in both).
+@torch.no_grad()
+def count_conv_flops(model: nn.Module, example_input: Tensor,
+                     forward: Optional[Callable] = None) -> Dict[str, int]:
+    """Multiply-accumulates of every ``nn.Conv2d`` and ``nn.Linear`` in one forward pass.
+
+    Counted analytically from each layer's output shape with forward hooks (norms,
+    activations, additions and pooling are not counted). Returns ``{'macs': ...,
+    'flops': 2 * macs, 'convs': number of layer calls}`` for the whole batch.
+    """
+    total = {'macs': 0, 'convs': 0}
+
+    def conv_hook(module, inputs, output):
+        k = module.kernel_size[0] * module.kernel_size[1]
+        total['macs'] += output.numel() * (module.in_channels // module.groups) * k
+        total['convs'] += 1
+
+    def linear_hook(module, inputs, output):
+        total['macs'] += output.numel() * module.in_features
+        total['convs'] += 1
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        (forward or model)(example_input)
+    finally:
+        for h in handles:
+            h.remove()
+    return {'macs': total['macs'], 'flops': 2 * total['macs'], 'convs': total['convs']}
+
+
+# --------------------------------------------------------------------------- memory
+def _proc_status_bytes(key: str) -> Optional[int]:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(key + ':'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS, so that RSS starts from a clean base."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+        return True
+    except OSError:
+        return False
+
+
+#: How ``peak_memory`` measures, per device type, for reports.
+MEMORY_METHODS = {
+    'cuda': 'torch.cuda.max_memory_allocated() minus memory allocated before the call',
+    'cpu': ('peak resident set size of the process during one call minus its RSS before '
+            '(Linux VmHWM, reset through /proc/self/clear_refs; freed heap trimmed first): '
+            'activations, workspaces and any per-call weight reorders, not the weights '
+            'already held'),
+    'cpu-fallback': ('growth of resource.getrusage().ru_maxrss during one call: a lower '
+                     'bound, and 0 for any call that needs less than an earlier peak'),
+}
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[Optional[int], str]:
+    """Extra memory one call of ``fn()`` needs, in bytes, and the method used (a key of
+    ``MEMORY_METHODS``). The call's output is dropped afterwards."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == 'cuda':
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak, 'cuda'
+    _malloc_trim()
+    if sys.platform.startswith('linux') and _reset_peak_rss():
+        base = _proc_status_bytes('VmRSS')
+        out = fn()
+        peak = _proc_status_bytes('VmHWM')
+        del out
+        if base is not None and peak is not None:
+            return max(peak - base, 0), 'cpu'
+    # ru_maxrss is in KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == 'darwin' else 1024
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del out
+    return (peak - base) * scale, 'cpu-fallback'
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class Candidate:
+    """One thing to time: ``setup()`` returns the callable to time (``fn()`` runs one
+    batch); it is called lazily by ``benchmark_interleaved`` so that a failing candidate
+    is reported instead of stopping the run."""
+    name: str
+    setup: Callable[[], Callable[[], Any]]
+    info: Dict[str, Any] = field(default_factory=dict)
+    fn: Optional[Callable[[], Any]] = None
+    times: List[float] = field(default_factory=list)
+    prep_seconds: Optional[float] = None
+    peak_memory: Optional[int] = None
+    memory_method: Optional[str] = None
+    error: Optional[str] = None
+
+    def stats(self) -> Dict[str, Optional[float]]:
+        return summarize(self.times)
+
+
+def summarize(times: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Median, quartiles and IQR (seconds) of a list of timings."""
+    if not times:
+        return dict(median=None, q1=None, q3=None, iqr=None, min=None, n=0)
+    data = sorted(times)
+    if len(data) >= 2:
+        q1, _, q3 = statistics.quantiles(data, n=4, method='inclusive')
+    else:
+        q1 = q3 = data[0]
+    return dict(median=statistics.median(data), q1=q1, q3=q3, iqr=q3 - q1, min=data[0],
+                n=len(data))
+
+
+def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats: int = 20,
+                          warmup: int = 3, measure_memory: bool = True,
+                          memory_repeats: int = 3,
+                          log: Optional[Callable[[str], None]] = None) -> None:
+    """Time every candidate in one process, interleaved.
+
+    Each candidate is set up (its ``prep_seconds`` include the setup's first call), then
+    ``warmup`` untimed rounds and ``repeats`` timed rounds run over all candidates in
+    turn; the starting candidate rotates from round to round so that none always follows
+    the same neighbour. Every call is bracketed by a device synchronisation. A candidate
+    whose setup or call raises keeps the error and is skipped from then on. Finally the
+    peak memory of one call of each is measured outside the timed rounds (the median of
+    ``memory_repeats`` calls: on CPU the RSS-based figure moves with the allocator's state).
+    """
+    device = torch.device(device)
+    log = log or (lambda msg: None)
+    for cand in candidates:
+        start = time.perf_counter()
+        try:
+            cand.fn = cand.setup()
+            synchronize(device)
+        except Exception as exc:  # noqa: BLE001  (reported per candidate)
+            cand.error = describe_error(exc)
+            log(f'  {cand.name}: setup failed: {cand.error}')
+            continue
+        cand.prep_seconds = time.perf_counter() - start
+        log(f'  {cand.name}: ready in {cand.prep_seconds:.1f} s')
+    live = [c for c in candidates if c.error is None]
+    for rnd in range(warmup + repeats):
+        shift = rnd % len(live) if live else 0
+        for cand in live[shift:] + live[:shift]:
+            if cand.error is not None:
+                continue
+            try:
+                synchronize(device)
+                start = time.perf_counter()
+                out = cand.fn()
+                synchronize(device)
+                elapsed = time.perf_counter() - start
+            except Exception as exc:  # noqa: BLE001
+                cand.error = describe_error(exc)
+                log(f'  {cand.name}: failed: {cand.error}')
+                continue
+            del out
+            if rnd >= warmup:
+                cand.times.append(elapsed)
+        if rnd == warmup - 1 or rnd == warmup + repeats - 1 or (
+                rnd >= warmup and (rnd - warmup + 1) % max(1, repeats // 4) == 0):
+            log(f'  round {rnd + 1}/{warmup + repeats} done')
+    if measure_memory:
+        for cand in candidates:
+            if cand.error is None:
+                peaks = [peak_memory(cand.fn, device) for _ in range(max(1, memory_repeats))]
+                cand.peak_memory = int(statistics.median(p for p, _ in peaks))
+                cand.memory_method = peaks[0][1]
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0 or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def environment() -> Dict[str, Any]:
+    """What a benchmark report should state about the machine and software."""
+    info = {'torch': torch.__version__, 'threads': torch.get_num_threads(),
+            'python': sys.version.split()[0], 'cpu_count': os.cpu_count()}
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    info['cpu'] = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    if hasattr(os, 'getloadavg'):
+        info['loadavg'] = [round(v, 2) for v in os.getloadavg()]
+    if torch.cuda.is_available():
+        info['gpu'] = torch.cuda.get_device_name()
+        info['cuda'] = torch.version.cuda
+        info['cudnn'] = torch.backends.cudnn.version()
+        flags = fp32_math_flags(torch.device('cuda'))
+        if flags:
+            info['cuda_fp32_precision'] = {'conv': flags[0].fp32_precision,
+                                           'matmul': flags[-1].fp32_precision}
+        info['fp32_rows'] = 'IEEE fp32 (TF32 off); precision tf32 turns it on'
+    info['mkldnn'] = torch.backends.mkldnn.is_available()
+    return info
