@@ -302,6 +302,22 @@ def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
         test(SEG_CONFIG, foreign, SEG_MODEL, '--backend', 'onnxruntime')
 
 
+def test_input_size_the_network_cannot_take_says_what_would(seg, tmp_path):
+    """mmseg's UNet needs sizes its 16x downsampling divides: the export says so and
+    suggests sizes that fit, before writing anything."""
+    import mmseg
+    config = osp.join(osp.dirname(mmseg.__file__), '.mim', 'configs', 'unet',
+                      'unet-s5-d16_fcn_4xb4-40k_drive-64x64.py')
+    _, model = build_model_from_config(config)
+    ckpt = tmp_path / 'unet.pth'
+    torch.save(dict(meta={}, state_dict=model.state_dict()), ckpt)
+    out = tmp_path / 'unet.onnx'
+    with pytest.raises(SystemExit, match=r'cannot take a 1x3x60x60 input .*multiples of '
+                                         r'the feature stride 32, e.g. --shape 64 64'):
+        _run(export_main, seg.root, [config, ckpt, out, '--shape', '60', '60'])
+    assert sorted(os.listdir(tmp_path)) == ['unet.pth']
+
+
 def test_export_never_overwrites_the_checkpoint(seg, tmp_path):
     same = tmp_path / 'model.onnx'
     same.write_bytes(seg.ckpt.read_bytes())

@@ -167,22 +167,16 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _output_stride_hint(part: ExportedPart, shape: Sequence[int]) -> str:
-    """What input sizes the network takes, for the error when a forward fails."""
-    backbone = getattr(part.model, 'backbone', None)
-    strides = getattr(backbone, 'strides', None)
-    stride = 32
-    if strides is not None:
-        stride = 2
-        for s in strides:
-            stride *= s
-    bins = [max(m.output_size) if isinstance(m.output_size, tuple) else m.output_size
-            for m in part.model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
-    bins = [b for b in bins if b]
-    need = stride * max([1] + bins)
-    fit = [max(need, -(-s // need) * need) for s in shape]
-    return (f'try a multiple of the output stride {stride}, at least {need} '
-            f'(e.g. --shape {fit[0]} {fit[1]})')
+#: The largest stride of the feature maps MMLab backbones give (RepVGG's and ResNet's
+#: last stage, FPN levels below P6): sizes that are multiples of it always line up.
+FEATURE_STRIDE = 32
+
+
+def _shape_hint(shape: Sequence[int]) -> str:
+    """What to try when the network failed on an input of ``shape``."""
+    fit = [max(FEATURE_STRIDE, -(-s // FEATURE_STRIDE) * FEATURE_STRIDE) for s in shape]
+    return (f'try sizes that are multiples of the feature stride {FEATURE_STRIDE}, e.g. '
+            f'--shape {fit[0]} {fit[1]}')
 
 
 def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int],
@@ -219,7 +213,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     except Exception as err:  # noqa: BLE001 - shape errors from any layer
         raise ValueError(f'the network cannot take a {batch}x3x{shape[0]}x{shape[1]} input '
                          f'({type(err).__name__}: {str(err)[:200]}); '
-                         f'{_output_stride_hint(exported, shape)}') from err
+                         f'{_shape_hint(shape)}') from err
     metadata = dict(exported.describe(), **{
         'mmrepvgg.config': osp.basename(config),
         'mmrepvgg.input_shape': json.dumps([None if dynamic else batch, 3]
