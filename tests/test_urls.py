@@ -29,6 +29,7 @@ from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_mode
 from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert_quiet,
                         _log_text, _run, _seg_maps, _state, _test_tool,
                         assert_same_segmentation, train_seg)
+from tools.export import main as export_main
 from tools.test import main as tool_test_main
 from tools.train import main as train_main
 
@@ -131,6 +132,15 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
     assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log
     assert_same_segmentation(_seg_maps(tmp_path / 'plain_maps'),
                              _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+
+
+def test_export_by_url_reads_the_file_once(seg, server, tmp_path):
+    url = server.serve(seg.ckpt, 'iter_1.pth')
+    out = tmp_path / 'backbone.onnx'
+    report = _run(export_main, seg.root, [SEG_CONFIG, url, out, '--mini', '--part',
+                                          'backbone'], SEG_MODEL)
+    assert server.gets == ['/iter_1.pth'] and out.is_file()
+    assert report['fusion']['blocks'] == A0_BLOCKS and report['parity']['within']
 
 
 def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path):
