@@ -25,7 +25,7 @@ import torch.nn as nn
 from .compat import load_file
 
 __all__ = ['LAYOUTS', 'extract_state_dict', 'detect_layout', 'to_mmrepvgg',
-           'load_backbone_checkpoint', 'IMAGENET_WEIGHTS', 'imagenet_checkpoint']
+           'load_backbone_checkpoint', 'fused_form', 'IMAGENET_WEIGHTS', 'imagenet_checkpoint']
 
 # ImageNet-1k weights OpenMMLab hosts for mmpretrain's RepVGG (mmpretrain layout,
 # training form), by arch; the bundled configs start from these. B2g2 and B3g2 have
@@ -257,6 +257,15 @@ def detect_layout(state_dict: Any) -> Tuple[str, bool]:
     """
     info = _convert(state_dict)[1]
     return info['layout'], info['deploy']
+
+
+def fused_form(obj: Any) -> Optional[bool]:
+    """True for a checkpoint object holding a deploy-form RepVGG backbone, False for a
+    training-form one, None when it holds no RepVGG backbone (e.g. a ResNet baseline)."""
+    try:
+        return detect_layout(extract_state_dict(obj))[1]
+    except ValueError:
+        return None
 
 
 def to_mmrepvgg(state_dict: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

@@ -76,15 +76,12 @@ def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
                    avoid: Optional[str], probe: bool = True):
     from mmengine.runner import load_state_dict
 
-    from .checkpoint import detect_layout, extract_state_dict
+    from .checkpoint import fused_form
     source = load_file(_fetch_and_check(checkpoint, avoid) if avoid else
                        fetch_checkpoint(checkpoint))
     if not isinstance(source, dict):
         raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
-    try:
-        fused = detect_layout(extract_state_dict(source))[1]
-    except ValueError:  # no RepVGG backbone in it (e.g. a ResNet baseline)
-        fused = False
+    fused = bool(fused_form(source))  # None: no RepVGG backbone (e.g. a ResNet)
     options = dict(cfg_options or {})
     if fused:
         options['model.backbone.deploy'] = True  # load the fused weights as they are

@@ -278,13 +278,9 @@ def checkpoint_is_fused(path: str) -> Optional[bool]:
     """True for a deploy-form RepVGG checkpoint, False for a training-form one, None when
     it holds no RepVGG backbone. A missing or unreadable file is an error. ``path`` may be
     a URL (see :func:`mmrepvgg.compat.load_file`)."""
-    from ..checkpoint import detect_layout, extract_state_dict
+    from ..checkpoint import fused_form
     from ..compat import load_file
-    state = extract_state_dict(load_file(path))
-    try:
-        return detect_layout(state)[1]
-    except ValueError:
-        return None
+    return fused_form(load_file(path))
 
 
 def is_reparam_hook(hook) -> bool:
