@@ -9,7 +9,7 @@ if torch.__version__ < '2.6':
                       'install a newer torch build (CPU or CUDA) first')
 from .compat import allow_mmengine_checkpoint_types  # noqa: E402
 from .registry import HOOKS, MODELS  # noqa: E402  registries before the modules
-from .models import RepVGG, RepVGGBlock  # noqa: E402
+from .models import QARepVGGBlock, RepVGG, RepVGGBlock  # noqa: E402
 from .reparam import reparameterize  # noqa: E402
 from .engine import ReparamHook  # noqa: E402
 
@@ -17,5 +17,6 @@ from .engine import ReparamHook  # noqa: E402
 # torch's weights_only default in test and resume; allow exactly their types.
 allow_mmengine_checkpoint_types()
 
-__all__ = ['__version__', 'HOOKS', 'MODELS', 'RepVGG', 'RepVGGBlock', 'ReparamHook',
+__all__ = ['__version__', 'HOOKS', 'MODELS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',
+           'ReparamHook',
            'reparameterize', 'allow_mmengine_checkpoint_types']

@@ -7,6 +7,8 @@ Our backbone's state dict (training form / deploy form)::
     stem.pointwise.conv.weight         stem.fused.bias
     stem.pointwise.bn.*
     stage1.1.identity.*                (only where in == out and stride 1)
+    block='qa' (QARepVGG): stem.dense.*, stem.pointwise.weight (no norm), stem.bn.*
+    (the norm after the branch sum); its identity branch has no weights
     stage3.5.se.down.{weight,bias}     stage3.5.se.up.{weight,bias}
 
 Supported source layouts: the official RepVGG release (``stage0.rbr_dense...``),
@@ -69,11 +71,9 @@ LAYOUTS: Dict[str, Dict[str, Any]] = {
     'mmrepvgg': dict(
         blocks=(r'stem\.', r'stage(?P<s>[1-4])\.(?P<i>\d+)\.'),
         stage_offset=0,
-        branches={
-            'dense.conv.': 'dense.conv.', 'dense.bn.': 'dense.bn.',
-            'pointwise.conv.': 'pointwise.conv.', 'pointwise.bn.': 'pointwise.bn.',
-            'identity.': 'identity.', 'fused.': 'fused.',
-            'se.down.': 'se.down.', 'se.up.': 'se.up.'},
+        # Our own names, kept as they are (both block types).
+        branches={b: b for b in ('dense.', 'pointwise.', 'identity.', 'bn.', 'fused.',
+                                 'se.down.', 'se.up.')},
         head=None),
     'official': dict(
         blocks=(r'stage0\.', r'stage(?P<s>[1-4])\.(?P<i>\d+)\.'),
@@ -111,7 +111,7 @@ LAYOUTS: Dict[str, Dict[str, Any]] = {
 # Wrappers seen around a state dict, in order of preference: a timm training
 # checkpoint has both 'state_dict' and 'state_dict_ema'; take the raw weights.
 _WRAPPER_KEYS = ('state_dict', 'model', 'module', 'state_dict_ema', 'model_ema')
-_TRAINING_BRANCHES = ('dense.', 'pointwise.', 'identity.')
+_TRAINING_BRANCHES = ('dense.', 'pointwise.', 'identity.', 'bn.')
 _DEPLOY_BRANCH = 'fused.'
 _OUR_BLOCK = re.compile(r'^(stem|stage[1-4]\.\d+)\.(?P<branch>[a-z]+\.)')
 
@@ -336,7 +336,7 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: Any,
         raise ValueError(
             f'{source} ({info["layout"]} layout) does not match the model: '
             + '; '.join(parts) + '. Is it for a different RepVGG arch '
-            '(depths, SE) than the one built?')
+            "(depths, SE) or block (block='repvgg' vs 'qa') than the one built?")
 
     mismatched = [f'{k}: file {tuple(mapped[k].shape)} vs model {tuple(v.shape)}'
                   for k, v in target.items()

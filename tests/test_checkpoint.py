@@ -410,3 +410,34 @@ def test_shape_mismatch_names_key_and_shapes():
         load_backbone_checkpoint(TinyBackbone(width2=24), src)
     msg = str(err.value)
     assert 'stage2.0.dense.conv.weight: file (32, 16, 3, 3) vs model (24, 16, 3, 3)' in msg
+
+
+# -- the QARepVGG block ----------------------------------------------------------------
+def test_qa_backbone_round_trips_in_training_and_deploy_form(tmp_path):
+    from mmrepvgg import RepVGG, reparameterize
+    from mmrepvgg.checkpoint import fused_form
+    from mmrepvgg.reparam import randomize_norm_stats
+    model = randomize_norm_stats(RepVGG('A0', block='qa')).eval()
+    torch.save({'state_dict': {'backbone.' + k: v for k, v in model.state_dict().items()}},
+               tmp_path / 'qa.pth')
+    assert fused_form(torch.load(tmp_path / 'qa.pth')) is False
+    loaded = RepVGG('A0', block='qa')
+    info = load_backbone_checkpoint(loaded, str(tmp_path / 'qa.pth'))
+    assert info['layout'] == 'mmrepvgg' and info['kept_from_model'] == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    fused = reparameterize(model)
+    assert fused_form(fused.state_dict()) is True
+    deployed = RepVGG('A0', block='qa', deploy=True)
+    load_backbone_checkpoint(deployed, fused.state_dict())
+    assert torch.equal(deployed.stem.fused.weight, fused.stem.fused.weight)
+
+
+def test_repvgg_weights_into_a_qa_backbone_name_the_block():
+    from mmrepvgg import RepVGG
+    with pytest.raises(ValueError) as err:
+        load_backbone_checkpoint(RepVGG('A0', block='qa'), RepVGG('A0').state_dict())
+    msg = str(err.value)
+    assert 'missing key(s): stem.pointwise.weight, stem.bn.weight' in msg
+    assert 'unexpected key(s): stem.pointwise.conv.weight' in msg
+    assert "block (block='repvgg' vs 'qa')" in msg

@@ -5,12 +5,13 @@ import torch
 from mmengine.model import revert_sync_batchnorm
 from torch import nn
 
-from mmrepvgg import RepVGG, RepVGGBlock, reparameterize
+from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, reparameterize
 from mmrepvgg.models import ARCH_SETTINGS, arch_channels
 from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact, count_parameters,
                               count_unfused, fusion_errors, max_output_difference)
 
 ALL_ARCHS = list(ARCH_SETTINGS)
+BLOCK_TYPES = ('repvgg', 'qa')
 
 
 def assert_exact(model, probe, **kwargs):
@@ -23,10 +24,11 @@ def assert_exact(model, probe, **kwargs):
     return errors
 
 
+@pytest.mark.parametrize('block', BLOCK_TYPES)
 @pytest.mark.parametrize('arch', ALL_ARCHS)
-def test_every_variant_fuses_exactly(arch, randomize):
+def test_every_variant_fuses_exactly(arch, block, randomize):
     torch.manual_seed(0)
-    model = randomize(RepVGG(arch))
+    model = randomize(RepVGG(arch, block=block))
     assert_exact(model, torch.randn(1, 3, 32, 32))
 
 
@@ -35,16 +37,19 @@ def test_every_variant_fuses_exactly(arch, randomize):
     ((2, 2, 1, 1), (1, 1, 2, 4), (None, None, 4, 1)),         # B1g2-fast
     ((2, 2, 2, 1), (1, 1, 1, 2), (None, None, None, None)),   # output stride 16
 ])
-def test_strided_and_dilated_fusion_is_exact(strides, dilations, num_dilated, randomize):
+@pytest.mark.parametrize('block', BLOCK_TYPES)
+def test_strided_and_dilated_fusion_is_exact(strides, dilations, num_dilated, block,
+                                             randomize):
     torch.manual_seed(1)
     model = randomize(RepVGG('B1g2', strides=strides, dilations=dilations,
-                             num_dilated_blocks=num_dilated))
+                             num_dilated_blocks=num_dilated, block=block))
     assert_exact(model, torch.randn(1, 3, 32, 48))
 
 
-def test_block_grouped_identity_and_se(randomize):
+@pytest.mark.parametrize('block_cls', [RepVGGBlock, QARepVGGBlock])
+def test_block_grouped_identity_and_se(block_cls, randomize):
     torch.manual_seed(2)
-    block = randomize(RepVGGBlock(8, 8, groups=4, dilation=3, se_ratio=4)).eval()
+    block = randomize(block_cls(8, 8, groups=4, dilation=3, se_ratio=4)).eval()
     assert block.identity is not None and block.se is not None
     fused = copy.deepcopy(block)
     fused.switch_to_deploy()
@@ -158,6 +163,12 @@ def test_custom_arch_dict_and_se():
     assert all(b.se is not None for b in model.modules() if isinstance(b, RepVGGBlock))
 
 
+def test_unknown_block_lists_the_valid_ones():
+    with pytest.raises(KeyError, match="unknown RepVGG block 'qarepvgg'; valid names: "
+                                       'repvgg, qa'):
+        RepVGG('A0', block='qarepvgg')
+
+
 def test_bad_arguments_say_what_is_allowed():
     with pytest.raises(KeyError, match='valid names: A0, A1'):
         RepVGG('B9')
@@ -180,11 +191,41 @@ def test_train_mode_fusion_is_refused():
         reparameterize(RepVGG('A0'))
 
 
-def test_syncbn_config_reverted_to_batchnormxd_fuses(randomize):
-    model = RepVGG('A0', norm_cfg=dict(type='SyncBN', requires_grad=True))
+@pytest.mark.parametrize('block', BLOCK_TYPES)
+def test_syncbn_config_reverted_to_batchnormxd_fuses(block, randomize):
+    model = RepVGG('A0', norm_cfg=dict(type='SyncBN', requires_grad=True), block=block)
     model = randomize(revert_sync_batchnorm(model)).eval()
     assert 'BatchNormXd' in type(model.stem.dense.bn).__name__
     assert_exact(model, torch.randn(1, 3, 32, 32))
+
+
+def test_qa_block_has_norms_only_on_the_3x3_branch_and_after_the_sum():
+    block = QARepVGGBlock(8, 8)
+    assert isinstance(block.dense.bn, nn.BatchNorm2d) and isinstance(block.bn, nn.BatchNorm2d)
+    assert isinstance(block.pointwise, nn.Conv2d) and block.pointwise.bias is None
+    assert isinstance(block.identity, nn.Identity)
+    norms = [n for n, m in block.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms == ['dense.bn', 'bn']
+    assert QARepVGGBlock(8, 16).identity is None and QARepVGGBlock(8, 8, 2).identity is None
+    # The norm after the sum normalises all three branches: with the 3x3 and 1x1 kernels
+    # zeroed the block still computes relu(bn(x)), the identity through the shared norm.
+    with torch.no_grad():
+        block.dense.conv.weight.zero_()
+        block.pointwise.weight.zero_()
+        block.bn.running_mean.fill_(0.5)
+    x = torch.randn(1, 8, 5, 5)
+    expected = torch.relu(block.dense.bn.eval()(torch.zeros_like(x)) + x - 0.5)
+    torch.testing.assert_close(block.eval()(x), expected / (1 + block.bn.eps) ** 0.5)
+
+
+def test_qa_backbone_fuses_to_the_same_deploy_form_as_repvgg(randomize):
+    qa = reparameterize(randomize(RepVGG('A0', block='qa')).eval())
+    plain = RepVGG('A0', deploy=True)
+    assert qa.state_dict().keys() == plain.state_dict().keys()
+    assert all(v.shape == plain.state_dict()[k].shape for k, v in qa.state_dict().items())
+    plain.load_state_dict(qa.state_dict())  # a deploy-form model loads either
+    probe = torch.randn(1, 3, 32, 32)
+    assert max_output_difference(qa, plain.eval(), probe) == 0
 
 
 def test_reparameterize_nested_copy_and_idempotent(randomize):

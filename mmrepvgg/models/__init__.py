@@ -1,4 +1,5 @@
-from .rep_block import RepVGGBlock
+from .rep_block import BLOCKS, QARepVGGBlock, RepVGGBlock
 from .repvgg import ARCH_SETTINGS, RepVGG, arch_channels, resolve_arch
 
-__all__ = ['ARCH_SETTINGS', 'RepVGG', 'RepVGGBlock', 'arch_channels', 'resolve_arch']
+__all__ = ['ARCH_SETTINGS', 'BLOCKS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',
+           'arch_channels', 'resolve_arch']

@@ -1,8 +1,9 @@
 """Fusion maths of structural re-parameterization: tensors in, kernel and bias out.
 
-Every branch of a RepVGG block is turned into an equivalent 3x3 kernel plus bias; the
-block's fused conv is their sum. The block, the model-wide ``reparameterize`` and the
-conversion tool all come through here, so the maths lives in one place.
+Every branch of a block is turned into an equivalent 3x3 kernel plus bias; the block's
+fused conv is their sum (for the QARepVGG block, with the batch norm after the sum folded
+in last). The blocks, the model-wide ``reparameterize`` and the conversion tool all come
+through here, so the maths lives in one place.
 """
 from typing import Optional, Tuple
 
@@ -25,8 +26,10 @@ def check_fusable_norm(norm: nn.Module) -> None:
                          'it has no running statistics to fold into the conv')
 
 
-def fuse_conv_bn(kernel: Tensor, norm: nn.Module) -> Tuple[Tensor, Tensor]:
-    """Fold an eval-mode batch norm that follows a bias-free conv into kernel and bias.
+def fuse_conv_bn(kernel: Tensor, norm: nn.Module,
+                 conv_bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Fold an eval-mode batch norm that follows a conv (bias-free unless ``conv_bias``)
+    into kernel and bias.
 
     Returned in float64: callers sum branches there and cast once at the end.
     """
@@ -34,8 +37,9 @@ def fuse_conv_bn(kernel: Tensor, norm: nn.Module) -> Tuple[Tensor, Tensor]:
     f64 = torch.float64
     weight = None if norm.weight is None else norm.weight.detach().to(f64)
     bias = None if norm.bias is None else norm.bias.detach().to(f64)
+    conv_bias = None if conv_bias is None else conv_bias.detach().to(f64)
     fused_kernel, fused_bias = fuse_conv_bn_weights(
-        kernel.detach().to(f64), None, norm.running_mean.to(f64),
+        kernel.detach().to(f64), conv_bias, norm.running_mean.to(f64),
         norm.running_var.to(f64), norm.eps, weight, bias)
     return fused_kernel.detach(), fused_bias.detach()
 
@@ -75,4 +79,23 @@ def fuse_branches(dense_kernel: Tensor, dense_norm: nn.Module,
                               dense_kernel.device)
         k, b = fuse_conv_bn(eye, identity_norm)
         kernel, bias = kernel + k, bias + b
+    return kernel.to(dense_kernel.dtype), bias.to(dense_kernel.dtype)
+
+
+def fuse_qa_branches(dense_kernel: Tensor, dense_norm: nn.Module, pointwise_kernel: Tensor,
+                     sum_norm: nn.Module, with_identity: bool,
+                     groups: int = 1) -> Tuple[Tensor, Tensor]:
+    """Fuse a QARepVGG block: 3x3 conv+BN, plain 1x1 conv and plain identity, summed, then
+    the batch norm after the sum, into one 3x3 kernel and bias.
+
+    The bias-free branches add only to the kernel; the post-sum norm then scales the whole
+    sum (kernel and the dense branch's bias) per output channel, as one conv+BN fold.
+    Float64 throughout, cast back once, as in :func:`fuse_branches`.
+    """
+    kernel, bias = fuse_conv_bn(dense_kernel, dense_norm)
+    kernel = kernel + pad_1x1_to_3x3(pointwise_kernel.detach().to(torch.float64))
+    if with_identity:
+        kernel = kernel + identity_kernel(dense_kernel.shape[0], groups, torch.float64,
+                                          dense_kernel.device)
+    kernel, bias = fuse_conv_bn(kernel, sum_norm, conv_bias=bias)
     return kernel.to(dense_kernel.dtype), bias.to(dense_kernel.dtype)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import MODELS
-from .rep_block import RepVGGBlock
+from .rep_block import BLOCKS, RepVGGBlock
 
 # Even-numbered layers of stages 1-4 (numbered from 1 across stages) are grouped in the
 # g2/g4 variants; 26 is the last even layer of the 27-layer B family.
@@ -99,6 +99,10 @@ class RepVGG(BaseModule):
         norm_eval: keep batch norms in eval mode while training.
         with_cp: gradient checkpointing of each block, to save memory.
         deploy: build the fused form directly (plain 3x3 conv + ReLU blocks).
+        block: the training-form block, ``'repvgg'`` (RepVGG's three branches with a
+            batch norm each) or ``'qa'`` (QARepVGG: norms only on the 3x3 branch and
+            after the sum, for models that will be quantized to INT8). Both fuse into
+            the same deploy form.
     """
 
     def __init__(self, arch: Union[str, dict] = 'B1g2', in_channels: int = 3,
@@ -109,9 +113,14 @@ class RepVGG(BaseModule):
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
                  norm_cfg: dict = dict(type='BN', requires_grad=True),
                  act_cfg: dict = dict(type='ReLU'), deploy: bool = False,
-                 init_cfg: Optional[Union[dict, list]] = None):
+                 block: str = 'repvgg', init_cfg: Optional[Union[dict, list]] = None):
         super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch)
+        if block not in BLOCKS:
+            raise KeyError(f'unknown RepVGG block {block!r}; valid names: '
+                           f'{", ".join(BLOCKS)}')
+        self.block_type = block
+        block_cls = BLOCKS[block]
         strides = _per_stage('strides', strides, 'usually 1 or 2')
         dilations = _per_stage('dilations', dilations, 'e.g. (1, 1, 2, 4) for stride 8')
         num_dilated_blocks = _per_stage('num_dilated_blocks', num_dilated_blocks,
@@ -127,9 +136,9 @@ class RepVGG(BaseModule):
 
         stage_channels = arch_channels(self.arch)
         self.stem_channels = min(64, stage_channels[0])
-        block = dict(norm_cfg=norm_cfg, act_cfg=act_cfg, deploy=deploy,
-                     se_ratio=self.arch['se_ratio'])
-        self.stem = RepVGGBlock(in_channels, self.stem_channels, stride=2, **block)
+        block_args = dict(norm_cfg=norm_cfg, act_cfg=act_cfg, deploy=deploy,
+                          se_ratio=self.arch['se_ratio'])
+        self.stem = block_cls(in_channels, self.stem_channels, stride=2, **block_args)
 
         self.stage_names = []
         layer, channels = 1, self.stem_channels
@@ -138,10 +147,10 @@ class RepVGG(BaseModule):
             dilated_from = depth - (depth if num_dilated_blocks[i] is None
                                     else num_dilated_blocks[i])
             for j in range(depth):
-                blocks.append(RepVGGBlock(
+                blocks.append(block_cls(
                     channels, width, stride=strides[i] if j == 0 else 1,
                     dilation=dilations[i] if j >= dilated_from else 1,
-                    groups=self.arch['groups'].get(layer, 1), **block))
+                    groups=self.arch['groups'].get(layer, 1), **block_args))
                 layer, channels = layer + 1, width
             name = f'stage{i + 1}'
             self.add_module(name, nn.Sequential(*blocks))
