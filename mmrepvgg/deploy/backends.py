@@ -21,6 +21,8 @@ BACKENDS = ('onnxruntime', 'openvino')
 #: the CPU has neither.
 PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16')}
 _OPENVINO_PRECISION = {'fp32': 'f32', 'bf16': 'bf16'}
+#: Metadata key tools/quantize.py records its settings under (JSON).
+QUANTIZATION_KEY = 'mmrepvgg.quantization'
 
 
 def read_onnx(path: str, load_weights: bool = False):
@@ -50,6 +52,8 @@ class BackendRunner:
         input_shape: the declared input shape, ``None`` for a dynamic axis.
         metadata: the file's metadata properties (``tools/export.py`` records what was
             exported there).
+        quantized: the file is an INT8 model of ``tools/quantize.py`` (it runs in int8
+            whatever ``precision`` says, which then applies to the ops left in float).
     """
 
     def __init__(self, path: str, backend: str, precision: str = 'fp32',
@@ -70,6 +74,7 @@ class BackendRunner:
         self.input_name = inputs[0].name
         self.output_names = [o.name for o in proto.graph.output]
         self.metadata: Dict[str, str] = {p.key: p.value for p in proto.metadata_props}
+        self.quantized = QUANTIZATION_KEY in self.metadata
         self.path, self.backend, self.precision = path, backend, precision
         self.threads = threads
         #: the arithmetic the backend chose (OpenVINO may run a bf16 request in fp32)

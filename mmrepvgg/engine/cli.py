@@ -258,6 +258,10 @@ def attach_backend(runner, onnx_file: str, backend: str, precision: str) -> None
     log = runner.logger.info
     if used.precision_used != precision:  # OpenVINO on a CPU without bfloat16
         log = runner.logger.warning
+    if used.quantized:
+        log(f'testing the INT8 (QDQ) model {onnx_file} in {backend} (ops left in float run '
+            f'{used.precision_used}); the rest of the model runs in torch')
+        return
     log(f'testing {onnx_file} in {backend} (asked {precision}, runs '
         f'{used.precision_used}); the rest of the model runs in torch')
 

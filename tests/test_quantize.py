@@ -1,0 +1,205 @@
+"""The QARepVGG block through the tools, and tools/quantize.py: INT8 files calibrated on
+the config's data and scored by tools/test.py --backend.
+
+RepVGG-A0 PSPNets after one training iteration on the mini data, in-process, with the
+fixtures and helpers of tests/test_tools.py and tests/test_deploy.py.
+"""
+import json
+import os.path as osp
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from mmrepvgg.deploy import load_backend
+from mmrepvgg.deploy.quantize import calibration_inputs, sqnr_db
+from mmrepvgg.engine.cli import load_config
+from test_deploy import _export, _no_temporary_files, _plain_graph
+from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN,  # noqa: F401
+                        _convert_quiet, _cwd, _log_text, _run, _seg_maps, _test_tool,
+                        assert_same_segmentation, det)
+from tools.quantize import REPO, parse_args
+from tools.quantize import main as quantize_main
+from tools.train import main as train_main
+
+QA_MODEL = SEG_MODEL + ['model.backbone.block=qa']
+
+
+@pytest.fixture(scope='module')
+def qa_seg(mini_root, tmp_path_factory):
+    """A QARepVGG-A0 PSPNet after one iteration, and its fp32 ONNX export."""
+    work = tmp_path_factory.mktemp('qa_train')
+    _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work], TRAIN + QA_MODEL)
+    fixture = SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
+    fixture.onnx = work / 'pspnet.onnx'
+    _export(fixture, SEG_CONFIG, fixture.ckpt, fixture.onnx, QA_MODEL)
+    return fixture
+
+
+def _quantize(fixture, model, output, *extra, model_args=QA_MODEL):
+    return _run(quantize_main, fixture.root,
+                [SEG_CONFIG, model, output, '--mini', *extra], model_args)
+
+
+def _metadata(path):
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+# ------------------------------------------------------------- QA block through the tools
+def test_qa_pspnet_deploys_converts_and_exports_as_plain_convs(qa_seg, tmp_path):
+    def test(ckpt, name, *extra):
+        return _test_tool(qa_seg, SEG_CONFIG, ckpt, tmp_path / name,
+                          tmp_path / f'{name}_maps', QA_MODEL, *extra)
+
+    plain, _ = test(qa_seg.ckpt, 'plain')
+    deploy, deploy_work = test(qa_seg.ckpt, 'deploy', '--deploy')
+    assert 'ReparamHook: fused 22 blocks' in _log_text(deploy_work)
+    fused = tmp_path / 'fused.pth'
+    _convert_quiet(qa_seg.root, [SEG_CONFIG, qa_seg.ckpt, fused, '--cfg-options', *QA_MODEL])
+    converted, _ = test(fused, 'converted', '--deploy')
+    reference = _seg_maps(tmp_path / 'plain_maps')
+    assert_same_segmentation(reference, _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+    assert_same_segmentation(reference, _seg_maps(tmp_path / 'converted_maps'), plain,
+                             converted)
+
+    report = _export(qa_seg, SEG_CONFIG, qa_seg.ckpt, tmp_path / 'backbone.onnx', QA_MODEL,
+                     '--part', 'backbone')
+    assert report['node_types'] == {'Conv': 22, 'Relu': 22}
+    _plain_graph(report['node_types'])
+    assert report['parity']['within']
+
+
+# ------------------------------------------------------------------------- quantization
+def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, tmp_path):
+    out = tmp_path / 'pspnet_int8.onnx'
+    report = _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2')
+    _no_temporary_files(tmp_path)
+    assert report['calibration_images'] == 2
+    assert report['quantized_ops']['QuantizeLinear'] > 0
+    meta = _metadata(out)
+    settings = json.loads(meta['mmrepvgg.quantization'])
+    assert settings['method'] == 'minmax' and settings['calibration_images'] == 2
+    assert settings['split'] == 'test' and settings['toolkit'].startswith('onnxruntime')
+    # the export's own metadata is kept, so tools/test.py checks the file as any other
+    assert meta['mmrepvgg.part'] == 'segmentor' and meta['mmrepvgg.config'] == osp.basename(
+        SEG_CONFIG)
+
+    # Every conv runs on int8 weights, one scale per output channel.
+    proto = onnx.load(str(out))
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    convs = [n for n in proto.graph.node if n.op_type == 'Conv']
+    assert len(convs) == 28  # 22 backbone blocks, 4 pyramid-pooling convs, bottleneck, cls
+    for conv in convs:
+        weight = producers[conv.input[1]]
+        assert weight.op_type == 'DequantizeLinear'
+        assert init[weight.input[0]].dtype == np.int8
+        assert init[weight.input[1]].shape == (init[weight.input[0]].shape[0],)
+
+    # Independent of the tool's report: the INT8 outputs follow the fp32 file's on the
+    # calibration images far closer than noise would (a broken range gives <= 0 dB);
+    # 8-bit quantization of ~30 stacked layers keeps tens of dB.
+    assert report['sqnr_db'] > 12, report['sqnr_db']
+    with _cwd(qa_seg.root):  # the mini data's paths are relative
+        args = parse_args([SEG_CONFIG, 'in.onnx', 'out.onnx', '--mini', '--cfg-options',
+                           *QA_MODEL])
+        images = calibration_inputs(load_config(args, osp.join(REPO, 'configs', '_base_',
+                                                               'mini')), 2)
+    fp32, int8 = load_backend(str(qa_seg.onnx)), load_backend(str(out))
+    assert int8.quantized and not fp32.quantized
+    sqnr = sqnr_db([t for x in images for t in fp32(x)], [t for x in images for t in int8(x)])
+    assert abs(sqnr - report['sqnr_db']) < 1e-6
+
+    for backend in ('onnxruntime', 'openvino'):
+        metrics, work = _test_tool(qa_seg, SEG_CONFIG, out, tmp_path / backend,
+                                   tmp_path / f'{backend}_maps', QA_MODEL, '--backend',
+                                   backend)
+        assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics) and metrics['aAcc'] > 0
+        assert 'testing the INT8 (QDQ) model' in _log_text(work)
+
+
+def _activation_scales(path):
+    proto = onnx.load(str(path))
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    return sorted(float(init[n.input[1]]) for n in proto.graph.node
+                  if n.op_type == 'QuantizeLinear' and n.input[0] not in init)
+
+
+def test_calibration_methods_and_per_tensor_weights(qa_seg, tmp_path):
+    scales = {}
+    for method in ('minmax', 'percentile', 'entropy'):
+        out = tmp_path / f'{method}.onnx'
+        report = _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2', '--method', method)
+        assert json.loads(_metadata(out)['mmrepvgg.quantization'])['method'] == method
+        assert np.isfinite(report['sqnr_db'])
+        scales[method] = _activation_scales(out)
+    # Same tensors quantized, ranges chosen differently: percentile and entropy clip
+    # below the observed extremes minmax keeps.
+    assert len(scales['minmax']) == len(scales['percentile']) == len(scales['entropy'])
+    for method in ('percentile', 'entropy'):
+        assert scales[method] != scales['minmax']
+        assert sum(scales[method]) < sum(scales['minmax'])
+
+    out = tmp_path / 'per_tensor.onnx'
+    _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2', '--per-tensor')
+    proto = onnx.load(str(out))
+    init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    weight_scales = [init[n.input[1]] for n in proto.graph.node
+                     if n.op_type == 'DequantizeLinear' and init.get(n.input[0]) is not None
+                     and init[n.input[0]].dtype == np.int8]
+    assert weight_scales and all(s.size == 1 for s in weight_scales)
+
+
+def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
+    out = tmp_path / 'int8.onnx'
+
+    def refused(model, *extra, model_args=QA_MODEL):
+        with pytest.raises(SystemExit) as err:
+            _quantize(qa_seg, model, out, *extra, model_args=model_args)
+        assert not out.exists()
+        _no_temporary_files(tmp_path)
+        return str(err.value)
+
+    # a calibration set larger than the data
+    msg = refused(qa_seg.onnx, '--calib', '3')
+    assert 'asked for 3 calibration images' in msg and 'holds only 2' in msg
+    # data the config cannot load
+    msg = refused(qa_seg.onnx, '--calib', '1', model_args=QA_MODEL + [
+        'test_dataloader.dataset.data_root=nowhere/mini_cityscapes'])
+    assert 'cannot load the calibration data from test_dataloader' in msg and 'nowhere' in msg
+    # an already quantized file
+    int8 = tmp_path / 'done' / 'int8.onnx'
+    _quantize(qa_seg, qa_seg.onnx, int8, '--calib', '1')
+    msg = refused(int8, '--calib', '1')
+    assert 'already quantized' in msg and 'QuantizeLinear' in msg
+    # an ONNX file that tools/export.py did not write
+    foreign = tmp_path / 'foreign.onnx'
+    proto = onnx.load(str(qa_seg.onnx))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(foreign))
+    assert 'was not written by tools/export.py' in refused(foreign, '--calib', '1')
+    foreign.unlink()
+    # not ONNX at all, and outputs that would overwrite the input or are not .onnx
+    assert 'is not an ONNX model' in refused(qa_seg.ckpt, '--calib', '1')
+    with pytest.raises(SystemExit, match='OUTPUT is the input file'):
+        _run(quantize_main, qa_seg.root, [SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, '--mini',
+                                          '--calib', '1'], QA_MODEL)
+    with pytest.raises(SystemExit, match='must end with .onnx'):
+        _run(quantize_main, qa_seg.root, [SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth',
+                                          '--mini', '--calib', '1'], QA_MODEL)
+    assert not (tmp_path / 'int8.pth').exists()
+
+
+def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # noqa: F811
+    fp32 = tmp_path / 'frcnn.onnx'
+    _export(det, DET_CONFIG, det.ckpt, fp32, DET_MODEL, '--dynamic')
+    out = tmp_path / 'frcnn_int8.onnx'
+    report = _run(quantize_main, det.root, [DET_CONFIG, fp32, out, '--mini', '--calib', '2'],
+                  DET_MODEL)
+    assert report['torch_part'] == str(tmp_path / 'frcnn_int8.torch.pth')
+    assert _metadata(out)['mmrepvgg.torch_part'] == 'frcnn_int8.torch.pth'
+    metrics, _ = _test_tool(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
+                            DET_MODEL, '--backend', 'onnxruntime')
+    assert 'coco/bbox_mAP' in metrics

@@ -1,0 +1,74 @@
+"""Quantize an exported network to static INT8 (QDQ), calibrated on the config's data.
+
+  python tools/quantize.py CONFIG MODEL.onnx OUTPUT.onnx [--calib N] [--method M]
+                           [--split test|val|train] [--per-tensor] [--reduce-range]
+                           [--mini] [--cfg-options ...]
+
+MODEL.onnx is a file of tools/export.py (fp32). The N calibration images go through the
+config's test pipeline (or --split's) and its data preprocessor, as in tools/test.py.
+Evaluate the result like any exported model:
+
+  python tools/test.py CONFIG OUTPUT.onnx --backend onnxruntime   (or openvino)
+"""
+import argparse
+import os.path as osp
+import sys
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)  # run from a checkout
+
+import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
+from mmengine.config import DictAction  # noqa: E402
+from mmrepvgg.deploy.quantize import METHODS, calibration_inputs, quantize_onnx  # noqa: E402
+from mmrepvgg.engine.cli import load_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Quantize an exported ONNX file to INT8')
+    parser.add_argument('config', help='the config the file was exported from')
+    parser.add_argument('model', help='fp32 ONNX file written by tools/export.py')
+    parser.add_argument('output', help='the INT8 ONNX file to write')
+    parser.add_argument('--calib', type=int, default=32,
+                        help='number of calibration images (default 32)')
+    parser.add_argument('--method', choices=METHODS, default='minmax',
+                        help='how activation ranges are chosen (default minmax)')
+    parser.add_argument('--split', choices=('test', 'val', 'train'), default='test',
+                        help='the dataloader the images come from (default test)')
+    parser.add_argument('--per-tensor', action='store_true',
+                        help='one scale per weight tensor instead of per output channel')
+    parser.add_argument('--reduce-range', action='store_true',
+                        help='7-bit weights (CPUs without VNNI: avoids u8s8 saturation)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config entries, as in tools/test.py')
+    parser.add_argument('--mini', action='store_true',
+                        help='calibrate on the synthetic mini dataset (as tools/test.py)')
+    parser.set_defaults(launcher='none', work_dir=None, local_rank=0)  # for load_config
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
+    try:
+        images = calibration_inputs(cfg, args.calib, args.split)
+        report = quantize_onnx(args.model, args.output, images, args.method,
+                               per_channel=not args.per_tensor,
+                               reduce_range=args.reduce_range,
+                               info=dict(config=osp.basename(args.config), split=args.split))
+    except (OSError, ValueError) as err:
+        raise SystemExit(f'error: {err}')
+    shape = 'x'.join(map(str, images[0].shape[1:]))
+    print(f'[quantize] calibrated on {len(images)} {args.split} images ({shape}), '
+          f'{args.method}; weights {report["settings"]["weights"]}, activations uint8 per '
+          f'tensor')
+    print('[quantize] quantized ops: ' + ', '.join(f'{k} {v}' for k, v in
+                                                   report['quantized_ops'].items()))
+    print(f'[quantize] output SQNR vs the fp32 file on the calibration images: '
+          f'{report["sqnr_db"]:.1f} dB')
+    written = [args.output] + ([report['torch_part']] if report['torch_part'] else [])
+    print(f'[quantize] wrote {", ".join(written)}')
+    return report
+
+
+if __name__ == '__main__':
+    main()
