@@ -198,7 +198,7 @@ def test_tool_times_the_exported_backends(tool, monkeypatch):
     # The tool's A0 built as TINY, to keep its four exports short; openvino-bf16 stands for
     # both OpenVINO modes (it computes in fp32 where the CPU has no bf16 arithmetic).
     monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
-    modes = ['eager', 'onnxruntime', 'openvino-bf16']
+    modes = ['eager', 'onnxruntime', 'openvino-bf16', 'onnxruntime-int8']
     result = tool.main(['--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
                         '--input-size', '32', '32', '--repeats', '2', '--warmup', '0',
                         '--modes', ','.join(modes), '--no-memory', '--no-flush-denormal',
@@ -229,6 +229,14 @@ def test_tool_times_the_exported_backends(tool, monkeypatch):
             assert len(row['times_ms']) == 2 and min(row['times_ms']) > 0, row
             assert row['max_abs_diff'] <= bound + fusion['train_fp32_abs'], (row, bound)
             assert 0 < row['export_s'] + row['compile_s'] <= row['prep_s']
+        # INT8: quantized first (within the set-up time), then timed like the others. Its
+        # error is quantization's: 8-bit activations through a few layers keep it to a few
+        # percent of the output scale (0.2: far from noise, which is ~1x), never zero.
+        row = rows[f'RepVGG-A0/{form} @onnxruntime-int8']
+        assert row['error'] is None and row['precision'] == 'int8', row
+        assert len(row['times_ms']) == 2 and min(row['times_ms']) > 0, row
+        assert 0 < row['quantize_s'] < row['prep_s']
+        assert 0 < row['max_abs_diff'] <= 0.2 * scale, (row['max_abs_diff'], scale)
     assert result['environment']['backends'].keys() == {'onnxruntime', 'openvino'}
 
 
@@ -263,7 +271,8 @@ def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
 @pytest.mark.parametrize('argv, message', [
     (['--archs', 'B1g2,Z9'], "unknown RepVGG arch 'Z9'; valid names: A0, A1"),
     (['--modes', 'eager,turbo'], 'valid modes: eager, channels_last'),
-    (['--modes', 'tensorrt'], 'winograd, onnxruntime, openvino, openvino-bf16, auto, all'),
+    (['--modes', 'tensorrt'], 'winograd, onnxruntime, openvino, openvino-bf16, '
+                              'onnxruntime-int8, openvino-int8, auto, all'),
     (['--resnets', '42'], '--resnets takes depths'),
 ])
 def test_tool_bad_arguments(tool, capsys, argv, message):

@@ -42,7 +42,8 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from mmrepvgg.deploy import ExportedPart, export_module, load_backend  # noqa: E402
+from mmrepvgg.deploy import (ExportedPart, export_module, load_backend,  # noqa: E402
+                             quantize_onnx)
 from mmrepvgg.deploy.inference import (AUTO_MODE, MODES, PRECISIONS,  # noqa: E402
                                        optimize_for_inference, resolve_device)
 from mmrepvgg.deploy.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES  # noqa: E402
@@ -60,9 +61,13 @@ PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
               'ResNet-50': 76.31, 'ResNet-101': 77.21}
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
 #: Modes that export the model to ONNX and run the file outside torch, on the CPU:
-#: mode -> (backend, precision) of mmrepvgg.deploy.load_backend.
+#: mode -> (backend, precision) of mmrepvgg.deploy.load_backend; int8: the file quantized
+#: by mmrepvgg.deploy.quantize_onnx first (static QDQ, calibrated on the benchmark input:
+#: the ranges change the numbers, not the work).
 BACKEND_MODES = {'onnxruntime': ('onnxruntime', 'fp32'), 'openvino': ('openvino', 'fp32'),
-                 'openvino-bf16': ('openvino', 'bf16')}
+                 'openvino-bf16': ('openvino', 'bf16'),
+                 'onnxruntime-int8': ('onnxruntime', 'int8'),
+                 'openvino-int8': ('openvino', 'int8')}
 
 
 def log(msg: str) -> None:
@@ -413,11 +418,20 @@ def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: st
         with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as folder:
             path = osp.join(folder, 'network.onnx')
             start = time.perf_counter()
-            export_module(network, inputs, path, dynamic=False)
-            exported = time.perf_counter()
-            runner = load_backend(path, backend, precision, threads=torch.get_num_threads())
+            export_module(network, inputs, path, dynamic=False,
+                          metadata={'mmrepvgg.part': spec.kind})
+            exported = ready = time.perf_counter()
+            run_precision = precision
+            if precision == 'int8':
+                int8 = osp.join(folder, 'network_int8.onnx')
+                quantize_onnx(path, int8, list(inputs.split(1)))
+                ready = time.perf_counter()
+                cand.info['quantize_s'] = round(ready - exported, 3)
+                path, run_precision = int8, 'fp32'
+            runner = load_backend(path, backend, run_precision,
+                                  threads=torch.get_num_threads())
             cand.info.update(export_s=round(exported - start, 3),
-                             compile_s=round(time.perf_counter() - exported, 3))
+                             compile_s=round(time.perf_counter() - ready, 3))
         output = runner(inputs)
         ref = spec.reference or spec
         if ref.exported_output is not None:
@@ -800,6 +814,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f'mmrepvgg.deploy.load_backend with {env["threads"]} threads; ms/batch is the '
               'runner\'s call, numpy conversion of input and outputs included; prep s: '
               'export + compile + first call.')
+    if any(r['precision'] == 'int8' for r in exported_rows):
+        print('int8 rows: the exported file quantized to static INT8 first '
+              '(mmrepvgg.deploy.quantize_onnx, QDQ, int8 weights per channel, uint8 '
+              'activations calibrated on the benchmark input; prep s includes it); '
+              'max|diff| there is quantization error, not a check.')
     if any(r['kind'] == 'model' for r in exported_rows):
         print('Whole models in those rows run mmrepvgg.deploy.ExportedPart (the dense part: '
               'a segmentor to its resized logits, a detector to its dense or RPN head), '
