@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from mmrepvgg.deploy import load_backend
@@ -105,8 +106,12 @@ def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, t
     with _cwd(qa_seg.root):  # the mini data's paths are relative
         args = parse_args([SEG_CONFIG, 'in.onnx', 'out.onnx', '--mini', '--cfg-options',
                            *QA_MODEL])
-        images = calibration_inputs(load_config(args, osp.join(REPO, 'configs', '_base_',
-                                                               'mini')), 2)
+        cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
+        images = calibration_inputs(cfg, 2)
+        # training images read through the test pipeline: the exported shape, not crops
+        train = calibration_inputs(cfg, 3, 'train')
+    assert [tuple(x.shape) for x in images + train] == [(1, 3, 128, 256)] * 5
+    assert not any(torch.equal(a, b) for a in images for b in train)
     fp32, int8 = load_backend(str(qa_seg.onnx)), load_backend(str(out))
     assert int8.quantized and not fp32.quantized
     sqnr = sqnr_db([t for x in images for t in fp32(x)], [t for x in images for t in int8(x)])

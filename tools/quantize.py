@@ -4,8 +4,9 @@
                            [--split test|val|train] [--per-tensor] [--reduce-range]
                            [--mini] [--cfg-options ...]
 
-MODEL.onnx is a file of tools/export.py (fp32). The N calibration images go through the
-config's test pipeline (or --split's) and its data preprocessor, as in tools/test.py.
+MODEL.onnx is a file of tools/export.py (fp32). The N calibration images are the first of
+the --split dataset (default test; train keeps them apart from the evaluation images),
+read through the config's test pipeline and its data preprocessor, as in tools/test.py.
 Evaluate the result like any exported model:
 
   python tools/test.py CONFIG OUTPUT.onnx --backend onnxruntime   (or openvino)
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     parser.add_argument('--method', choices=METHODS, default='minmax',
                         help='how activation ranges are chosen (default minmax)')
     parser.add_argument('--split', choices=('test', 'val', 'train'), default='test',
-                        help='the dataloader the images come from (default test)')
+                        help='the dataset the images come from, read through the test '
+                             'pipeline (default test)')
     parser.add_argument('--per-tensor', action='store_true',
                         help='one scale per weight tensor instead of per output channel')
     parser.add_argument('--reduce-range', action='store_true',

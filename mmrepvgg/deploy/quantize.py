@@ -68,10 +68,32 @@ def _split_images(inputs: Tensor) -> List[Tensor]:
     return [inputs[i:i + 1] for i in range(inputs.shape[0])]
 
 
+def _calibration_loader(cfg, split: str):
+    """The ``{split}_dataloader`` config, its images read through the test pipeline in
+    dataset order: the inputs the exported file sees in tools/test.py."""
+    import copy
+    loader_cfg = cfg.get(f'{split}_dataloader')
+    if not loader_cfg:
+        raise ValueError(f'the config has no {split}_dataloader to draw calibration images '
+                         'from; choose another split (train, val, test)')
+    loader_cfg = copy.deepcopy(loader_cfg)
+    if split != 'test':
+        test_pipeline = (cfg.get('test_dataloader') or {}).get('dataset', {}).get('pipeline')
+        if test_pipeline is None or 'pipeline' not in loader_cfg.get('dataset', {}):
+            raise ValueError(f'cannot read the {split} images through the test pipeline: '
+                             f'{split}_dataloader.dataset has no pipeline of its own (a '
+                             'wrapped dataset?) or the config no test pipeline; use --split '
+                             'test')
+        loader_cfg.dataset.pipeline = test_pipeline
+    loader_cfg.sampler = dict(type='DefaultSampler', shuffle=False)
+    return loader_cfg
+
+
 def calibration_inputs(cfg, num: int, split: str = 'test') -> List[Tensor]:
-    """``num`` preprocessed images (1x3xHxW each) from the config's ``{split}_dataloader``,
-    through its pipeline and the model's data preprocessor in test mode, in dataset
-    order (the loader's own sampler; a train loader shuffles with the config's seed).
+    """``num`` preprocessed images (1x3xHxW each), the first ones of the config's
+    ``{split}_dataloader`` dataset, read through the test pipeline and the model's data
+    preprocessor in test mode: what ``tools/test.py --backend`` feeds the file. ``split``
+    ``train`` calibrates on training images, apart from the ones the metric is computed on.
 
     Raises:
         ValueError: the config has no such loader, its data cannot be loaded, or it holds
@@ -81,17 +103,13 @@ def calibration_inputs(cfg, num: int, split: str = 'test') -> List[Tensor]:
     from mmengine.runner import Runner
     if num < 1:
         raise ValueError(f'the calibration set needs at least 1 image, asked {num}')
-    loader_cfg = cfg.get(f'{split}_dataloader')
-    if not loader_cfg:
-        raise ValueError(f'the config has no {split}_dataloader to draw calibration images '
-                         'from; choose another split (train, val, test)')
     init_default_scope(cfg.get('default_scope') or 'mmengine')
+    loader_cfg = _calibration_loader(cfg, split)
     dataset = loader_cfg.get('dataset', {})
     where = (f'{split}_dataloader.dataset (type {dataset.get("type")}, data_root '
              f'{dataset.get("data_root")!r})')
     try:
-        loader = Runner.build_dataloader(loader_cfg, seed=cfg.get('randomness', {})
-                                         .get('seed') or 0)
+        loader = Runner.build_dataloader(loader_cfg)
         size = len(loader.dataset)
     except Exception as err:  # noqa: BLE001 - missing files, bad annotations, ...
         raise ValueError(f'cannot load the calibration data from {where}: '
