@@ -208,3 +208,24 @@ def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # n
     metrics, _ = _test_tool(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
                             DET_MODEL, '--backend', 'onnxruntime')
     assert 'coco/bbox_mAP' in metrics
+
+
+def test_quantization_report_scores_every_form(qa_seg, tmp_path):
+    from tools.quantization_report import main as report_main
+    with _cwd(qa_seg.root):
+        results = report_main([SEG_CONFIG, str(qa_seg.ckpt), '--work-dir', str(tmp_path),
+                               '--mini', '--calib', '2', '--methods', 'minmax',
+                               '--sqnr-images', '2', '--cfg-options', *QA_MODEL])
+    metrics = results['metrics']
+    assert list(metrics) == ['torch fp32', 'torch fused fp32', 'onnxruntime fp32',
+                             'onnxruntime int8 minmax']
+    # fusion and export keep the metric (a pixel tie may move it by 0.05, see test_tools)
+    for form in ('torch fused fp32', 'onnxruntime fp32'):
+        for key, value in metrics['torch fp32'].items():
+            assert abs(metrics[form][key] - value) <= 0.05, (form, key)
+    sqnr = results['sqnr_db']['minmax']
+    assert list(sqnr) == ['stage 1', 'stage 2', 'stage 3', 'stage 4', 'all']
+    assert all(0 < v < 100 for v in sqnr.values()), sqnr
+    # one entry per fused block, each kernel's largest weight beyond its std
+    assert len(results['weight_ranges']) == 22
+    assert all(r > 1 for _, r in results['weight_ranges'])

@@ -171,8 +171,8 @@ def _entropy_overrides(prepared: str, input_name: str, batches: Sequence[Tensor]
         prepared, list(OP_TYPES), augmented_model_path=osp.join(work, 'augmented.onnx'),
         calibrate_method=CalibrationMethod.Entropy,
         extra_options=dict(num_bins=ENTROPY_BINS, num_quantized_bins=128, symmetric=False))
-    calibrator.collect_data(_reader(input_name, batches))
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints its bin counts
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its progress
+        calibrator.collect_data(_reader(input_name, batches))
         ranges = calibrator.compute_data()
     overrides = {}
     for name, data in ranges.items():
@@ -198,11 +198,12 @@ def _quantize_static(source: str, output: str, input_name: str, batches: Sequenc
         if method == 'entropy':  # ranges found here; quantize_static's own run is ignored
             extra['TensorQuantOverrides'] = _entropy_overrides(prepared, input_name,
                                                                batches, work)
-        quantize_static(prepared, output, _reader(input_name, batches),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        reduce_range=reduce_range, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=calibrate,
-                        op_types_to_quantize=list(OP_TYPES), extra_options=extra)
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(prepared, output, _reader(input_name, batches),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=calibrate,
+                            op_types_to_quantize=list(OP_TYPES), extra_options=extra)
 
 
 def quantize_onnx(model: str, output: str, images: Sequence[Tensor], method: str = 'minmax',
