@@ -86,7 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='RepVGG variants, comma-separated, "all" or "none" '
                              f'(valid: {", ".join(ARCH_SETTINGS)}); default B1g2')
     parser.add_argument('--forms', default='train,fused',
-                        help='RepVGG forms to time: train, fused or both (default both)')
+                        help='RepVGG forms to time (backbones and --config models): train, '
+                             'fused or both (default both)')
     parser.add_argument('--resnets', default='50,101',
                         help='mmdet ResNet depths, comma-separated, or "none" (default 50,101)')
     parser.add_argument('--config', action='append', default=[], metavar='CONFIG',
@@ -280,7 +281,8 @@ def _dummy_data_samples(scope: str, batch: int, height: int, width: int) -> Opti
 
 
 def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], seed: int,
-                 skipped: List[str]) -> List[ModelSpec]:
+                 skipped: List[str], forms: Sequence[str] = ('train', 'fused')
+                 ) -> List[ModelSpec]:
     specs = []
     height, width = input_size
     for path in paths:
@@ -337,8 +339,10 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
         train = ModelSpec(label, 'train', 'model', model, method, extra, info=info)
         fused = reparameterize(model)
         info_fused = dict(info, unfused_left=count_unfused(fused))
-        specs += [train, ModelSpec(label, 'fused', 'model', fused, method, extra,
-                                   reference=train, info=info_fused)]
+        specs += [train] if 'train' in forms else []
+        if 'fused' in forms:
+            specs.append(ModelSpec(label, 'fused', 'model', fused, method, extra,
+                                   reference=train, info=info_fused))
     return specs
 
 
@@ -763,7 +767,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     log('building models...')
     specs = repvgg_specs(args.archs, args.forms, args.seed)
     specs += resnet_specs(args.resnets, args.seed, skipped)
-    specs += config_specs(args.config, args.forward, args.input_size, args.seed, skipped)
+    specs += config_specs(args.config, args.forward, args.input_size, args.seed, skipped,
+                          args.forms)
     if not specs:
         raise SystemExit('nothing left to time: ' + '; '.join(skipped))
     gen = torch.Generator().manual_seed(args.seed)
