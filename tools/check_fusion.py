@@ -71,5 +71,6 @@ def check(arch, block, probe, seed):
         return [f'{arch} ({block} block): {exc}']
     return []
 
+
 if __name__ == '__main__':
     sys.exit(main())
