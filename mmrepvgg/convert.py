@@ -4,6 +4,7 @@
 - ``convert_release``: an official / mmpretrain / timm release file to this project's
   backbone layout, so configs can load it with ``init_cfg=dict(type='Pretrained', ...)``.
 """
+import contextlib
 import os
 import os.path as osp
 import tempfile
@@ -47,6 +48,30 @@ def temporary_beside(path: str, suffix: str = '.tmp') -> str:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     return tmp
+
+
+@contextlib.contextmanager
+def staged_files():
+    """Write several files that appear together: ``stage(path, suffix)`` gives a
+    temporary file beside ``path``, ``publish(*paths)`` renames the staged files onto
+    their paths in that order (the main file last, so it never exists without its
+    companions); whatever was not published is removed when the block ends."""
+    staged = {}
+
+    def stage(path: str, suffix: str = '.tmp') -> str:
+        staged[path] = temporary_beside(path, suffix)
+        return staged[path]
+
+    def publish(*paths: str) -> None:
+        for path in paths:
+            os.replace(staged.pop(path), path)
+
+    try:
+        yield stage, publish
+    finally:
+        for tmp in staged.values():
+            if osp.exists(tmp):
+                os.remove(tmp)
 
 
 def save_atomic(obj, path: str) -> None:

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..convert import load_fused_model, save_atomic, temporary_beside
+from ..convert import load_fused_model, save_atomic, staged_files, temporary_beside
 from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
 from .parts import ExportedPart
 
@@ -220,15 +220,14 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
                                            + ([None, None] if dynamic else list(shape)))})
     torch_state = exported.torch_state()
     side = torch_part_path(output) if torch_state else None
-    side_tmp = None
-    if side:
-        side_tmp = temporary_beside(side, '.pth')
-        save_atomic(dict(meta=dict(config=osp.basename(config), kind=exported.kind),
-                         state_dict=torch_state), side_tmp)
-        metadata.update({'mmrepvgg.torch_part': osp.basename(side),
-                         'mmrepvgg.torch_part_sha256': _sha256(side_tmp)})
-    onnx_tmp = temporary_beside(output, '.onnx')
-    try:
+    with staged_files() as (stage, publish):
+        if side:
+            side_tmp = stage(side, '.pth')
+            save_atomic(dict(meta=dict(config=osp.basename(config), kind=exported.kind),
+                             state_dict=torch_state), side_tmp)
+            metadata.update({'mmrepvgg.torch_part': osp.basename(side),
+                             'mmrepvgg.torch_part_sha256': _sha256(side_tmp)})
+        onnx_tmp = stage(output, '.onnx')
         export_module(exported, probe, onnx_tmp, dynamic, opset, exported.output_names(),
                       metadata)
         parity = None
@@ -246,13 +245,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         opset_written = max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')),
                             default=None)
         del proto
-        if side:
-            os.replace(side_tmp, side)
-        os.replace(onnx_tmp, output)
-    finally:
-        for tmp in (onnx_tmp, side_tmp):
-            if tmp and osp.exists(tmp):
-                os.remove(tmp)
+        publish(*([side] if side else []), output)
     return dict(kind=exported.kind, output_names=exported.output_names(), fusion=fusion,
                 parity=parity, node_types=node_types, torch_part=side, opset=opset_written,
                 input_shape=json.loads(metadata['mmrepvgg.input_shape']))

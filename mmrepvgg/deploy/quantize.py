@@ -13,7 +13,6 @@ Nothing half-written is ever left at the output path (temporary files, then rena
 import contextlib
 import io
 import json
-import os
 import os.path as osp
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..convert import temporary_beside
+from ..convert import staged_files
 from .backends import QUANTIZATION_KEY, load_backend, read_onnx
 from .onnx_export import torch_part_path
 
@@ -258,8 +257,8 @@ def quantize_onnx(model: str, output: str, images: Sequence[Tensor], method: str
                     activations='uint8 per tensor', reduce_range=reduce_range)
     side_src = metadata.get('mmrepvgg.torch_part')
     side = torch_part_path(output) if side_src else None
-    onnx_tmp, side_tmp = temporary_beside(output, '.onnx'), None
-    try:
+    with staged_files() as (stage, publish):
+        onnx_tmp = stage(output, '.onnx')
         _quantize_static(model, onnx_tmp, fp32.input_name, batches, method, per_channel,
                          reduce_range)
         quantized = onnx.load(onnx_tmp)
@@ -273,20 +272,14 @@ def quantize_onnx(model: str, output: str, images: Sequence[Tensor], method: str
         onnx.save(quantized, onnx_tmp)
         del quantized
         if side:
-            side_tmp = temporary_beside(side, '.pth')
-            shutil.copyfile(osp.join(osp.dirname(osp.abspath(model)), side_src), side_tmp)
+            shutil.copyfile(osp.join(osp.dirname(osp.abspath(model)), side_src),
+                            stage(side, '.pth'))
         int8 = load_backend(onnx_tmp, 'onnxruntime')
         reference, result = [], []
         for batch in batches:
             reference += fp32(batch)
             result += int8(batch)
         sqnr = sqnr_db(reference, result)
-        if side:
-            os.replace(side_tmp, side)
-        os.replace(onnx_tmp, output)
-    finally:
-        for tmp in (onnx_tmp, side_tmp):
-            if tmp and osp.exists(tmp):
-                os.remove(tmp)
+        publish(*([side] if side else []), output)
     return dict(quantized_ops=ops, sqnr_db=sqnr, calibration_images=len(images),
                 torch_part=side, settings=settings)
