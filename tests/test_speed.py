@@ -12,7 +12,7 @@ import torch
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.deploy.inference import MODES, optimize_for_inference
-from mmrepvgg.deploy.winograd import FASTEST_TILE, convert_to_winograd
+from mmrepvgg.deploy.winograd import convert_to_winograd
 from mmrepvgg.reparam import (assert_fusion_exact, fusion_errors, output_error,
                               rounding_bound, rounding_errors)
 from tools.benchmark_harness import (Candidate, benchmark_interleaved, count_conv_flops,
@@ -60,11 +60,11 @@ def test_optimized_output_equals_eager_fused(fused_tiny, mode):
         expected = fused_tiny(x)
         # winograd's own eager fp32 error is the baseline of its compiled run
         same_math = copy.deepcopy(fused_tiny)
-        if mode == 'winograd':
-            convert_to_winograd(same_math, FASTEST_TILE)
+        if mode == 'winograd':  # the tiny model's convs are too narrow for tile 'auto'
+            convert_to_winograd(same_math, 4)
         eager = same_math(x)
     reference_model = copy.deepcopy(fused_tiny)
-    runner = optimize_for_inference(fused_tiny, x, device='cpu', mode=mode)
+    runner = optimize_for_inference(fused_tiny, x, device='cpu', mode=mode, winograd_tile=4)
     out = runner(x)
     assert runner.mode == mode and runner.prep_seconds > 0
     assert len(out) == len(expected) == 4
@@ -240,6 +240,36 @@ def test_tool_times_the_exported_backends(tool, monkeypatch):
     assert result['environment']['backends'].keys() == {'onnxruntime', 'openvino'}
 
 
+def test_tool_times_aoti_packages_with_their_load_time(tool, monkeypatch):
+    # compiled into a package (set-up time, load time in its own column), then timed; the
+    # Winograd package at tile 4 (the tiny model's convs are too narrow for 'auto')
+    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
+    result = tool.main(['--archs', 'A0', '--forms', 'fused', '--resnets', 'none',
+                        '--batch-size', '1', '--input-size', '32', '32', '--repeats', '2',
+                        '--warmup', '0', '--modes', 'eager,aoti,winograd-aoti',
+                        '--winograd-tile', '4', '--no-memory', '--device', 'cpu'])
+    rows = {c['name']: c for c in result['candidates']}
+    train = tool.repvgg_specs(['A0'], ['train'], seed=0)[0].model
+    inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    fusion = fusion_errors(train, inputs)
+    # as for the ONNX rows: within rounding_bound of torch's own fp32 error, plus the
+    # training form's (the fused rows' reference); Winograd's convs may magnify rounding
+    # by up to error_growth(4) = 256 (tests/test_winograd.py)
+    fp32_bound = rounding_bound(fusion['fused_fp32_abs'], fusion['output_scale'])
+    bounds = {'aoti': fp32_bound, 'winograd-aoti': 256 * fp32_bound}
+    eager = rows['RepVGG-A0/fused @eager']
+    peak = result['environment']['matmul_peak']
+    assert peak['tflops'] > 0 and peak['size'] in (1024, 2048, 3072)
+    assert eager['x_peak'] == pytest.approx(eager['tflops'] / peak['tflops'])
+    for mode in bounds:
+        row = rows[f'RepVGG-A0/fused @{mode}']
+        assert row['error'] is None and len(row['times_ms']) == 2, row
+        assert 0 < row['load_s'] and 0 < row['compile_s'] <= row['prep_s']
+        assert row['export_s'] + row['compile_s'] + row['load_s'] <= row['prep_total_s']
+        assert row['max_abs_diff'] <= bounds[mode] + fusion['train_fp32_abs'], row
+    assert result['environment']['backends'] == {'aoti': torch.__version__}
+
+
 def test_tool_marks_backend_rows_skipped_off_the_cpu(tool, monkeypatch):
     # one row per model for a backend mode (it sets its own precision), none timed on CUDA
     monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
@@ -272,7 +302,8 @@ def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
     (['--archs', 'B1g2,Z9'], "unknown RepVGG arch 'Z9'; valid names: A0, A1"),
     (['--modes', 'eager,turbo'], 'valid modes: eager, channels_last'),
     (['--modes', 'tensorrt'], 'winograd, onnxruntime, openvino, openvino-bf16, '
-                              'onnxruntime-int8, openvino-int8, auto, all'),
+                              'onnxruntime-int8, openvino-int8, aoti, winograd-aoti, auto, '
+                              'all'),
     (['--resnets', '42'], '--resnets takes depths'),
 ])
 def test_tool_bad_arguments(tool, capsys, argv, message):

@@ -1,6 +1,7 @@
 """Winograd convs compute the same convolution as F.conv2d (eager; compiled runs are in
 test_speed.py through optimize_for_inference(mode='winograd'))."""
 import copy
+from fractions import Fraction
 
 import pytest
 import torch
@@ -9,8 +10,10 @@ from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.reparam import rounding_errors
-from mmrepvgg.deploy.winograd import (_TRANSFORMS, TILES, WinogradConv2d,
-                                      convert_to_winograd, winograd_unsupported_reason)
+from mmrepvgg.deploy.winograd import (MIN_CHANNELS_PER_GROUP, TILES, WinogradConv2d,
+                                      auto_tile, convert_to_winograd, tile_products,
+                                      transform_matrices, winograd_pays,
+                                      winograd_unsupported_reason)
 
 
 def error_growth(tile):
@@ -21,9 +24,10 @@ def error_growth(tile):
     sum |g||d|; with every |g| = |d| = 1 that is, per axis (the transforms are
     separable), max(|A^T| (|G| 1 (.) |B^T| 1)) against 3, squared for two axes:
     (8/3)^2 = 7.1 for tile 2, (48/3)^2 = 256 for tile 4 (the fractions of G and the
-    powers of 2 in A^T). Worst cases: random data stays well below.
+    powers of 2 in A^T), more for tile 6. Worst cases: random data stays well below.
     """
-    m = {k: torch.tensor(v, dtype=torch.float64).abs() for k, v in _TRANSFORMS[tile].items()}
+    m = {k: torch.tensor([[float(c) for c in row] for row in v], dtype=torch.float64).abs()
+         for k, v in transform_matrices(tile).items()}
     per_axis = (m['AT'] @ (m['G'].sum(1) * m['BT'].sum(1))).max().item() / 3
     return per_axis ** 2
 
@@ -64,6 +68,22 @@ def test_exact_in_float64(tile, groups, bias, size):
 def test_error_growth_of_the_transforms():
     assert error_growth(2) == pytest.approx((8 / 3) ** 2)
     assert error_growth(4) == pytest.approx(16 ** 2)
+    assert error_growth(4) < error_growth(6) < 1e5
+
+
+@pytest.mark.parametrize('tile', TILES)
+def test_transforms_are_the_1d_correlation(tile):
+    # A^T [(G g) * (B^T d)] is the valid 1-D correlation of d with g, exactly (rationals)
+    mats = transform_matrices(tile)
+    g = [Fraction(k + 2, 3) for k in range(3)]
+    d = [Fraction((-1) ** i * (i + 1), 7) for i in range(tile + 2)]
+    gg = [sum(row[k] * g[k] for k in range(3)) for row in mats['G']]
+    dd = [sum(row[i] * d[i] for i in range(tile + 2)) for row in mats['BT']]
+    y = [sum(row[j] * gg[j] * dd[j] for j in range(tile + 2)) for row in mats['AT']]
+    assert y == [sum(g[k] * d[i + k] for k in range(3)) for i in range(tile)]
+    # the published F(4x4, 3x3) data transform (Lavin & Gray) comes out of the points
+    if tile == 4:
+        assert mats['BT'][0] == [4, 0, -5, 0, 1, 0]
 
 
 @pytest.mark.parametrize('tile', TILES)
@@ -103,7 +123,7 @@ def test_unsupported_convs_say_why(conv, message):
 
 
 def test_unknown_tile_lists_valid_ones():
-    with pytest.raises(ValueError, match=r'unknown Winograd tile 3; valid: \(2, 4\)'):
+    with pytest.raises(ValueError, match=r'unknown Winograd tile 3; valid: \(2, 4, 6\)'):
         WinogradConv2d(nn.Conv2d(4, 4, 3, padding=1), tile=3)
     # refused up front, even by a model with nothing to convert
     with pytest.raises(ValueError, match='unknown Winograd tile 3'):
@@ -129,6 +149,37 @@ def test_convert_a_fused_repvgg(randomize, tile):
     # Winograd and the direct convs' errors alike
     assert_within_growth(out, expected, reference, tile)
     assert convert_to_winograd(fused) == 0  # nothing left to convert
+
+
+def test_auto_tile_counts_products_on_whole_tiles():
+    # 14x14: F(2x2) 7x7 tiles of 16 = 784, F(4x4) 4x4 of 36 = 576, F(6x6) 3x3 of 64 = 576
+    assert [tile_products(t, 14, 14) for t in TILES] == [784, 576, 576]
+    assert auto_tile(14, 14) == 4  # the tie goes to the smaller tile
+    assert auto_tile(56, 56) == 4  # F(6x6) would save only 9%
+    assert auto_tile(48, 48) == 6  # 4096 products against 5184
+    assert auto_tile(1, 3) == 2
+
+
+def test_auto_converts_the_convs_where_winograd_pays(randomize):
+    model = reparameterize(randomize(RepVGG('B1g2', out_indices=(3,))).eval())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = copy.deepcopy(model).double()(x.double())
+        expected = model(x)
+    with pytest.raises(ValueError, match='pass example_input'):
+        convert_to_winograd(model, 'auto')
+    direct = [m for m in model.modules() if winograd_unsupported_reason(m) is None]
+    replaced = convert_to_winograd(model, 'auto', x)
+    # B1g2's stride-1 convs: 3 + 5 + 15 (the last stage has none); stage 1's grouped ones
+    # have 64 channels per group, too few to pay
+    assert len(direct) == 23 and replaced == 21
+    assert all(winograd_pays(m) == (min(m.in_channels, m.out_channels) // m.groups
+                                    >= MIN_CHANNELS_PER_GROUP) for m in direct)
+    tiles = {m.tile for m in model.modules() if isinstance(m, WinogradConv2d)}
+    assert tiles == {auto_tile(8, 8)}  # a 64x64 input: 16x16, 8x8, 4x4 maps
+    with torch.no_grad():
+        out = model(x)
+    assert_within_growth(out, expected, reference, max(tiles))
 
 
 def test_repr_names_the_tile():

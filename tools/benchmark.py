@@ -43,16 +43,17 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from mmrepvgg.deploy import (ExportedPart, export_module, load_backend,  # noqa: E402
-                             quantize_onnx)
+                             package_module, quantize_onnx)
 from mmrepvgg.deploy.inference import (AUTO_MODE, MODES, PRECISIONS,  # noqa: E402
                                        optimize_for_inference, resolve_device)
 from mmrepvgg.deploy.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES  # noqa: E402
+from mmrepvgg.deploy.winograd import convert_to_winograd  # noqa: E402
 from mmrepvgg.models import ARCH_SETTINGS, RepVGG  # noqa: E402
 from mmrepvgg.reparam import (count_unfused, flatten_outputs, fusable_modules,  # noqa: E402
                               randomize_norm_stats, reparameterize)
 from tools.benchmark_harness import (MEMORY_METHODS, Candidate,  # noqa: E402
                                      benchmark_interleaved, count_conv_flops, environment,
-                                     ratio)
+                                     matmul_peak, ratio)
 
 #: ImageNet top-1 of the paper's table (RepVGG paper, 120 epochs; ResNets as reported there).
 PAPER_TOP1 = {'RepVGG-A0': 72.41, 'RepVGG-A1': 74.46, 'RepVGG-A2': 76.48,
@@ -64,10 +65,13 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 #: mode -> (backend, precision) of mmrepvgg.deploy.load_backend; int8: the file quantized
 #: by mmrepvgg.deploy.quantize_onnx first (static QDQ, calibrated on the benchmark input:
 #: the ranges change the numbers, not the work).
+#: ``aoti``: the network compiled into an AOTInductor package (mmrepvgg.deploy.aoti) and
+#: loaded back; ``winograd-aoti``: the same with Winograd convs (--winograd-tile).
 BACKEND_MODES = {'onnxruntime': ('onnxruntime', 'fp32'), 'openvino': ('openvino', 'fp32'),
                  'openvino-bf16': ('openvino', 'bf16'),
                  'onnxruntime-int8': ('onnxruntime', 'int8'),
-                 'openvino-int8': ('openvino', 'int8')}
+                 'openvino-int8': ('openvino', 'int8'),
+                 'aoti': ('aoti', 'fp32'), 'winograd-aoti': ('aoti', 'fp32')}
 
 
 def log(msg: str) -> None:
@@ -122,10 +126,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--baseline', default=None,
                         help='candidate the "x base" column compares with (a name as '
                              'printed, or a unique prefix); default the first row')
-    parser.add_argument('--winograd-tile', type=int, default=FASTEST_TILE,
-                        choices=WINOGRAD_TILES,
-                        help='output tile of the winograd recipe: 4 is fastest, 2 as '
-                             f'accurate as a direct conv (default: {FASTEST_TILE})')
+    parser.add_argument('--winograd-tile', default=FASTEST_TILE,
+                        type=lambda v: v if v == 'auto' else int(v),
+                        choices=('auto',) + WINOGRAD_TILES,
+                        help='output tile of the winograd and winograd-aoti modes: auto '
+                             '(per conv, from its feature-map size), or 2 (as accurate as a '
+                             f'direct conv), 4, 6 (default: {FASTEST_TILE})')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode for the compile recipe, e.g. max-autotune")
     parser.add_argument('--no-cudnn-benchmark', action='store_true',
@@ -411,15 +417,35 @@ def _torch_setup(cand: Candidate, spec: ModelSpec, mode: str, precision: str,
     return setup
 
 
+def _package_setup(cand: Candidate, network: nn.Module, inputs: torch.Tensor,
+                   winograd, folder: str):
+    """``network`` compiled into an AOTInductor package in ``folder`` and loaded back."""
+    start = time.perf_counter()
+    if winograd is not None:
+        convert_to_winograd(network, winograd, inputs)
+    path = osp.join(folder, 'network.pt2')
+    times = package_module(network, inputs, path, metadata={'mmrepvgg.part': 'benchmark'})
+    runner = load_backend(path, 'aoti', threads=torch.get_num_threads())
+    cand.info.update(export_s=round(times['export_s'], 3),
+                     compile_s=round(times['compile_s'], 3),
+                     load_s=round(runner.load_seconds, 3),
+                     prep_total_s=round(time.perf_counter() - start, 3))
+    return runner
+
+
 def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: str,
-                   inputs: torch.Tensor) -> Callable[[], Callable[[], Any]]:
-    """The spec's network exported to a temporary ONNX file and compiled by ``backend``
-    (both are set-up time); what is timed is the runner's call alone."""
+                   inputs: torch.Tensor, winograd=None) -> Callable[[], Callable[[], Any]]:
+    """The spec's network exported to a temporary ONNX file and compiled by ``backend``,
+    or compiled into an AOTInductor package and loaded (all set-up time); what is timed is
+    the runner's call alone."""
     def setup():
         if spec.export_error:
             raise ValueError(spec.export_error)
         network = spec.exported_network(copy.deepcopy(spec.model))
         with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as folder:
+            if backend == 'aoti':
+                runner = _package_setup(cand, network, inputs, winograd, folder)
+                return _checked_call(cand, spec, runner, inputs)
             path = osp.join(folder, 'network.onnx')
             start = time.perf_counter()
             export_module(network, inputs, path, dynamic=False,
@@ -436,12 +462,18 @@ def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: st
                                   threads=torch.get_num_threads())
             cand.info.update(export_s=round(exported - start, 3),
                              compile_s=round(time.perf_counter() - ready, 3))
-        output = runner(inputs)
-        ref = spec.reference or spec
-        if ref.exported_output is not None:
-            cand.info['max_abs_diff'] = _max_difference(output, ref.exported_output)
-        return lambda: runner(inputs)
+        return _checked_call(cand, spec, runner, inputs)
     return setup
+
+
+def _checked_call(cand: Candidate, spec: ModelSpec, runner, inputs: torch.Tensor):
+    """The timed call of a loaded file, after recording how far its output is from the
+    eager fp32 one of its reference."""
+    output = runner(inputs)
+    ref = spec.reference or spec
+    if ref.exported_output is not None:
+        cand.info['max_abs_diff'] = _max_difference(output, ref.exported_output)
+    return lambda: runner(inputs)
 
 
 def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
@@ -467,7 +499,9 @@ def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                     cand.info['skipped'] = f'{mode} runs on the CPU only'
                 else:
                     cand.info.update(spec.exported_info)
-                    cand.setup = _backend_setup(cand, spec, *backend, inputs)
+                    cand.setup = _backend_setup(
+                        cand, spec, *backend, inputs,
+                        args.winograd_tile if mode == 'winograd-aoti' else None)
                 candidates.append(cand)
     return candidates
 
@@ -477,7 +511,8 @@ def backend_versions(modes: Sequence[str]) -> Dict[str, str]:
     versions = {}
     for backend in dict.fromkeys(BACKEND_MODES[m][0] for m in modes if m in BACKEND_MODES):
         try:
-            versions[backend] = importlib.import_module(backend).__version__
+            versions[backend] = (torch.__version__ if backend == 'aoti' else
+                                 importlib.import_module(backend).__version__)
         except ImportError:
             versions[backend] = 'not installed'
     return versions
@@ -552,7 +587,9 @@ MAIN_COLUMNS = (
                                 '.2f'), False),
     ('TFLOP/s', lambda r: _fmt(r['tflops'], '.3f'), False),
     ('peak MB', lambda r: _fmt(r['peak_memory_mb'], '.0f'), False),
+    ('x peak', lambda r: _fmt(r.get('x_peak'), '.2f'), False),
     ('prep s', lambda r: _fmt(r['prep_s'], '.1f'), False),
+    ('load s', lambda r: _fmt(r.get('load_s'), '.1f'), False),
     ('max|diff|', lambda r: _fmt(r.get('max_abs_diff'), '.1e'), False),
 )
 
@@ -790,6 +827,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     baseline = find_baseline(candidates, args.baseline)
     rows = result_rows(candidates, args.batch_size, baseline)
+    peak = env['matmul_peak'] = matmul_peak(args.device)
+    for row in rows:
+        row['x_peak'] = ratio(row['tflops'], peak['tflops'])
     # the backend modes add the precisions they set (openvino-bf16: bf16)
     precisions = list(dict.fromkeys(list(args.precision) + [r['precision'] for r in rows]))
     comp = comparisons(rows, precisions, args.modes)
@@ -803,7 +843,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
               f'{env.get("loadavg_end")}\n'
               f'# batch {args.batch_size}, input {args.input_size[0]}x{args.input_size[1]}, '
               f'{args.warmup} warm-up + {args.repeats} timed rounds, interleaved; medians; '
-              f'x base = speed relative to {baseline.name!r}')
+              f'x base = speed relative to {baseline.name!r}; fp32 matmul peak '
+              f'{peak["tflops"]:.3f} TFLOP/s (torch.mm {peak["size"]}x{peak["size"]})')
     print(header)
     print(format_table(rows, MAIN_COLUMNS))
     print('GMAC/img: conv+linear multiply-accumulates per image (the paper\'s "FLOPs"); '

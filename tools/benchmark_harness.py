@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mmrepvgg.deploy.inference import describe_error, fp32_math_flags, synchronize
+from mmrepvgg.deploy.inference import describe_error, fp32_math, fp32_math_flags, synchronize
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -258,3 +258,26 @@ def environment() -> Dict[str, Any]:
         info['fp32_rows'] = 'IEEE fp32 (TF32 off); precision tf32 turns it on'
     info['mkldnn'] = torch.backends.mkldnn.is_available()
     return info
+
+
+def matmul_peak(device: torch.device, sizes: Sequence[int] = (1024, 2048, 3072),
+                repeats: int = 5) -> Dict[str, Any]:
+    """The machine's measured fp32 matrix-multiply rate: the best TFLOP/s of ``torch.mm``
+    on square fp32 matrices (IEEE arithmetic) over ``sizes``, best of ``repeats`` calls
+    each. What a direct convolution can at most reach, and what an effective rate of
+    fewer-multiplication algorithms (Winograd) is compared with."""
+    best = dict(tflops=0.0, size=None)
+    with fp32_math(device, 'fp32'), torch.no_grad():
+        for n in sizes:
+            a = torch.randn(n, n, device=device)
+            b = torch.randn(n, n, device=device)
+            torch.mm(a, b)  # warm-up: thread pool, allocations
+            for _ in range(repeats):
+                synchronize(device)
+                start = time.perf_counter()
+                torch.mm(a, b)
+                synchronize(device)
+                rate = 2 * n ** 3 / (time.perf_counter() - start) / 1e12
+                if rate > best['tflops']:
+                    best = dict(tflops=rate, size=n)
+    return best

@@ -1,13 +1,21 @@
-"""Export the fused network of a config to ONNX, checked against torch in ONNX Runtime.
+"""Export the fused network of a config to ONNX, or compile it into an AOTInductor
+package, checked against torch before it is kept.
 
   python tools/export.py CONFIG CHECKPOINT OUTPUT.onnx [--shape H W] [--batch N]
                          [--dynamic] [--opset K] [--part model|backbone]
+  python tools/export.py CONFIG CHECKPOINT OUTPUT.pt2 --format aoti [--winograd [TILE]]
+                         [--shape H W] [--batch N] [--part model|backbone]
 
 CHECKPOINT: training or fused form, a path or a URL (a training one is fused first).
 Segmentors export whole (per-pixel class logits out), detectors their dense part
 (feature maps and dense-head outputs; box decoding, NMS and RoI heads stay in mmdet's
 Python, run by tools/test.py --backend). A two-stage detector's RoI-head weights go
-beside the ONNX file as OUTPUT.torch.pth.
+beside the file as OUTPUT.torch.pth.
+
+--format aoti compiles the network once (torch.export + AOTInductor, minutes with
+--winograd) into a package that any process with the same torch loads in seconds
+(tools/test.py CONFIG OUTPUT.pt2 --backend aoti); it takes exactly the --batch/--shape
+it was compiled for.
 """
 import argparse
 import os.path as osp
@@ -17,7 +25,9 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
-from mmrepvgg.deploy import DEFAULT_OPSET, PARTS, ExportFailure, export_model  # noqa: E402
+from mmrepvgg.deploy import (DEFAULT_OPSET, FORMATS, PARTS, ExportFailure,  # noqa: E402
+                             export_model)
+from mmrepvgg.deploy.winograd import TILES  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmrepvgg.engine.cli import load_config  # noqa: E402
 from mmrepvgg.engine.hooks import format_report  # noqa: E402
@@ -37,11 +47,19 @@ def test_input_shape(cfg):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description='Export the fused network to ONNX')
+    parser = argparse.ArgumentParser(
+        description='Export the fused network to ONNX or an AOTInductor package')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint (training or fused form): a file or '
                                            'a URL')
-    parser.add_argument('output', help='the ONNX file to write')
+    parser.add_argument('output', help='the file to write: .onnx, or .pt2 for --format aoti')
+    parser.add_argument('--format', choices=FORMATS, default='onnx',
+                        help='onnx (default), or aoti: an AOTInductor package compiled for '
+                             'this CPU and torch release')
+    parser.add_argument('--winograd', nargs='?', const='auto', metavar='TILE',
+                        help='aoti: compute the 3x3 stride-1 convs with Winograd '
+                             f'F(TILE x TILE, 3 x 3), TILE one of {", ".join(map(str, TILES))} '
+                             'or auto (default: per conv, from its feature-map size)')
     parser.add_argument('--shape', nargs=2, type=int, metavar=('H', 'W'),
                         help='input size (default: the test pipeline\'s resize scale)')
     parser.add_argument('--batch', type=int, default=1, help='batch size (default 1)')
@@ -53,7 +71,7 @@ def parse_args(argv=None):
                         help='model: the network up to its dense head (default); '
                              'backbone: the backbone alone')
     parser.add_argument('--no-check', action='store_true',
-                        help='skip the ONNX Runtime comparison with torch')
+                        help='skip the comparison with torch (ONNX: in ONNX Runtime)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, as in tools/test.py')
     parser.add_argument('--mini', action='store_true',
@@ -64,8 +82,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not args.output.endswith('.onnx'):
-        raise SystemExit(f'OUTPUT must end with .onnx, got {args.output}')
+    suffix = FORMATS[args.format]
+    if not args.output.endswith(suffix):
+        raise SystemExit(f'OUTPUT of --format {args.format} must end with {suffix}, got '
+                         f'{args.output}')
+    winograd = args.winograd
+    if winograd is not None and winograd != 'auto':
+        if not winograd.isdigit() or int(winograd) not in TILES:
+            raise SystemExit(f'--winograd takes a tile of {", ".join(map(str, TILES))} or '
+                             f'auto, got {winograd!r}')
+        winograd = int(winograd)
     cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
     shape = args.shape or test_input_shape(cfg)
     if shape is None:
@@ -73,23 +99,39 @@ def main(argv=None):
     try:
         report = export_model(args.config, args.checkpoint, args.output, shape, args.batch,
                               args.dynamic, args.opset, args.part, args.cfg_options,
-                              check=not args.no_check)
+                              check=not args.no_check, format=args.format,
+                              winograd=winograd)
     except (OSError, ValueError, KeyError, ExportFailure) as err:
         raise SystemExit(f'error: {err}')
     if report['fusion'] is not None:
         print(f'[export] {format_report(report["fusion"])}')
     shown = 'x'.join('N' if d is None and i == 0 else ('?' if d is None else str(d))
                      for i, d in enumerate(report['input_shape']))
-    print(f'[export] {report["kind"]} network, input {shown}, {len(report["output_names"])} '
-          f'outputs ({", ".join(report["output_names"][:6])}'
-          f'{", ..." if len(report["output_names"]) > 6 else ""}), opset {report["opset"]}')
-    print('[export] ONNX nodes: ' + ', '.join(f'{k} {v}' for k, v in
-                                              report['node_types'].items()))
+    outputs = (f'{len(report["output_names"])} outputs ({", ".join(report["output_names"][:6])}'
+               f'{", ..." if len(report["output_names"]) > 6 else ""})')
+    if args.format == 'onnx':
+        print(f'[export] {report["kind"]} network, input {shown}, {outputs}, opset '
+              f'{report["opset"]}')
+        print('[export] ONNX nodes: ' + ', '.join(f'{k} {v}' for k, v in
+                                                  report['node_types'].items()))
+        runner = 'ONNX Runtime'
+    else:
+        convs = report.get('winograd')
+        print(f'[export] {report["kind"]} network, input {shown}, {outputs}; '
+              + ('Winograd convs: ' + ', '.join(f'{n} of tile {t}' for t, n in convs.items())
+                 if convs else 'direct convs'))
+        print(f'[export] prepared in {report["export_s"] + report["compile_s"]:.1f} s '
+              f'(torch.export {report["export_s"]:.1f} s, AOTInductor compile '
+              f'{report["compile_s"]:.1f} s); the package loads in {report["load_s"]:.1f} s')
+        if 'winograd_vs_direct' in report:
+            print(f'[export] Winograd package vs the direct-conv fused network: max rel '
+                  f'{report["winograd_vs_direct"]:.3g}')
+        runner = 'the package'
     parity = report['parity']
     if parity is not None:
-        print(f'[export] ONNX Runtime vs torch on a {args.batch}x3x{shape[0]}x{shape[1]} '
+        print(f'[export] {runner} vs torch on a {args.batch}x3x{shape[0]}x{shape[1]} '
               f'probe: max abs {parity["max_abs"]:.3g}, max rel {parity["max_rel"]:.3g} '
-              f'(vs float64: ONNX Runtime {parity["candidate_abs"]:.3g}, torch fp32 '
+              f'(vs float64: {runner} {parity["candidate_abs"]:.3g}, torch fp32 '
               f'{parity["baseline_abs"]:.3g}, bound {parity["bound"]:.3g})')
     written = [args.output] + ([report['torch_part']] if report['torch_part'] else [])
     print(f'[export] wrote {", ".join(written)}')

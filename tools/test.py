@@ -1,5 +1,6 @@
 """Test any mmdet/mmseg config; --deploy evaluates the fused (re-parameterized) model,
---backend an ONNX file of it (tools/export.py) in ONNX Runtime or OpenVINO."""
+--backend an exported file of it (tools/export.py): ONNX in ONNX Runtime or OpenVINO, or
+an AOTInductor package (.pt2) with --backend aoti."""
 import argparse
 import os.path as osp
 import sys
@@ -19,15 +20,16 @@ def parse_args(argv=None):
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint (training or fused): a file, a URL or '
                                            'a model-zoo name such as open-mmlab://...; '
-                                           'with --backend, the ONNX file')
+                                           'with --backend, the exported file')
     parser.add_argument(
         '--deploy', action='store_true',
         help='evaluate the fused model: a training checkpoint is fused after loading, a '
              'fused one is loaded into a model built in deploy form')
     parser.add_argument(
         '--backend', choices=BACKENDS,
-        help='run the exported network (CHECKPOINT: an ONNX file of tools/export.py) in '
-             'this backend on CPU; the rest of the model, and the evaluation, stay torch')
+        help='run the exported network (CHECKPOINT: an ONNX file of tools/export.py, or '
+             'for aoti its .pt2 package) in this backend on CPU; the rest of the model, and '
+             'the evaluation, stay torch')
     parser.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
                         help='backend arithmetic (bf16: OpenVINO; default fp32)')
     parser.add_argument('--out', help='mmdet: pickle of the raw results; '
@@ -44,7 +46,7 @@ def main(argv=None):
     cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
     if args.backend:
         if args.deploy:
-            raise SystemExit('--deploy fuses a checkpoint; an exported ONNX file is fused '
+            raise SystemExit('--deploy fuses a checkpoint; an exported file is fused '
                              'already: drop --deploy')
         checkpoint = None  # the runner loads nothing: the weights are in the file
     else:

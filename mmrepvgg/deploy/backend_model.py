@@ -1,9 +1,11 @@
-"""An MMLab model whose exported network runs in ONNX Runtime or OpenVINO.
+"""An MMLab model whose exported network runs in ONNX Runtime, OpenVINO or from an
+AOTInductor package.
 
-``tools/test.py CONFIG MODEL.onnx --backend B`` builds the config's model as usual,
-then :func:`use_backend` replaces its exported part by the file (``parts.attach_backend``)
-and loads the weights of the Python part from beside it. The runner, the data pipeline
-and the evaluator stay the config's own, so every format is scored by the same metric.
+``tools/test.py CONFIG MODEL.onnx --backend B`` (``MODEL.pt2 --backend aoti``) builds the
+config's model as usual, then :func:`use_backend` replaces its exported part by the file
+(``parts.attach_backend``) and loads the weights of the Python part from beside it. The
+runner, the data pipeline and the evaluator stay the config's own, so every format is
+scored by the same metric.
 """
 import json
 import os.path as osp
@@ -12,25 +14,25 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .backends import BackendRunner, load_backend
+from .backends import load_backend
 from .parts import ExportedPart, attach_backend
 
 __all__ = ['use_backend']
 
 
-def _load_torch_part(model: nn.Module, runner: BackendRunner) -> None:
+def _load_torch_part(model: nn.Module, runner) -> None:
     name = runner.metadata.get('mmrepvgg.torch_part')
     if not name:
         return
     from ..compat import load_file
-    from .onnx_export import _sha256
+    from .export import sha256_file
     path = osp.join(osp.dirname(osp.abspath(runner.path)), name)
     if not osp.isfile(path):
         raise FileNotFoundError(
             f'{osp.basename(runner.path)} needs the weights of the part that runs in '
             f'torch (e.g. the RoI head), written beside it by tools/export.py as {name}; '
             f'it is not at {path}')
-    if _sha256(path) != runner.metadata.get('mmrepvgg.torch_part_sha256'):
+    if sha256_file(path) != runner.metadata.get('mmrepvgg.torch_part_sha256'):
         raise ValueError(f'{path} is not the file exported with {runner.path} (its '
                          'checksum differs): export again')
     state = load_file(path)['state_dict']
@@ -46,7 +48,7 @@ def _load_torch_part(model: nn.Module, runner: BackendRunner) -> None:
 
 
 @torch.no_grad()
-def _check_matches(model: nn.Module, kind: str, runner: BackendRunner) -> None:
+def _check_matches(model: nn.Module, kind: str, runner) -> None:
     """The file and the config's model must give outputs of the same number and shapes."""
     shape = [d if d is not None else default
              for d, default in zip(runner.input_shape, (1, 3, 64, 64))]
@@ -67,7 +69,7 @@ def _check_matches(model: nn.Module, kind: str, runner: BackendRunner) -> None:
 
 
 def use_backend(model: nn.Module, path: str, backend: str = 'onnxruntime',
-                precision: str = 'fp32', threads: Optional[int] = None) -> BackendRunner:
+                precision: str = 'fp32', threads: Optional[int] = None):
     """Make ``model`` (built from the config the file was exported from) run the exported
     network of ``path`` in ``backend``; the rest stays in torch. ``model`` is changed in
     place; returns the backend runner (its ``precision_used`` says what runs).

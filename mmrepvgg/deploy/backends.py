@@ -1,9 +1,10 @@
-"""Run an exported ONNX file in ONNX Runtime or OpenVINO, torch tensors in and out.
+"""Run an exported network, torch tensors in and out: an ONNX file in ONNX Runtime or
+OpenVINO, or an AOTInductor package (``aoti``, ``mmrepvgg.deploy.aoti``).
 
 A runner takes one NCHW float32 batch and returns the file's outputs as a list of
 float32 tensors, in the order the file declares them, so callers (``tools/test.py
 --backend``, ``tools/benchmark.py``, the export's parity check) never touch the
-backends' own APIs. Both run on CPU.
+backends' own APIs. All run on CPU.
 """
 import os
 import os.path as osp
@@ -12,14 +13,16 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ['BACKENDS', 'PRECISIONS', 'BackendRunner', 'load_backend', 'read_onnx']
+__all__ = ['BACKENDS', 'ONNX_BACKENDS', 'PRECISIONS', 'BackendRunner', 'load_backend', 'read_onnx']
 
 #: Backend names as the tools take them.
-BACKENDS = ('onnxruntime', 'openvino')
+BACKENDS = ('onnxruntime', 'openvino', 'aoti')
+#: Those that run ONNX files.
+ONNX_BACKENDS = ('onnxruntime', 'openvino')
 #: Arithmetic each backend can be asked for. ``bf16`` is OpenVINO's inference precision
 #: hint: weights and activations in bfloat16 on CPUs with AVX512-BF16 or AMX, fp32 where
 #: the CPU has neither.
-PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16')}
+PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16'), 'aoti': ('fp32',)}
 _OPENVINO_PRECISION = {'fp32': 'f32', 'bf16': 'bf16'}
 #: Metadata key tools/quantize.py records its settings under (JSON).
 QUANTIZATION_KEY = 'mmrepvgg.quantization'
@@ -58,8 +61,9 @@ class BackendRunner:
 
     def __init__(self, path: str, backend: str, precision: str = 'fp32',
                  threads: Optional[int] = None):
-        if backend not in BACKENDS:
-            raise ValueError(f'unknown backend {backend!r}; valid: {", ".join(BACKENDS)}')
+        if backend not in ONNX_BACKENDS:
+            raise ValueError(f'unknown ONNX backend {backend!r}; valid: '
+                             f'{", ".join(ONNX_BACKENDS)}')
         if precision not in PRECISIONS[backend]:
             raise ValueError(f'{backend} runs {", ".join(PRECISIONS[backend])}, not '
                              f'{precision!r}')
@@ -135,10 +139,17 @@ class BackendRunner:
 
 
 def load_backend(path: str, backend: str = 'onnxruntime', precision: str = 'fp32',
-                 threads: Optional[int] = None) -> BackendRunner:
-    """Compile the ONNX file ``path`` for ``backend`` on CPU (see :class:`BackendRunner`).
+                 threads: Optional[int] = None):
+    """Load ``path`` for ``backend`` on CPU: an ONNX file compiled by ONNX Runtime or
+    OpenVINO (:class:`BackendRunner`), or an AOTInductor package for ``'aoti'``
+    (:class:`mmrepvgg.deploy.aoti.PackageRunner`).
 
     ``threads`` caps the backend's intra-op threads (default: the backend's own choice,
-    usually one per physical core).
+    usually one per physical core; for ``aoti``, torch's).
     """
+    if backend == 'aoti':
+        from .aoti import PackageRunner
+        return PackageRunner(path, precision, threads)
+    if backend not in BACKENDS:
+        raise ValueError(f'unknown backend {backend!r}; valid: {", ".join(BACKENDS)}')
     return BackendRunner(os.fspath(path), backend, precision, threads)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .winograd import FASTEST_TILE, convert_to_winograd
+from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 
 #: Recipes, from plain to most optimised:
 #: ``eager``          the module as it is, NCHW.
@@ -27,8 +27,9 @@ from .winograd import FASTEST_TILE, convert_to_winograd
 #: ``compile``        channels_last + ``torch.compile`` (inductor) with inductor's
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
 #: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
-#:                    one (``mmrepvgg.deploy.winograd``): fewer multiplications, minutes of
-#:                    compiling (in every process: inductor's cache did not hit).
+#:                    one (``mmrepvgg.deploy.winograd``): fewer multiplications, a minute
+#:                    or more of compiling in every process (``tools/export.py --format
+#:                    aoti --winograd`` compiles it once into a package instead).
 MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
 #: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
 #: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
@@ -171,7 +172,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
                            precision: str = 'fp32', method: str = 'forward',
                            extra_args: tuple = (), compile_mode: Optional[str] = None,
                            cudnn_benchmark: bool = True,
-                           winograd_tile: int = FASTEST_TILE) -> InferenceRunner:
+                           winograd_tile: TileChoice = FASTEST_TILE) -> InferenceRunner:
     """Prepare an eval-mode ``model`` for fast inference on ``device``.
 
     Args:
@@ -188,8 +189,9 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
         compile_mode: ``torch.compile``'s ``mode`` (e.g. ``'max-autotune'``) for
             ``mode='compile'``.
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` on CUDA.
-        winograd_tile: output tile of ``mode='winograd'``: 4 (F(4x4,3x3), fastest) or 2
-            (F(2x2,3x3), as accurate as a direct conv); see ``mmrepvgg.deploy.winograd``.
+        winograd_tile: output tile of ``mode='winograd'``: ``'auto'`` (per conv, from its
+            feature-map size on ``example_input``), 2, 4 or 6 (F(2x2,3x3) is as accurate
+            as a direct conv); see ``mmrepvgg.deploy.winograd``.
 
     Returns:
         An ``InferenceRunner``; ``runner(x)`` gives the model's output for ``x``. The first
@@ -225,12 +227,15 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
     dtype = _cast_dtype(precision)
     if dtype is not None:
         model.to(dtype)
-    replaced = convert_to_winograd(model, winograd_tile) if mode == 'winograd' else None
+    module = model if method == 'forward' and not extra_args else _Forward(
+        model, method, extra_args)
+    replaced = None
+    if mode == 'winograd':
+        probe = example_input.to(device, dtype or example_input.dtype)
+        replaced = convert_to_winograd(module, winograd_tile, probe)
     channels_last = mode != 'eager'
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    module = model if method == 'forward' and not extra_args else _Forward(
-        model, method, extra_args)
 
     amp = precision == 'amp'
 

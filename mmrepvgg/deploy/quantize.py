@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..convert import staged_files
 from .backends import QUANTIZATION_KEY, load_backend, read_onnx
-from .onnx_export import torch_part_path
+from .export import torch_part_path
 
 __all__ = ['METHODS', 'QUANTIZED_OPS', 'quantized_ops', 'calibration_inputs',
            'quantize_onnx', 'sqnr_db']

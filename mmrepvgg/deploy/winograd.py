@@ -5,64 +5,116 @@ multiplications by Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray 20
 (m+2)x(m+2) input tile and the kernel go to a transformed domain where the convolution is
 an element-wise product, which over channels is one matrix product per tile position.
 F(2x2, 3x3) needs 16 products for 4 outputs instead of 36 (2.25x fewer), F(4x4, 3x3) 36
-for 16 instead of 144 (4x). The paper credits RepVGG's speed on GPUs to this (cuDNN picks
-Winograd for 3x3 convs); oneDNN's CPU convs in torch are direct, so here it is written in
-torch ops: ``torch.compile`` fuses the tile transforms into one loop each and the products
-go to batched matmuls.
+for 16 (4x), F(6x6, 3x3) 64 for 36 (5.06x), when the feature map splits into whole
+tiles. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd for 3x3
+convs); oneDNN's CPU convs in torch are direct, so here it is written in torch ops for
+``torch.compile`` / AOTInductor: each transform is two passes (tile rows, then tile
+columns) that inductor turns into one vectorised loop each, and the products go to
+batched matmuls.
 
 * ``WinogradConv2d(conv, tile)`` computes ``conv`` (3x3, stride 1, dilation 1, padding 1,
   any groups, zero padding) this way. Eager it is *slower* than ``F.conv2d`` (every
   transform step is a pass over memory); it pays off compiled, which is how
-  ``mmrepvgg.deploy.optimize_for_inference(mode='winograd')`` uses it.
-* ``convert_to_winograd(model, tile)`` replaces every such conv of a model, in place.
+  ``optimize_for_inference(mode='winograd')`` and ``tools/export.py --format aoti
+  --winograd`` use it.
+* ``convert_to_winograd(model, tile, example_input)`` replaces every such conv of a model,
+  in place; ``tile='auto'`` picks each conv's tile from the size of its feature map
+  (``auto_tile``), which needs ``example_input``.
 
-Accuracy: tile 2 computes in fp32 as accurately as a direct conv (the transforms are exact
-small-integer sums; measured relative error per conv ~6e-7 against an fp64 reference,
-the same as ``F.conv2d``). Tile 4 multiplies by fractions such as 1/6 and 1/24 and loses
-about 4 bits (~1e-5 per conv): faster, use when that is acceptable.
+The transforms come from the interpolation points (``POINTS``) by the Toom-Cook
+construction, exactly in rational arithmetic; the kernel transform is applied once, in
+float64. Accuracy in fp32: tile 2 is as accurate as a direct conv (its transforms are
+exact small-integer sums); tiles 4 and 6 multiply by fractions and powers of 2 and lose
+a few bits (~1e-5 relative per conv, tests/test_winograd.py bounds it).
 """
-from typing import Callable, List, Optional, Sequence
+from fractions import Fraction
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Transform matrices of F(m x m, 3 x 3): output = A^T [(G g G^T) * (B^T d B)] A for a
-# 3x3 kernel g and an (m+2)x(m+2) input tile d. Interpolation points 0, 1, -1 (m=2) and
-# 0, 1, -1, 2, -2 (m=4), plus the point at infinity.
-_TRANSFORMS = {
-    2: dict(
-        BT=[[1, 0, -1, 0],
-            [0, 1, 1, 0],
-            [0, -1, 1, 0],
-            [0, 1, 0, -1]],
-        G=[[1, 0, 0],
-           [1 / 2, 1 / 2, 1 / 2],
-           [1 / 2, -1 / 2, 1 / 2],
-           [0, 0, 1]],
-        AT=[[1, 1, 1, 0],
-            [0, 1, -1, -1]]),
-    4: dict(
-        BT=[[4, 0, -5, 0, 1, 0],
-            [0, -4, -4, 1, 1, 0],
-            [0, 4, -4, -1, 1, 0],
-            [0, -2, -1, 2, 1, 0],
-            [0, 2, -1, -2, 1, 0],
-            [0, 4, 0, -5, 0, 1]],
-        G=[[1 / 4, 0, 0],
-           [-1 / 6, -1 / 6, -1 / 6],
-           [-1 / 6, 1 / 6, -1 / 6],
-           [1 / 24, 1 / 12, 1 / 6],
-           [1 / 24, -1 / 12, 1 / 6],
-           [0, 0, 1]],
-        AT=[[1, 1, 1, 1, 1, 0],
-            [0, 1, -1, 2, -2, 0],
-            [0, 1, 1, 4, 4, 0],
-            [0, 1, -1, 8, -8, 1]]),
-}
-TILES = tuple(_TRANSFORMS)
-#: The tile of ``optimize_for_inference(mode='winograd')``: 4x fewer products than direct.
-FASTEST_TILE = 4
+#: Interpolation points of F(m x m, 3 x 3) per output tile m (plus the point at infinity):
+#: the usual small ones, whose powers stay near 1 in magnitude.
+POINTS = {2: (0, 1, -1),
+          4: (0, 1, -1, 2, -2),
+          6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+TILES = tuple(POINTS)
+#: The tile of ``optimize_for_inference(mode='winograd')``: per conv, ``auto_tile``.
+FASTEST_TILE = 'auto'
+TileChoice = Union[int, str]
+
+
+def _polynomial(roots: Sequence[Fraction], length: int) -> List[Fraction]:
+    """Coefficients, lowest power first, of prod (x - root), padded to ``length``."""
+    coefficients = [Fraction(1)]
+    for root in roots:
+        shifted = [Fraction(0)] + coefficients
+        for i in range(len(coefficients)):
+            shifted[i] -= root * coefficients[i]
+        coefficients = shifted
+    return coefficients + [Fraction(0)] * (length - len(coefficients))
+
+
+def transform_matrices(tile: int, kernel_size: int = 3) -> Dict[str, List[List[Fraction]]]:
+    """``AT``, ``G``, ``BT`` of F(tile, kernel_size), exact: 1-D output
+    ``AT [(G g) * (BT d)]`` for kernel g and input d of length tile + kernel_size - 1.
+
+    Toom-Cook on points p_j and infinity: ``AT`` evaluates at the points (rows p_j^i),
+    ``G`` evaluates the kernel scaled by 1 / prod_{l != j} (p_j - p_l), ``BT``'s rows are
+    the coefficients of prod_{l != j} (x - p_l) (the last row: of prod_l (x - p_l)).
+    """
+    _check_tile(tile)
+    points = [Fraction(p) for p in POINTS[tile]]
+    side = tile + kernel_size - 1
+    at = [[p ** i for p in points] + [Fraction(int(i == tile - 1))] for i in range(tile)]
+    g, bt = [], []
+    for j, p in enumerate(points):
+        others = points[:j] + points[j + 1:]
+        scale = Fraction(1)
+        for q in others:
+            scale *= p - q
+        g.append([p ** k / scale for k in range(kernel_size)])
+        bt.append(_polynomial(others, side))
+    g.append([Fraction(0)] * (kernel_size - 1) + [Fraction(1)])
+    bt.append(_polynomial(points, side))
+    return dict(AT=at, G=g, BT=bt)
+
+
+def _check_tile(tile) -> None:
+    if tile not in POINTS:
+        raise ValueError(f'unknown Winograd tile {tile!r}; valid: {TILES}')
+
+
+#: ``tile='auto'`` takes a larger tile only when it saves more than this fraction of the
+#: products: a larger tile is less accurate and gives its matmuls fewer rows (measured
+#: on RepVGG-B1g2's 28x28 and 56x56 maps, where F(6x6) saves 9%, it was no faster).
+LARGER_TILE_GAIN = 0.15
+#: ``tile='auto'`` leaves a conv direct when it has fewer input or output channels per
+#: group than this: its matmuls are too small to pay for the transforms (measured: with
+#: 64 channels per group F(4x4) was slower than oneDNN's direct conv, with 128 faster).
+MIN_CHANNELS_PER_GROUP = 128
+
+
+def tile_products(tile: int, height: int, width: int) -> int:
+    """Products per (input, output) channel pair of F(tile x tile, 3 x 3) on a
+    ``height`` x ``width`` map padded to whole tiles (a direct conv needs 9 H W)."""
+    return -(-height // tile) * -(-width // tile) * (tile + 2) ** 2
+
+
+def auto_tile(height: int, width: int) -> int:
+    """The tile ``tile='auto'`` gives a conv on a ``height`` x ``width`` map: the one
+    with the fewest products, unless a smaller one needs at most ``LARGER_TILE_GAIN``
+    more (e.g. 4 for 14x14, 28x28 and 56x56 maps, 6 for 48x48 and 64x128)."""
+    fewest = min(tile_products(t, height, width) for t in TILES)
+    return min(t for t in TILES
+               if tile_products(t, height, width) <= fewest * (1 + LARGER_TILE_GAIN))
+
+
+def winograd_pays(conv: nn.Conv2d) -> bool:
+    """Whether ``tile='auto'`` computes ``conv`` with Winograd (see
+    ``MIN_CHANNELS_PER_GROUP``)."""
+    return min(conv.in_channels, conv.out_channels) // conv.groups >= MIN_CHANNELS_PER_GROUP
 
 
 def winograd_unsupported_reason(conv: nn.Module) -> Optional[str]:
@@ -88,19 +140,11 @@ def _combine(coefficients: Sequence[float], terms: List[Tensor]) -> Tensor:
     return total
 
 
-def _apply_separably(matrix: Sequence[Sequence[float]], rows: List[Tensor],
-                     columns_of: Callable[[Tensor], List[Tensor]]) -> List[Tensor]:
-    """``matrix`` applied over tile rows (``rows``: one tensor per row tap), then over tile
-    columns of each result (``columns_of``): the (u, v) terms of M d M^T, u-major."""
-    out = []
-    for part in (_combine(coef, rows) for coef in matrix):
-        out += [_combine(coef, columns_of(part)) for coef in matrix]
-    return out
-
-
-def _check_tile(tile: int) -> None:
-    if tile not in _TRANSFORMS:
-        raise ValueError(f'unknown Winograd tile {tile!r}; valid: {TILES}')
+def _transform(matrix: Sequence[Sequence[float]], taps: List[Tensor], dim: int) -> Tensor:
+    """``matrix`` applied over one tile axis: row k of it combines the taps (one tensor
+    per tile position along that axis) into slice k of the result's new axis ``dim``.
+    One pass: inductor fuses the combinations into one loop writing the stacked result."""
+    return torch.stack([_combine(row, taps) for row in matrix], dim)
 
 
 class WinogradConv2d(nn.Module):
@@ -112,7 +156,7 @@ class WinogradConv2d(nn.Module):
     (shape ``(tile+2)^2 * groups, in/groups, out/groups``); ``bias`` as given.
     """
 
-    def __init__(self, conv: nn.Conv2d, tile: int = 2):
+    def __init__(self, conv: nn.Conv2d, tile: int = 4):
         super().__init__()
         reason = winograd_unsupported_reason(conv)
         if reason:
@@ -120,10 +164,12 @@ class WinogradConv2d(nn.Module):
         _check_tile(tile)
         self.tile, self.groups = tile, conv.groups
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
-        mats = _TRANSFORMS[tile]
-        self._input_transform = mats['BT']
-        self._output_transform = mats['AT']
-        g = torch.tensor(mats['G'], dtype=torch.float64, device=conv.weight.device)
+        exact = transform_matrices(tile)
+        # the data transforms' entries are dyadic rationals (exact in fp32)
+        self._input_transform = [[float(c) for c in row] for row in exact['BT']]
+        self._output_transform = [[float(c) for c in row] for row in exact['AT']]
+        g = torch.tensor([[float(c) for c in row] for row in exact['G']],
+                         dtype=torch.float64, device=conv.weight.device)
         weight = conv.weight.detach().to(torch.float64)
         # (G w G^T) for every (out, in) pair, laid out for one matmul per (tile position,
         # group): [position, group] x [in/groups, out/groups].
@@ -147,21 +193,21 @@ class WinogradConv2d(nn.Module):
         # NHWC view; pad 1 on top/left, and bottom/right up to whole tiles.
         x = F.pad(x.permute(0, 2, 3, 1),
                   (0, 0, 1, cols * m + 1 - width, 1, rows * m + 1 - height))
-        # Input transform B^T d B, separably: over tile rows, then tile columns.
-        transformed = _apply_separably(
-            self._input_transform, [x[:, i:i + m * rows:m] for i in range(side)],
-            lambda part: [part[:, :, j:j + m * cols:m] for j in range(side)])
-        tiles = n * rows * cols
-        v = torch.stack(transformed).reshape(side * side, tiles, groups,
-                                             channels // groups)
+        # Input transform B^T d B: over tile rows, then over tile columns.
+        bt = self._input_transform
+        v = _transform(bt, [x[:, i:i + m * rows:m] for i in range(side)], 0)
+        v = _transform(bt, [v[:, :, :, j:j + m * cols:m] for j in range(side)], 1)
+        tiles = n * rows * cols  # v: [row pos, column pos, n, rows, cols, channels]
+        v = v.reshape(side * side, tiles, groups, channels // groups)
         v = v.transpose(1, 2).reshape(side * side * groups, tiles, channels // groups)
         # One matmul per (tile position, group) over the input channels.
         prod = torch.bmm(v, self.kernel)
-        prod = prod.reshape(side, side, groups, tiles, -1).permute(0, 1, 3, 2, 4)
+        prod = prod.reshape(side * side, groups, tiles, -1).transpose(1, 2)
         prod = prod.reshape(side, side, n, rows, cols, self.out_channels)
-        # Output transform A^T M A, separably.
-        outputs = _apply_separably(self._output_transform, list(prod), list)
-        y = torch.stack(outputs).reshape(m, m, n, rows, cols, self.out_channels)
+        # Output transform A^T M A: over tile rows, then over tile columns.
+        at = self._output_transform
+        y = _transform(at, list(prod), 0)
+        y = _transform(at, [y[:, j] for j in range(side)], 1)
         y = y.permute(2, 3, 0, 4, 1, 5).reshape(n, rows * m, cols * m, self.out_channels)
         y = y[:, :height, :width]
         if self.bias is not None:
@@ -169,14 +215,51 @@ class WinogradConv2d(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
-def convert_to_winograd(model: nn.Module, tile: int = 2) -> int:
+def _input_sizes(model: nn.Module, convs: Sequence[nn.Module],
+                 example_input: Tensor) -> Dict[int, tuple]:
+    """(H, W) of each conv's input on ``example_input``, by id of the conv."""
+    sizes: Dict[int, tuple] = {}
+
+    def record(module, args):
+        sizes.setdefault(id(module), tuple(args[0].shape[-2:]))
+
+    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sizes
+
+
+def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
+                        example_input: Optional[Tensor] = None) -> int:
     """Replace, in place, every conv of ``model`` that ``WinogradConv2d`` can compute.
     Returns how many were replaced. Call on an eval-mode model (e.g. a fused RepVGG);
-    the replacements hold buffers, not parameters, so they do not train."""
-    _check_tile(tile)
+    the replacements hold buffers, not parameters, so they do not train.
+
+    ``tile``: one of ``TILES`` for every conv, or ``'auto'``: per conv, ``auto_tile`` of
+    the feature map it gets on ``example_input`` (a batch of the size to be run), for the
+    convs where Winograd pays (``winograd_pays``); the others, and any conv that input
+    does not reach, keep their direct form.
+    """
+    if tile != 'auto':
+        _check_tile(tile)
+    elif example_input is None:
+        raise ValueError("tile='auto' picks each conv's tile from its feature-map size: "
+                         'pass example_input, a batch of the size to be run')
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
-               if winograd_unsupported_reason(child) is None]
+               if winograd_unsupported_reason(child) is None
+               and (tile != 'auto' or winograd_pays(child))]
+    sizes = (_input_sizes(model, [child for _, _, child in targets], example_input)
+             if tile == 'auto' else {})
+    replaced = 0
     for parent, name, child in targets:
-        setattr(parent, name, WinogradConv2d(child, tile))
-    return len(targets)
+        if tile == 'auto' and id(child) not in sizes:
+            continue
+        chosen = auto_tile(*sizes[id(child)]) if tile == 'auto' else tile
+        setattr(parent, name, WinogradConv2d(child, chosen))
+        replaced += 1
+    return replaced

@@ -1,0 +1,212 @@
+"""Export the fused network of a config, checked against torch before it is kept.
+
+* :func:`export_model`: a config and a checkpoint (training or fused form, path or URL)
+  to the part ``mmrepvgg.deploy.parts`` cuts out, as an ONNX file
+  (``mmrepvgg.deploy.onnx_export``) or compiled into an AOTInductor package
+  (``mmrepvgg.deploy.aoti``), optionally with Winograd convs
+  (``mmrepvgg.deploy.winograd``); what stays in Python and has weights (a two-stage
+  detector's RoI head) goes beside it.
+* :func:`runner_parity`: an exported file's runner against the torch module on a probe.
+
+Nothing half-written is ever left at the output path: files are written to temporary
+names beside it and renamed once they passed the check.
+"""
+import copy
+import hashlib
+import json
+import os.path as osp
+from collections import Counter
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import load_fused_model, save_atomic, staged_files
+from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
+from . import onnx_export
+from .aoti import PACKAGE_SUFFIX, PackageRunner, package_module
+from .backends import load_backend
+from .parts import ExportedPart
+from .winograd import TileChoice, WinogradConv2d, convert_to_winograd
+
+__all__ = ['FORMATS', 'export_model', 'runner_parity', 'torch_part_path', 'sha256_file']
+
+#: What ``tools/export.py --format`` writes, and the suffix its output must have.
+FORMATS = {'onnx': '.onnx', 'aoti': PACKAGE_SUFFIX}
+#: The largest stride of the feature maps MMLab backbones give (RepVGG's and ResNet's
+#: last stage, FPN levels below P6): sizes that are multiples of it always line up.
+FEATURE_STRIDE = 32
+
+
+def torch_part_path(path: str) -> str:
+    """Where the weights of the Python part go: ``model.onnx`` / ``model.pt2`` ->
+    ``model.torch.pth``."""
+    for suffix in FORMATS.values():
+        if path.endswith(suffix):
+            return path[:-len(suffix)] + '.torch.pth'
+    return path + '.torch.pth'
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def runner_parity(module: nn.Module, runner, probe: Tensor,
+                  factor: float = FUSION_MARGIN) -> dict:
+    """Run ``runner`` (a loaded ONNX file or package) on ``probe`` against ``module``.
+
+    The reference is a float64 copy of ``module``; the runner's error against it must
+    stay within ``factor`` times torch fp32's own error (at least a few fp32 epsilons of
+    the output scale), as for fusion. Returns ``rounding_errors``' dict plus ``max_abs``
+    and ``max_rel`` (runner vs torch fp32, absolute and over the output scale).
+    """
+    module.eval()  # not chained: some modules' train() returns None (mmdet's ResNet)
+    torch_out = flatten_outputs(module(probe))
+    reference = flatten_outputs(copy.deepcopy(module).double()(probe.double()))
+    candidate = runner(probe)
+    if len(candidate) != len(torch_out):
+        raise ValueError(f'{runner.path} gives {len(candidate)} outputs, the module '
+                         f'{len(torch_out)}')
+    errors = rounding_errors(candidate, torch_out, reference, factor)
+    errors['max_abs'] = max((a.double() - b.double()).abs().max().item()
+                            for a, b in zip(candidate, torch_out))
+    errors['max_rel'] = errors['max_abs'] / errors['output_scale'] \
+        if errors['output_scale'] else 0.0
+    return errors
+
+
+def _relative_difference(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
+    """max |a - b| over the largest |b|, across all outputs."""
+    scale = max(b.abs().max().item() for b in reference)
+    diff = max((a.double() - b.double()).abs().max().item()
+               for a, b in zip(outputs, reference))
+    return diff / scale if scale else 0.0
+
+
+def _shape_hint(shape: Sequence[int]) -> str:
+    """What to try when the network failed on an input of ``shape``."""
+    fit = [max(FEATURE_STRIDE, -(-s // FEATURE_STRIDE) * FEATURE_STRIDE) for s in shape]
+    return (f'try sizes that are multiples of the feature stride {FEATURE_STRIDE}, e.g. '
+            f'--shape {fit[0]} {fit[1]}')
+
+
+def _check_request(output: str, shape: Sequence[int], fmt: str, dynamic: bool,
+                   winograd: Optional[TileChoice]) -> None:
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f'shape must be two positive sizes H W, got {tuple(shape)}')
+    if fmt not in FORMATS:
+        raise ValueError(f'unknown format {fmt!r}; valid: {", ".join(FORMATS)}')
+    if not output.endswith(FORMATS[fmt]):
+        raise ValueError(f'a {fmt} export is written to a {FORMATS[fmt]} file, got {output}')
+    if fmt == 'aoti' and dynamic:
+        raise ValueError('an AOTInductor package is compiled for one input shape: drop '
+                         '--dynamic and give --batch/--shape')
+    if fmt != 'aoti' and winograd is not None:
+        raise ValueError('Winograd convs are compiled into AOTInductor packages: use '
+                         '--format aoti')
+
+
+def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int],
+                 batch: int = 1, dynamic: bool = False,
+                 opset: int = onnx_export.DEFAULT_OPSET, part: str = 'model',
+                 cfg_options: Optional[dict] = None, check: bool = True, seed: int = 0,
+                 format: str = 'onnx', winograd: Optional[TileChoice] = None) -> dict:
+    """Export the fused network of ``config`` with ``checkpoint``'s weights to ``output``.
+
+    ``checkpoint`` may be a training or a fused (deploy) checkpoint, a path or a URL; a
+    training one is fused after loading. ``shape`` is the input (H, W) of the probe and,
+    without ``dynamic``, of the file. ``format``: ``'onnx'`` (a ``.onnx`` file) or
+    ``'aoti'`` (an AOTInductor package, ``.pt2``, for one input shape). ``winograd``
+    (``aoti`` only): compute the 3x3 stride-1 convs with Winograd tiles of this size, or
+    ``'auto'`` (per conv, from its feature map). With ``check``, the file is run
+    (ONNX Runtime / the loaded package) against the torch model and kept only if it
+    passes.
+
+    Returns a report: ``kind`` (segmentor, single_stage, two_stage, backbone),
+    ``output_names``, ``fusion`` (the fusion report, or None for a fused checkpoint),
+    ``parity`` (see :func:`runner_parity`), ``torch_part`` (the weights file written
+    beside, or None), ``input_shape``; ONNX: ``node_types`` (op -> count), ``opset``;
+    AOTInductor: ``export_s``, ``compile_s``, ``load_s``, ``winograd`` (tile -> number of
+    convs) and ``winograd_vs_direct`` (the package's largest difference from the
+    direct-conv fused network, over its largest output).
+
+    Raises:
+        ValueError: bad input (shape the network cannot take, output equal to the
+            checkpoint, parity failure: nothing is written then).
+        ExportFailure: the ONNX exporter could not write the network.
+    """
+    _check_request(output, shape, format, dynamic, winograd)
+    cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output)
+    exported = ExportedPart(model.eval(), part)
+    torch.manual_seed(seed)
+    probe = torch.randn(batch, 3, *shape)
+    try:
+        with torch.no_grad():
+            direct_out = flatten_outputs(exported(probe))
+    except Exception as err:  # noqa: BLE001 - shape errors from any layer
+        raise ValueError(f'the network cannot take a {batch}x3x{shape[0]}x{shape[1]} input '
+                         f'({type(err).__name__}: {str(err)[:200]}); '
+                         f'{_shape_hint(shape)}') from err
+    metadata = dict(exported.describe(), **{
+        'mmrepvgg.config': osp.basename(config),
+        'mmrepvgg.input_shape': json.dumps([None if dynamic else batch, 3]
+                                           + ([None, None] if dynamic else list(shape)))})
+    report = dict(kind=exported.kind, output_names=exported.output_names(), fusion=fusion,
+                  input_shape=json.loads(metadata['mmrepvgg.input_shape']))
+    if winograd is not None:
+        convert_to_winograd(exported, winograd, probe)
+        tiles = Counter(str(m.tile) for m in exported.modules()
+                        if isinstance(m, WinogradConv2d))
+        report['winograd'] = dict(sorted(tiles.items()))
+        metadata['mmrepvgg.winograd'] = json.dumps(report['winograd'])
+    torch_state = exported.torch_state()
+    side = torch_part_path(output) if torch_state else None
+    with staged_files() as (stage, publish):
+        if side:
+            side_tmp = stage(side, '.pth')
+            save_atomic(dict(meta=dict(config=osp.basename(config), kind=exported.kind),
+                             state_dict=torch_state), side_tmp)
+            metadata.update({'mmrepvgg.torch_part': osp.basename(side),
+                             'mmrepvgg.torch_part_sha256': sha256_file(side_tmp)})
+        tmp = stage(output, FORMATS[format])
+        if format == 'onnx':
+            onnx_export.export_module(exported, probe, tmp, dynamic, opset,
+                                      exported.output_names(), metadata)
+            runner = load_backend(tmp, 'onnxruntime') if check else None
+        else:
+            report.update(package_module(exported, probe, tmp, metadata))
+            runner = PackageRunner(tmp)
+            report['load_s'] = runner.load_seconds
+            if winograd is not None:
+                report['winograd_vs_direct'] = _relative_difference(runner(probe), direct_out)
+        report['parity'] = None
+        if check:
+            parity = report['parity'] = runner_parity(exported, runner, probe)
+            if not parity['within']:
+                raise ValueError(
+                    f'the exported network disagrees with the torch model: max abs '
+                    f'difference {parity["max_abs"]:.3g} (relative {parity["max_rel"]:.3g}); '
+                    f'its error against float64 {parity["candidate_abs"]:.3g} exceeds '
+                    f'{parity["bound"]:.3g} ({FUSION_MARGIN:g}x torch fp32\'s own '
+                    f'{parity["baseline_abs"]:.3g}). Nothing was written.')
+        del runner
+        if format == 'onnx':
+            report.update(_onnx_summary(tmp))
+        publish(*([side] if side else []), output)
+    report['torch_part'] = side
+    return report
+
+
+def _onnx_summary(path: str) -> dict:
+    """Node types (op -> count) and the opset of the ONNX file ``path``."""
+    import onnx
+    proto = onnx.load(path)
+    node_types = dict(Counter(n.op_type for n in proto.graph.node).most_common())
+    opset = max((o.version for o in proto.opset_import if o.domain in ('', 'ai.onnx')),
+                default=None)
+    return dict(node_types=node_types, opset=opset)
