@@ -192,3 +192,16 @@ def test_matches_functional_conv_on_odd_channel_counts():
     x = torch.randn(1, 3, 5, 6, dtype=torch.float64)
     expected = F.conv2d(x, conv.weight, conv.bias, padding=1)
     assert torch.allclose(WinogradConv2d(conv, 4)(x), expected, atol=1e-10)
+
+
+def test_check_tool_reports_each_tile_against_the_direct_convs(capsys):
+    from tools.check_winograd import main
+    assert main(['--archs', 'A0', '--tiles', '2', '6', 'auto', '--batch', '1',
+                 '--size', '32']) == 0
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(r[1], r[2]) for r in rows] == [('2', '17'), ('6', '17'), ('auto', '13')]
+    # within the default limit 1e-4 of the direct convs; not 0: other arithmetic
+    assert all(0 < float(r[3]) <= 1e-4 for r in rows)
+    assert main(['--archs', 'A0', '--tiles', '6', '--batch', '1', '--size', '32',
+                 '--limit', '1e-12']) == 1
+    assert 'A0 tile 6' in capsys.readouterr().err

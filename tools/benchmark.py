@@ -374,8 +374,11 @@ def _eager_pass(model: nn.Module, forward: Callable, inputs: torch.Tensor,
 def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torch.device,
                   check: bool, exported: bool = False) -> None:
     """One eager fp32 forward of each spec on the device: FLOPs, and the reference output;
-    with ``exported``, also of the network the backend modes export."""
-    for spec in specs:
+    with ``exported``, also of the network the backend modes export. A spec's reference
+    (the training form of a fused model) gets its pass even when it is not timed."""
+    untimed = [s.reference for s in specs if s.reference is not None
+               and all(s.reference is not t for t in specs)]
+    for spec in list(specs) + list({id(r): r for r in untimed}.values()):
         model = copy.deepcopy(spec.model).to(device)
         model.eval()
         fwd = getattr(model, spec.method)

@@ -1,0 +1,90 @@
+"""Print, per RepVGG variant and Winograd tile, how far the fused network computed with
+Winograd convs is from the same network with direct convs.
+
+    python tools/check_winograd.py [--archs B1g2 ...] [--tiles 2 4 6 auto] [--batch 4]
+                                   [--size 224] [--limit 1e-4] [--seed 0]
+
+The network is the fused backbone (batch norms with random statistics first, all four
+stages' outputs); every conv Winograd can compute is replaced (``auto``: those where it
+pays, each with its own tile; see ``mmrepvgg.deploy.winograd``). Columns, each the
+largest absolute difference over the largest output:
+
+* vs direct: against the direct-conv fused network in fp32 (what a user compares);
+* vs fp64: against the fused network run in float64, next to the direct convs' own fp32
+  error.
+
+Eager torch computes the same arithmetic as the compiled package (inductor reorders
+sums, within fp32 rounding). Exits with status 1 if a row is further than --limit from
+the direct convs.
+"""
+import argparse
+import copy
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+
+import torch  # noqa: E402
+
+from mmrepvgg import RepVGG, reparameterize  # noqa: E402
+from mmrepvgg.deploy.winograd import TILES, convert_to_winograd  # noqa: E402
+from mmrepvgg.models import ARCH_SETTINGS  # noqa: E402
+from mmrepvgg.reparam import flatten_outputs, randomize_norm_stats  # noqa: E402
+
+
+def relative_difference(outputs, reference) -> float:
+    scale = max(r.abs().max().item() for r in reference)
+    return max((o.double() - r.double()).abs().max().item()
+               for o, r in zip(outputs, reference)) / scale
+
+
+@torch.no_grad()
+def check(arch, tiles, x, seed):
+    """Rows (tile, convs replaced, vs direct, vs fp64, direct vs fp64) for ``arch``."""
+    model = reparameterize(randomize_norm_stats(RepVGG(arch), seed).eval())
+    direct = flatten_outputs(model(x))
+    reference = flatten_outputs(copy.deepcopy(model).double()(x.double()))
+    direct_error = relative_difference(direct, reference)
+    rows = []
+    for tile in tiles:
+        winograd = copy.deepcopy(model)
+        replaced = convert_to_winograd(winograd, tile, x)
+        out = flatten_outputs(winograd(x))
+        rows.append((tile, replaced, relative_difference(out, direct),
+                     relative_difference(out, reference), direct_error))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--archs', nargs='+', default=['B1g2'], choices=list(ARCH_SETTINGS))
+    parser.add_argument('--tiles', nargs='+', default=[*map(str, TILES), 'auto'],
+                        choices=[*map(str, TILES), 'auto'])
+    parser.add_argument('--batch', type=int, default=4)
+    parser.add_argument('--size', type=int, default=224, help='input side (pixels)')
+    parser.add_argument('--limit', type=float, default=1e-4,
+                        help='largest allowed difference from the direct convs, relative')
+    parser.add_argument('--seed', type=int, default=0)
+    args = parser.parse_args(argv)
+    tiles = [t if t == 'auto' else int(t) for t in args.tiles]
+    torch.manual_seed(args.seed)
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    print(f'| arch | tile | convs | vs direct (max {args.limit:g}) | vs fp64 | direct vs fp64 |'
+          '\n|---|---|---|---|---|---|')
+    failed = []
+    for arch in args.archs:
+        for tile, replaced, vs_direct, vs_fp64, direct_error in check(arch, tiles, x,
+                                                                      args.seed):
+            print(f'| {arch} | {tile} | {replaced} | {vs_direct:.2e} | {vs_fp64:.2e} | '
+                  f'{direct_error:.2e} |', flush=True)
+            if vs_direct > args.limit:
+                failed.append(f'{arch} tile {tile}: {vs_direct:.3g} > {args.limit:g}')
+    if failed:
+        print('Winograd check failed:\n' + '\n'.join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
