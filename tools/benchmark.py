@@ -857,12 +857,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print('prep s: build + optimise + first call (tracing/compiling); max|diff|: against the '
           'eager fp32 output (fused rows: against the training form).')
     exported_rows = [r for r in rows if r['mode'] in BACKEND_MODES and not r.get('skipped')]
-    if exported_rows:
-        print(f'{"/".join(backend_modes)} rows: the eval-mode network exported to ONNX '
+    onnx_modes = [m for m in backend_modes if BACKEND_MODES[m][0] != 'aoti']
+    if any(r['mode'] in onnx_modes for r in exported_rows):
+        print(f'{"/".join(onnx_modes)} rows: the eval-mode network exported to ONNX '
               '(mmrepvgg.deploy.export_module, static shape) and run on the CPU by '
               f'mmrepvgg.deploy.load_backend with {env["threads"]} threads; ms/batch is the '
               'runner\'s call, numpy conversion of input and outputs included; prep s: '
               'export + compile + first call.')
+    if any(BACKEND_MODES[r['mode']][0] == 'aoti' for r in exported_rows):
+        print('aoti/winograd-aoti rows: the eval-mode network compiled into an AOTInductor '
+              'package (mmrepvgg.deploy.package_module: torch.export + '
+              'aoti_compile_and_package, frozen weights, NHWC; winograd-aoti with Winograd '
+              f'convs, tile {args.winograd_tile}) and loaded back by '
+              'mmrepvgg.deploy.load_backend; prep s: conversion + export + compile + load + '
+              'first call, paid once per package; load s: loading the package file, what '
+              'a process that uses it pays.')
     if any(r['precision'] == 'int8' for r in exported_rows):
         print('int8 rows: the exported file quantized to static INT8 first '
               '(mmrepvgg.deploy.quantize_onnx, QDQ, int8 weights per channel, uint8 '

@@ -120,7 +120,7 @@ def check_package_compatible(path: str, metadata: Dict[str, str]) -> None:
                          'the CPU only')
     isa = metadata.get(_ISA_KEY, '').lower()
     available = _cpu_instruction_sets()
-    if isa and isa != 'invalid vec isa' and isa not in available:
+    if isa and isa != 'invalid_vec_isa' and isa not in available:
         raise ValueError(f'{osp.basename(path)} was compiled for {isa.upper()}, which this '
                          f'CPU lacks (it has: {", ".join(available).upper() or "none"}): '
                          'export it again on this kind of CPU')
@@ -129,7 +129,8 @@ def check_package_compatible(path: str, metadata: Dict[str, str]) -> None:
 class PackageRunner:
     """A compiled AOTInductor package: ``runner(x)`` -> list of output tensors, with the
     same attributes as :class:`mmrepvgg.deploy.backends.BackendRunner` (``backend`` is
-    ``'aoti'``; ``load_seconds`` says how long loading took)."""
+    ``'aoti'``; ``load_seconds`` says how long loading took). ``threads`` sets torch's
+    intra-op threads, process-wide: the package's oneDNN and MKL calls use them."""
 
     quantized = False
 

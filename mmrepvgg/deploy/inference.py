@@ -278,7 +278,8 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
 
         runner.fn, runner._context = compiled, compile_context
         if replaced == 0:
-            runner.note = 'no 3x3 stride-1 conv to compute with Winograd: same as compile'
+            runner.note = ('no conv computed with Winograd (none is 3x3 stride-1, or with '
+                           "tile 'auto' none has the channels to pay): same as compile")
     runner.run(x)  # trace / compile / pick algorithms now, not in the first timed call
     synchronize(device)
     runner.prep_seconds = time.perf_counter() - start
