@@ -171,6 +171,8 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     meta = read_package_metadata(str(direct))
     assert json.loads(meta[SHAPE_KEY]) == [1, 3, 128, 256]
     assert meta['mmrepvgg.part'] == 'segmentor'
+    assert load_backend(str(direct), 'aoti').output_names == report['output_names'] == [
+        'seg_logits']
     # Winograd F(2x2, 3x3) in the stride-1, undilated convs (the dilated OS8 stages keep
     # theirs direct)
     wino = tmp_path / 'pspnet_winograd.pt2'

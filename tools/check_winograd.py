@@ -27,15 +27,10 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from 
 import torch  # noqa: E402
 
 from mmrepvgg import RepVGG, reparameterize  # noqa: E402
+from mmrepvgg.deploy.export import relative_difference  # noqa: E402
 from mmrepvgg.deploy.winograd import TILES, convert_to_winograd  # noqa: E402
 from mmrepvgg.models import ARCH_SETTINGS  # noqa: E402
 from mmrepvgg.reparam import flatten_outputs, randomize_norm_stats  # noqa: E402
-
-
-def relative_difference(outputs, reference) -> float:
-    scale = max(r.abs().max().item() for r in reference)
-    return max((o.double() - r.double()).abs().max().item()
-               for o, r in zip(outputs, reference)) / scale
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ sys.path.insert(0, REPO)  # run from a checkout
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmrepvgg.deploy import (DEFAULT_OPSET, FORMATS, PARTS, ExportFailure,  # noqa: E402
                              export_model)
-from mmrepvgg.deploy.winograd import TILES  # noqa: E402
+from mmrepvgg.deploy.winograd import MIN_CHANNELS_PER_GROUP, TILES  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmrepvgg.engine.cli import load_config  # noqa: E402
 from mmrepvgg.engine.hooks import format_report  # noqa: E402
@@ -120,6 +120,10 @@ def main(argv=None):
         print(f'[export] {report["kind"]} network, input {shown}, {outputs}; '
               + ('Winograd convs: ' + ', '.join(f'{n} of tile {t}' for t, n in convs.items())
                  if convs else 'direct convs'))
+        if convs == {}:
+            print('[export] --winograd: no conv qualified (Winograd takes 3x3 stride-1 '
+                  'undilated convs; tile auto only those with >= '
+                  f'{MIN_CHANNELS_PER_GROUP} channels per group)')
         print(f'[export] prepared in {report["export_s"] + report["compile_s"]:.1f} s '
               f'(torch.export {report["export_s"]:.1f} s, AOTInductor compile '
               f'{report["compile_s"]:.1f} s); the package loads in {report["load_s"]:.1f} s')

@@ -144,8 +144,7 @@ class PackageRunner:
         self.input_shape = json.loads(shape) if shape else None
         self.path, self.backend, self.precision = path, 'aoti', precision
         self.precision_used, self.threads = precision, threads
-        groups = json.loads(self.metadata.get('mmrepvgg.groups', '[]'))
-        self.output_names = [f'{name}_{i}' for name, count in groups for i in range(count)]
+        self.output_names = json.loads(self.metadata.get('mmrepvgg.output_names', '[]'))
         if threads:
             torch.set_num_threads(threads)
         start = time.perf_counter()

@@ -29,7 +29,8 @@ from .backends import load_backend
 from .parts import ExportedPart
 from .winograd import TileChoice, WinogradConv2d, convert_to_winograd
 
-__all__ = ['FORMATS', 'export_model', 'runner_parity', 'torch_part_path', 'sha256_file']
+__all__ = ['FORMATS', 'export_model', 'runner_parity', 'relative_difference',
+           'torch_part_path', 'sha256_file']
 
 #: What ``tools/export.py --format`` writes, and the suffix its output must have.
 FORMATS = {'onnx': '.onnx', 'aoti': PACKAGE_SUFFIX}
@@ -80,7 +81,7 @@ def runner_parity(module: nn.Module, runner, probe: Tensor,
     return errors
 
 
-def _relative_difference(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
+def relative_difference(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
     """max |a - b| over the largest |b|, across all outputs."""
     scale = max(b.abs().max().item() for b in reference)
     diff = max((a.double() - b.double()).abs().max().item()
@@ -179,11 +180,12 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
                                       exported.output_names(), metadata)
             runner = load_backend(tmp, 'onnxruntime') if check else None
         else:
+            metadata['mmrepvgg.output_names'] = json.dumps(exported.output_names())
             report.update(package_module(exported, probe, tmp, metadata))
             runner = PackageRunner(tmp)
             report['load_s'] = runner.load_seconds
             if winograd is not None:
-                report['winograd_vs_direct'] = _relative_difference(runner(probe), direct_out)
+                report['winograd_vs_direct'] = relative_difference(runner(probe), direct_out)
         report['parity'] = None
         if check:
             parity = report['parity'] = runner_parity(exported, runner, probe)

@@ -42,8 +42,9 @@ PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: tools/benchmark.py (docs/benchmark.md: B1g2 fused 1.12x faster than eager, ResNet-101
 #: 1.39x), for 2-15 s of compiling. CUDA: channels_last + cudnn.benchmark, the usual
 #: recipe; not yet measured in this project (no GPU so far). ``winograd`` is faster still
-#: for a fused RepVGG on CPU (B1g2: 1.35x over ``compile``) but slower for ResNets and
-#: takes minutes to compile, so it is never picked automatically.
+#: for a fused RepVGG on CPU (B1g2: 1.5x over ``compile``, docs/benchmark.md section 1b)
+#: but takes minutes to compile, so it is never picked automatically (an AOTInductor
+#: package of ``tools/export.py --format aoti --winograd`` pays that once).
 AUTO_MODE = {'cpu': 'compile', 'cuda': 'channels_last'}
 
 
