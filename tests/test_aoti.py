@@ -24,9 +24,8 @@ from mmrepvgg.deploy.export import runner_parity
 from mmrepvgg.deploy.winograd import (WinogradConv2d, convert_to_winograd,
                                       winograd_unsupported_reason)
 from mmrepvgg.reparam import randomize_norm_stats
-from test_deploy import _export, _no_temporary_files
-from test_tools import (ROOT, SEG_CONFIG, SEG_MODEL, _seg_maps, _test_tool,  # noqa: F401
-                        assert_same_segmentation, seg)
+from test_deploy import _export, _no_temporary_files, assert_files_score_as_deploy
+from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _test_tool, seg  # noqa: F401
 
 # Two blocks a stage (one stride-2, one stride-1), 32 to 128 channels: quick to compile.
 SMALL = dict(num_blocks=(2, 2, 2, 2), width_factors=(0.5, 0.5, 0.5, 0.25))
@@ -182,18 +181,8 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     assert report['parity']['within']
     assert report['winograd_vs_direct'] < 1e-4
     _no_temporary_files(tmp_path)
-
-    def test(name, ckpt, *extra):
-        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
-                          SEG_MODEL, *extra)
-
-    reference, _ = test('deploy', seg.ckpt, '--deploy')
-    maps = _seg_maps(tmp_path / 'deploy_maps')
-    for name, package in (('aoti', direct), ('aoti_winograd', wino)):
-        metrics, _ = test(name, package, '--backend', 'aoti')
-        print(f'\nPSPNet A0 mini: torch --deploy {reference}; {name} {metrics}')
-        assert_same_segmentation(maps, _seg_maps(tmp_path / f'{name}_maps'), reference,
-                                 metrics)
+    assert_files_score_as_deploy(seg, tmp_path, [('aoti', direct, 'aoti'),
+                                                 ('aoti_winograd', wino, 'aoti')])
 
 
 @pytest.mark.parametrize('argv,message', [

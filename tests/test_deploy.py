@@ -97,18 +97,23 @@ def test_segmentor_backends_score_as_deploy(seg, tmp_path):
     assert report['parity']['within'] and report['torch_part'] is None
     assert 'BatchNormalization' not in report['node_types']  # head BNs folded too
     _no_temporary_files(tmp_path)
+    assert_files_score_as_deploy(seg, tmp_path, [(b, out, b) for b in BACKENDS])
 
+
+def assert_files_score_as_deploy(fixture, folder, files):
+    """tools/test.py --backend on each (name, exported file, backend) of ``files`` gives
+    the mini PSPNet's maps and metrics of tools/test.py --deploy."""
     def test(name, ckpt, *extra):
-        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
+        return _test_tool(fixture, SEG_CONFIG, ckpt, folder / name, folder / f'{name}_maps',
                           SEG_MODEL, *extra)
 
-    reference, _ = test('deploy', seg.ckpt, '--deploy')
-    maps = _seg_maps(tmp_path / 'deploy_maps')
-    for backend in BACKENDS:
-        metrics, _ = test(backend, out, '--backend', backend)
-        print(f'\nPSPNet A0 mini: torch --deploy {reference}; {backend} {metrics}')
-        assert_same_segmentation(maps, _seg_maps(tmp_path / f'{backend}_maps'),
-                                 reference, metrics)
+    reference, _ = test('deploy', fixture.ckpt, '--deploy')
+    maps = _seg_maps(folder / 'deploy_maps')
+    for name, path, backend in files:
+        metrics, _ = test(name, path, '--backend', backend)
+        print(f'\nPSPNet A0 mini: torch --deploy {reference}; {name} {metrics}')
+        assert_same_segmentation(maps, _seg_maps(folder / f'{name}_maps'), reference,
+                                 metrics)
 
 
 def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args, folder,
