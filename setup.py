@@ -18,6 +18,8 @@ setup(
     description='RepVGG backbones with structural re-parameterization for '
                 'OpenMMLab detection and segmentation',
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
+    # the C++ Winograd kernel is compiled on the user's machine, from its source
+    package_data={'mmrepvgg.deploy': ['csrc/*.cpp']},
     python_requires='>=3.8',
     install_requires=[
         # Users bring their own CUDA build of torch: a floor only. 2.6 is the first

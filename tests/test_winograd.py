@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
+from mmrepvgg.deploy import winograd_kernel
 from mmrepvgg.reparam import rounding_errors
 from mmrepvgg.deploy.winograd import (MIN_CHANNELS_PER_GROUP, TILES, WinogradConv2d,
                                       auto_tile, convert_to_winograd, tile_products,
@@ -184,7 +185,7 @@ def test_auto_converts_the_convs_where_winograd_pays(randomize):
 
 def test_repr_names_the_tile():
     text = repr(WinogradConv2d(nn.Conv2d(8, 16, 3, padding=1, groups=2), tile=4))
-    assert 'WinogradConv2d(8, 16, tile=4, groups=2, bias=True)' == text
+    assert text.startswith('WinogradConv2d(8, 16, tile=4, groups=2, bias=True, relu=False')
 
 
 def test_matches_functional_conv_on_odd_channel_counts():
@@ -205,3 +206,105 @@ def test_check_tool_reports_each_tile_against_the_direct_convs(capsys):
     assert main(['--archs', 'A0', '--tiles', '6', '--batch', '1', '--size', '32',
                  '--limit', '1e-12']) == 1
     assert 'A0 tile 6' in capsys.readouterr().err
+
+
+# -- the C++ kernel (mmrepvgg.deploy.winograd_kernel): what WinogradConv2d calls on CPU
+# float32. Built for this machine by the bootstrap; the tests need it built.
+def _kernel_module(in_channels, out_channels, tile, groups=1, bias=True, relu=False):
+    module = WinogradConv2d(_conv(in_channels, out_channels, groups, bias,
+                                  dtype=torch.float32), tile, relu=relu)
+    assert module.uses_kernel, winograd_kernel.load_error()
+    return module
+
+
+@pytest.mark.parametrize('tile', TILES)
+@pytest.mark.parametrize('channels,groups,bias,relu,size', [
+    ((16, 16), 1, True, False, (9, 9)),
+    # output channels not a multiple of the 16-channel weight panel, 7 rows of products
+    # (not a multiple of the 6-row register block), a 1x3 map: every remainder path
+    ((12, 20), 2, False, True, (1, 3)),
+    # more than 256 input channels a group (two passes over the depth), 70 = 64 + 6
+    # channels a group (two channel blocks in the transforms), odd map
+    ((600, 140), 2, True, True, (7, 10)),
+])
+def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, groups, bias,
+                                                            relu, size):
+    module = _kernel_module(*channels, tile, groups, bias, relu)
+    x = torch.randn(2, channels[0], *size, dtype=torch.float64)
+    conv = _conv(*channels, groups, bias)
+    conv32 = _conv(*channels, groups, bias, dtype=torch.float32)
+    activation = F.relu if relu else (lambda t: t)
+    with torch.no_grad():
+        out = module(x.float())
+        reference, direct = activation(conv(x)), activation(conv32(x.float()))
+        # the torch-op form of the same module (the fallback), from the packed weights
+        fallback = activation(module._forward_torch(x.float()))
+    assert out.shape == reference.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_within_growth(out, direct, reference, tile)
+    assert_within_growth(fallback, direct, reference, tile)
+    if relu:
+        assert out.min() == 0
+
+
+def test_packed_weights_unpack_to_the_transformed_kernel():
+    kernel = torch.randn(36 * 2, 24, 20)
+    packed = winograd_kernel.pack_kernel(kernel)
+    assert packed.shape == (36 * 2 * 2, 24, winograd_kernel.PANEL)  # 20 -> 2 panels of 16
+    assert torch.equal(winograd_kernel.unpack_kernel(packed, 36 * 2, 20), kernel)
+
+
+def test_kernel_refuses_weights_that_do_not_fit_naming_shapes():
+    module = _kernel_module(16, 32, 4)
+    x = torch.randn(1, 8, 6, 6)  # 8 channels, built for 16
+    with pytest.raises(RuntimeError, match=r'does not fit input \[1, 8, 6, 6\]'):
+        torch.ops.mmrepvgg.winograd_conv3x3(x, module.kernel, module.bias,
+                                            module.input_transform, module.output_transform,
+                                            1, 32, False)
+    with pytest.raises(RuntimeError, match='must be a contiguous float32'):
+        torch.ops.mmrepvgg.winograd_conv3x3(torch.randn(1, 16, 6, 6), module.kernel.double(),
+                                            None, module.input_transform,
+                                            module.output_transform, 1, 32, False)
+
+
+def test_conversion_moves_a_blocks_relu_into_its_conv(randomize):
+    model = reparameterize(randomize(RepVGG('A0', out_indices=(3,))).eval())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        convert_to_winograd(model, 2)
+        out = model(x)
+    convs = [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+    assert len(convs) == 17 and all(c.relu for c in convs)
+    assert all(isinstance(b.act, nn.Identity) == isinstance(b.fused, WinogradConv2d)
+               for b in model.modules() if hasattr(b, 'fused'))
+    assert torch.allclose(out[0], expected[0], rtol=1e-4, atol=1e-4 * expected[0].abs().max())
+
+
+FALLBACK = """
+import sys, torch
+from torch import nn
+from mmrepvgg.deploy import winograd_kernel
+from mmrepvgg.deploy.winograd import WinogradConv2d
+torch.manual_seed(0)
+conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+module = WinogradConv2d(conv, 4)
+x = torch.randn(1, 8, 8, 8)
+assert not module.uses_kernel and module.kernel.shape == (36, 8, 8)
+print(winograd_kernel.load_error())
+with torch.no_grad():
+    print(float((module(x) - conv(x)).abs().max() / conv(x).abs().max()))
+"""
+
+
+def test_without_the_kernel_torch_ops_compute_the_conv():
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, **{winograd_kernel.DISABLE_ENV: '1'})
+    result = subprocess.run([sys.executable, '-c', FALLBACK], env=env, capture_output=True,
+                            text=True, timeout=300, check=True)
+    reason, error = result.stdout.split('\n')[:2]
+    assert winograd_kernel.DISABLE_ENV in reason
+    # fp32 F(4x4) on an 8-channel conv: within error_growth(4) x a few ulps of the output
+    assert float(error) < error_growth(4) * 1e-6

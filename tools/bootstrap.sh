@@ -92,6 +92,12 @@ if ! stamp project || [ "$ROOT/setup.py" -nt "$VENV/.stamp-project-$STACK_ID" ];
   mark project
 fi
 
+# Built for this CPU (-march=native) into torch's extension cache; rebuilt when its source
+# changes. Without a C++ compiler Winograd convs fall back to torch ops (slower).
+step "build the C++ Winograd kernel"
+"$VENV/bin/python" -m mmrepvgg.deploy.winograd_kernel \
+  || echo "[bootstrap] warning: the Winograd kernel did not build; Winograd convs will use torch ops" >&2
+
 step "check the stack imports"
 "$VENV/bin/python" - <<'PY'
 import torch, torchvision, mmengine, mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmrepvgg

@@ -10,7 +10,8 @@ fresh process loads in seconds.
 * :func:`read_package_metadata`: that metadata, read from the archive without loading
   any of its code.
 * :class:`PackageRunner` (``load_backend(path, 'aoti')``): loads a package after checking
-  it was built by this torch version for an instruction set this CPU has, and refuses
+  it was built by this torch version for an instruction set this CPU has (and loading
+  the C++ Winograd kernel first when the package calls it), and refuses
   inputs of another shape than the one it was compiled for (the compiled code would
   read out of bounds rather than fail).
 """
@@ -24,12 +25,17 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
+from .winograd_kernel import OP_NAME, load_error, load_kernel
+
 __all__ = ['PACKAGE_SUFFIX', 'package_module', 'read_package_metadata', 'PackageRunner']
 
 PACKAGE_SUFFIX = '.pt2'
 #: Metadata keys the package records about how it was built.
 TORCH_KEY = 'mmrepvgg.torch_version'
 SHAPE_KEY = 'mmrepvgg.input_shape'
+#: Set when the compiled code calls the C++ Winograd kernel, which a loading process
+#: must then have loaded (``mmrepvgg.deploy.winograd_kernel``).
+KERNEL_KEY = 'mmrepvgg.winograd_kernel'
 # Written by AOTInductor itself: the vector instruction set its kernels were built for.
 _ISA_KEY = 'AOTI_CPU_ISA'
 _DEVICE_KEY = 'AOTI_DEVICE_KEY'
@@ -76,6 +82,9 @@ def package_module(module: nn.Module, example_input: Tensor, path: str,
     with torch.no_grad():
         program = torch.export.export(wrapped, (example_input,), strict=False)
     exported = time.perf_counter()
+    if any(node.op == 'call_function' and str(node.target).startswith('mmrepvgg.')
+           for node in program.graph.nodes):
+        meta[KERNEL_KEY] = OP_NAME
     torch._inductor.aoti_compile_and_package(
         program, package_path=path,
         inductor_configs={'freezing': True, 'aot_inductor.metadata': meta})
@@ -148,6 +157,10 @@ class PackageRunner:
         if threads:
             torch.set_num_threads(threads)
         start = time.perf_counter()
+        if self.metadata.get(KERNEL_KEY) and not load_kernel():
+            raise RuntimeError(f'{osp.basename(path)} calls the C++ Winograd kernel, which '
+                               f'could not be loaded here ({load_error()}); export it '
+                               'again without --winograd, or where a C++ compiler works')
         self._run = torch._inductor.aoti_load_package(path)
         self.load_seconds = time.perf_counter() - start
 

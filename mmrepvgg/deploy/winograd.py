@@ -7,16 +7,16 @@ an element-wise product, which over channels is one matrix product per tile posi
 F(2x2, 3x3) needs 16 products for 4 outputs instead of 36 (2.25x fewer), F(4x4, 3x3) 36
 for 16 (4x), F(6x6, 3x3) 64 for 36 (5.06x), when the feature map splits into whole
 tiles. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd for 3x3
-convs); oneDNN's CPU convs in torch are direct, so here it is written in torch ops for
-``torch.compile`` / AOTInductor: each transform is two passes (tile rows, then tile
-columns) that inductor turns into one vectorised loop each, and the products go to
-batched matmuls.
+convs); oneDNN's CPU convs in torch are direct, so here it is a C++ op
+(``csrc/winograd_conv.cpp``: both transforms and the products in one call, the products
+by a register-blocked kernel on weights packed here) that eager, ``torch.compile`` and
+AOTInductor packages all call. Where the op cannot be built (no C++ compiler) and off the
+CPU, the same is computed with torch ops: each transform two passes (tile rows, then
+tile columns) that inductor turns into one vectorised loop each, products by ``bmm``.
 
 * ``WinogradConv2d(conv, tile)`` computes ``conv`` (3x3, stride 1, dilation 1, padding 1,
-  any groups, zero padding) this way. Eager it is *slower* than ``F.conv2d`` (every
-  transform step is a pass over memory); it pays off compiled, which is how
-  ``optimize_for_inference(mode='winograd')`` and ``tools/export.py --format aoti
-  --winograd`` use it.
+  any groups, zero padding) this way; ``optimize_for_inference(mode='winograd')`` and
+  ``tools/export.py --format aoti --winograd`` use it.
 * ``convert_to_winograd(model, tile, example_input)`` replaces every such conv of a model,
   in place; ``tile='auto'`` picks each conv's tile from the size of its feature map
   (``auto_tile``), which needs ``example_input``.
@@ -33,6 +33,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .winograd_kernel import load_kernel, pack_kernel, unpack_kernel
 
 #: Interpolation points of F(m x m, 3 x 3) per output tile m (plus the point at infinity):
 #: the usual small ones, whose powers stay near 1 in magnitude.
@@ -149,25 +151,37 @@ def _transform(matrix: Sequence[Sequence[float]], taps: List[Tensor], dim: int) 
 
 class WinogradConv2d(nn.Module):
     """``conv`` (3x3, stride 1, dilation 1, padding 1, zero padding, any groups) computed
-    with Winograd F(tile x tile, 3 x 3). Works on NCHW tensors of any memory format and
-    returns a channels_last one; fastest under ``torch.compile`` on channels_last input.
+    with Winograd F(tile x tile, 3 x 3), then the ReLU when ``relu``. Works on NCHW tensors
+    of any memory format and returns a channels_last one.
 
-    The transformed kernel is computed once, in float64, and kept as buffer ``kernel``
-    (shape ``(tile+2)^2 * groups, in/groups, out/groups``); ``bias`` as given.
+    On CPU float32 it calls the C++ kernel (``mmrepvgg.deploy.winograd_kernel``; one op,
+    which ``torch.export`` and AOTInductor keep as a call); where that kernel cannot be
+    built, and on other devices and dtypes, it computes the same with torch ops, which are
+    fast only under ``torch.compile``. ``uses_kernel`` says which.
+
+    The transformed kernel is computed once, in float64, and kept as buffer ``kernel``:
+    shape ``(tile+2)^2 * groups, in/groups, out/groups``, or with the C++ kernel, packed
+    by ``pack_kernel``; ``bias`` as given.
     """
 
-    def __init__(self, conv: nn.Conv2d, tile: int = 4):
+    def __init__(self, conv: nn.Conv2d, tile: int = 4, relu: bool = False):
         super().__init__()
         reason = winograd_unsupported_reason(conv)
         if reason:
             raise ValueError(f'cannot compute this conv with Winograd: {reason}')
         _check_tile(tile)
-        self.tile, self.groups = tile, conv.groups
+        self.tile, self.groups, self.relu = tile, conv.groups, relu
+        # the C++ kernel, where it builds, computes float32 on CPU; else torch ops do
+        self.uses_kernel = load_kernel()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         exact = transform_matrices(tile)
         # the data transforms' entries are dyadic rationals (exact in fp32)
         self._input_transform = [[float(c) for c in row] for row in exact['BT']]
         self._output_transform = [[float(c) for c in row] for row in exact['AT']]
+        # the same matrices as tensors, for the C++ kernel
+        for name in ('input_transform', 'output_transform'):
+            self.register_buffer(name, torch.tensor(getattr(self, '_' + name),
+                                                    dtype=torch.float32), persistent=False)
         g = torch.tensor([[float(c) for c in row] for row in exact['G']],
                          dtype=torch.float64, device=conv.weight.device)
         weight = conv.weight.detach().to(torch.float64)
@@ -178,15 +192,25 @@ class WinogradConv2d(nn.Module):
         kernel = kernel.reshape(side * side, weight.shape[1], self.groups, out_per_group)
         kernel = kernel.permute(0, 2, 1, 3).reshape(side * side * self.groups,
                                                     weight.shape[1], out_per_group)
-        self.register_buffer('kernel', kernel.to(conv.weight.dtype).contiguous())
+        kernel = kernel.to(conv.weight.dtype).contiguous()
+        self.register_buffer('kernel', pack_kernel(kernel) if self.uses_kernel else kernel)
         bias = None if conv.bias is None else conv.bias.detach().clone()
         self.register_buffer('bias', bias)
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, tile={self.tile}, '
-                f'groups={self.groups}, bias={self.bias is not None}')
+                f'groups={self.groups}, bias={self.bias is not None}, relu={self.relu}, '
+                f'uses_kernel={self.uses_kernel}')
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_kernel and x.device.type == 'cpu' and x.dtype == torch.float32:
+            return torch.ops.mmrepvgg.winograd_conv3x3(
+                x, self.kernel, self.bias, self.input_transform, self.output_transform,
+                self.groups, self.out_channels, self.relu)
+        y = self._forward_torch(x)
+        return y.relu() if self.relu else y
+
+    def _forward_torch(self, x: Tensor) -> Tensor:
         n, channels, height, width = x.shape
         m, side, groups = self.tile, self.tile + 2, self.groups
         rows, cols = -(-height // m), -(-width // m)  # tiles per column / row
@@ -201,7 +225,10 @@ class WinogradConv2d(nn.Module):
         v = v.reshape(side * side, tiles, groups, channels // groups)
         v = v.transpose(1, 2).reshape(side * side * groups, tiles, channels // groups)
         # One matmul per (tile position, group) over the input channels.
-        prod = torch.bmm(v, self.kernel)
+        kernel = (unpack_kernel(self.kernel, side * side * groups,
+                                 self.out_channels // groups) if self.uses_kernel
+                  else self.kernel)
+        prod = torch.bmm(v, kernel)
         prod = prod.reshape(side * side, groups, tiles, -1).transpose(1, 2)
         prod = prod.reshape(side, side, n, rows, cols, self.out_channels)
         # Output transform A^T M A: over tile rows, then over tile columns.
@@ -242,7 +269,8 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
     ``tile``: one of ``TILES`` for every conv, or ``'auto'``: per conv, ``auto_tile`` of
     the feature map it gets on ``example_input`` (a batch of the size to be run), for the
     convs where Winograd pays (``winograd_pays``); the others, and any conv that input
-    does not reach, keep their direct form.
+    does not reach, keep their direct form. A fused RepVGG block's ReLU moves into its
+    Winograd conv (the block's ``act`` becomes an ``nn.Identity``).
     """
     if tile != 'auto':
         _check_tile(tile)
@@ -260,6 +288,18 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
         if tile == 'auto' and id(child) not in sizes:
             continue
         chosen = auto_tile(*sizes[id(child)]) if tile == 'auto' else tile
-        setattr(parent, name, WinogradConv2d(child, chosen))
+        relu = _relu_follows(parent, name)
+        setattr(parent, name, WinogradConv2d(child, chosen, relu=relu))
+        if relu:  # computed by the conv's output transform now
+            parent.act = nn.Identity()
         replaced += 1
     return replaced
+
+
+def _relu_follows(parent: nn.Module, name: str) -> bool:
+    """Whether ``parent.<name>`` is a fused RepVGG block's conv followed directly by its
+    ReLU (no squeeze-excite between): the ReLU can then be applied in the conv's output
+    transform, saving a pass over the feature map."""
+    from ..models.rep_block import RepVGGBlock
+    return (isinstance(parent, RepVGGBlock) and name == 'fused' and parent.se is None
+            and type(parent.act) is nn.ReLU)
