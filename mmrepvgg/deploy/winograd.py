@@ -225,9 +225,9 @@ class WinogradConv2d(nn.Module):
         v = v.reshape(side * side, tiles, groups, channels // groups)
         v = v.transpose(1, 2).reshape(side * side * groups, tiles, channels // groups)
         # One matmul per (tile position, group) over the input channels.
-        kernel = (unpack_kernel(self.kernel, side * side * groups,
-                                 self.out_channels // groups) if self.uses_kernel
-                  else self.kernel)
+        kernel = self.kernel
+        if self.uses_kernel:  # packed for the C++ kernel
+            kernel = unpack_kernel(kernel, side * side * groups, self.out_channels // groups)
         prod = torch.bmm(v, kernel)
         prod = prod.reshape(side * side, groups, tiles, -1).transpose(1, 2)
         prod = prod.reshape(side, side, n, rows, cols, self.out_channels)
