@@ -27,9 +27,9 @@ from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 #: ``compile``        channels_last + ``torch.compile`` (inductor) with inductor's
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
 #: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
-#:                    one (``mmrepvgg.deploy.winograd``): fewer multiplications, a minute
-#:                    or more of compiling in every process (``tools/export.py --format
-#:                    aoti --winograd`` compiles it once into a package instead).
+#:                    one (``mmrepvgg.deploy.winograd``; on CPU a call of its C++ op):
+#:                    fewer multiplications, seconds of compiling (``tools/export.py
+#:                    --format aoti --winograd`` compiles it once into a package).
 MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
 #: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
 #: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
@@ -43,8 +43,8 @@ PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: 1.39x), for 2-15 s of compiling. CUDA: channels_last + cudnn.benchmark, the usual
 #: recipe; not yet measured in this project (no GPU so far). ``winograd`` is faster still
 #: for a fused RepVGG on CPU (B1g2: 1.5x over ``compile``, docs/benchmark.md section 1b)
-#: but takes minutes to compile, so it is never picked automatically (an AOTInductor
-#: package of ``tools/export.py --format aoti --winograd`` pays that once).
+#: but rounds differently from a direct conv (within ~1e-5 relative per conv), so it is
+#: asked for, never picked automatically.
 AUTO_MODE = {'cpu': 'compile', 'cuda': 'channels_last'}
 
 
