@@ -12,8 +12,8 @@ Segmentors export whole (per-pixel class logits out), detectors their dense part
 Python, run by tools/test.py --backend). A two-stage detector's RoI-head weights go
 beside the file as OUTPUT.torch.pth.
 
---format aoti compiles the network once (torch.export + AOTInductor, minutes with
---winograd) into a package that any process with the same torch loads in seconds
+--format aoti compiles the network once (torch.export + AOTInductor, tens of seconds;
+--winograd convs are calls of the C++ Winograd op) into a package that any process with the same torch loads in seconds
 (tools/test.py CONFIG OUTPUT.pt2 --backend aoti); it takes exactly the --batch/--shape
 it was compiled for.
 """

@@ -1,7 +1,7 @@
 """The fused network compiled once into an AOTInductor package (``.pt2``) and run from it.
 
-``torch.compile`` pays its compiling in every process (minutes for the Winograd convs);
-an AOTInductor package holds the compiled code and the frozen weights in one file that a
+``torch.compile`` pays its compiling (and the model its building and conversion) in every
+process; an AOTInductor package holds the compiled code and the frozen weights in one file that a
 fresh process loads in seconds.
 
 * :func:`package_module`: ``torch.export`` + ``torch._inductor.aoti_compile_and_package``

@@ -93,6 +93,8 @@ def load_kernel(verbose: bool = False) -> bool:
             torch.ops.load_library(library)  # built: skip the build system's checks (~2 s)
         else:
             from torch.utils.cpp_extension import load
+            print(f'building the C++ Winograd op for this CPU into {folder} (once, about '
+                  'half a minute)', file=sys.stderr)
             load(name=_NAME, sources=[_SOURCE], build_directory=folder,
                  extra_cflags=['-O3', '-march=native', '-fopenmp'],
                  extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
