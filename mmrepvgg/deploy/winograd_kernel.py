@@ -3,7 +3,7 @@
 
 Compiled by ``torch.utils.cpp_extension`` for this machine's CPU (``-march=native``) the
 first time it is asked for, then loaded from the build cache (``tools/bootstrap.sh``
-builds it once; ``python -m mmrepvgg.deploy.winograd_kernel`` does the same by hand).
+builds it once, through ``main()``).
 Where no C++ compiler works, ``load_kernel()`` returns False with the reason in
 ``load_error()``, and ``WinogradConv2d`` falls back to its torch-op form.
 
@@ -116,8 +116,9 @@ def load_error() -> Optional[str]:
     return _state['error']
 
 
-if __name__ == '__main__':
-    ok = load_kernel(verbose='-v' in sys.argv)
-    print(f'Winograd kernel: {"loaded" if ok else "not available: " + load_error()}'
-          + (f' ({_build_directory()})' if ok else ''))
-    sys.exit(0 if ok else 1)
+def main(verbose: bool = False) -> int:
+    """Build/load the op and say so; the exit status for the bootstrap (0: loaded)."""
+    ok = load_kernel(verbose)
+    print(f'Winograd kernel: loaded ({_build_directory()})' if ok
+          else f'Winograd kernel: not available: {load_error()}')
+    return 0 if ok else 1
