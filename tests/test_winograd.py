@@ -261,6 +261,10 @@ def test_kernel_refuses_weights_that_do_not_fit_naming_shapes():
         torch.ops.mmrepvgg.winograd_conv3x3(x, module.kernel, module.bias,
                                             module.input_transform, module.output_transform,
                                             1, 32, False)
+    with pytest.raises(RuntimeError, match=r'transforms must be float32 \[S, S\] and \[m, S\]'):
+        torch.ops.mmrepvgg.winograd_conv3x3(torch.randn(1, 16, 6, 6), module.kernel, None,
+                                            module.output_transform, module.input_transform,
+                                            1, 32, False)
     with pytest.raises(RuntimeError, match='must be a contiguous float32'):
         torch.ops.mmrepvgg.winograd_conv3x3(torch.randn(1, 16, 6, 6), module.kernel.double(),
                                             None, module.input_transform,

@@ -13,9 +13,9 @@ Python, run by tools/test.py --backend). A two-stage detector's RoI-head weights
 beside the file as OUTPUT.torch.pth.
 
 --format aoti compiles the network once (torch.export + AOTInductor, tens of seconds;
---winograd convs are calls of the C++ Winograd op) into a package that any process with the same torch loads in seconds
-(tools/test.py CONFIG OUTPUT.pt2 --backend aoti); it takes exactly the --batch/--shape
-it was compiled for.
+--winograd convs are calls of the C++ Winograd op) into a package that any process with
+the same torch loads in seconds (tools/test.py CONFIG OUTPUT.pt2 --backend aoti); it
+takes exactly the --batch/--shape it was compiled for.
 """
 import argparse
 import os.path as osp

@@ -1,8 +1,8 @@
 """The fused network compiled once into an AOTInductor package (``.pt2``) and run from it.
 
 ``torch.compile`` pays its compiling (and the model its building and conversion) in every
-process; an AOTInductor package holds the compiled code and the frozen weights in one file that a
-fresh process loads in seconds.
+process; an AOTInductor package holds the compiled code and the frozen weights in one
+file that a fresh process loads in seconds.
 
 * :func:`package_module`: ``torch.export`` + ``torch._inductor.aoti_compile_and_package``
   of an eval-mode module for one input shape (weights frozen into the code, NHWC

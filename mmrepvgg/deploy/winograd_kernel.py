@@ -19,8 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ['OP_NAME', 'PANEL', 'load_kernel', 'load_error', 'kernel_loaded', 'pack_kernel',
-           'unpack_kernel']
+__all__ = ['OP_NAME', 'PANEL', 'load_kernel', 'load_error', 'pack_kernel', 'unpack_kernel']
 
 OP_NAME = 'mmrepvgg::winograd_conv3x3'
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'winograd_conv.cpp')
@@ -100,15 +99,11 @@ def load_kernel(verbose: bool = False) -> bool:
                  extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
         _register_fake()
     except Exception as err:  # a missing compiler or headers: fall back, say why
-        _state['error'] = f'{type(err).__name__}: {str(err).strip().splitlines()[-1:]}'
+        last_line = (str(err).strip().splitlines() or [''])[-1]
+        _state['error'] = f'{type(err).__name__}: {last_line}'
         return False
     _state['loaded'] = True
     return True
-
-
-def kernel_loaded() -> bool:
-    """Whether the op is loaded in this process (does not try to build it)."""
-    return _state['loaded']
 
 
 def load_error() -> Optional[str]:

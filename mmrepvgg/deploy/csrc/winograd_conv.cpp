@@ -24,13 +24,12 @@ constexpr int64_t kChannelBlock = 64;  // channels per pass: a tile's S*S*64 flo
 // The transformed input and the products are scratch, megabytes per conv: they live in
 // buffers kept per calling thread and grown on demand, because a fresh allocation of that
 // size is fresh pages from the OS, and faulting them in cost as much as the transforms.
-float* scratch(int slot, int64_t size, const at::TensorOptions& options, at::Tensor* view,
-               at::IntArrayRef shape) {
+at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& options) {
   thread_local at::Tensor buffers[2];
   at::Tensor& buffer = buffers[slot];
+  const int64_t size = c10::multiply_integers(shape);
   if (!buffer.defined() || buffer.numel() < size) buffer = at::empty({size}, options);
-  *view = buffer.narrow(0, 0, size).view(shape);
-  return buffer.data_ptr<float>();
+  return buffer.narrow(0, 0, size).view(shape);
 }
 
 // The transforms are products of small matrices whose entries are blocks of
@@ -153,10 +152,9 @@ void batched_product(int64_t batch, int64_t rows, int64_t depth, int64_t out, co
   at::parallel_for(0, batch * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / panels, p = job % panels;
-      rows_product(rows, depth, a + b * rows * depth,
-                          packed + (b * panels + p) * depth * kPanel,
-                          c + b * rows * out + p * kPanel, out,
-                          std::min<int64_t>(kPanel, out - p * kPanel));
+      rows_product(rows, depth, a + b * rows * depth, packed + (b * panels + p) * depth * kPanel,
+                   c + b * rows * out + p * kPanel, out,
+                   std::min<int64_t>(kPanel, out - p * kPanel));
     }
   });
 }
@@ -178,9 +176,7 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
   const float* x_data = x.data_ptr<float>();
 
   // v: [S*S*groups, tiles, in_per_group]
-  at::Tensor v;
-  float* v_data = scratch(0, S * S * groups * tiles * in_per_group, x.options(), &v,
-                          {S * S * groups, tiles, in_per_group});
+  float* v_data = scratch(0, {S * S * groups, tiles, in_per_group}, x.options()).data_ptr<float>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> d(S * S * kChannelBlock), tmp(S * S * kChannelBlock),
         out(S * S * kChannelBlock);
@@ -189,7 +185,8 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
       const int64_t top = r * M - 1, left = s * M - 1;
       for (int64_t g = 0; g < groups; ++g)
       for (int64_t cg = 0; cg < in_per_group; cg += kChannelBlock) {
-        const int64_t c0 = g * in_per_group + cg, block = std::min(kChannelBlock, in_per_group - cg);
+        const int64_t c0 = g * in_per_group + cg;
+        const int64_t block = std::min(kChannelBlock, in_per_group - cg);
         for (int k = 0; k < S; ++k) {
           const int64_t h = top + k;
           for (int l = 0; l < S; ++l) {
@@ -206,19 +203,18 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
         input_tile<S>(bt_data, d.data(), tmp.data(), out.data());
         for (int pos = 0; pos < S * S; ++pos) {
           float* dst = v_data + ((pos * groups + g) * tiles + t) * in_per_group + cg;
-          std::copy(out.data() + pos * kChannelBlock, out.data() + pos * kChannelBlock + block, dst);
+          const float* src = out.data() + pos * kChannelBlock;
+          std::copy(src, src + block, dst);
         }
       }
     }
   });
 
   // products: [S*S*groups, tiles, out_per_group]
-  at::Tensor prod;
-  scratch(1, S * S * groups * tiles * out_per_group, x.options(), &prod,
-          {S * S * groups, tiles, out_per_group});
-  batched_product(S * S * groups, tiles, in_per_group, out_per_group, v_data, kernel.data_ptr<float>(),
-                  prod.data_ptr<float>());
-  const float* prod_data = prod.data_ptr<float>();
+  float* prod_data =
+      scratch(1, {S * S * groups, tiles, out_per_group}, x.options()).data_ptr<float>();
+  batched_product(S * S * groups, tiles, in_per_group, out_per_group, v_data,
+                  kernel.data_ptr<float>(), prod_data);
 
   at::Tensor y = at::empty({n, out_channels, height, width},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -231,7 +227,8 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
       const int64_t b = t / (rows * cols), r = (t / cols) % rows, s = t % cols;
       for (int64_t g = 0; g < groups; ++g)
       for (int64_t cg = 0; cg < out_per_group; cg += kChannelBlock) {
-        const int64_t c0 = g * out_per_group + cg, block = std::min(kChannelBlock, out_per_group - cg);
+        const int64_t c0 = g * out_per_group + cg;
+        const int64_t block = std::min(kChannelBlock, out_per_group - cg);
         for (int pos = 0; pos < S * S; ++pos) {
           const float* src = prod_data + ((pos * groups + g) * tiles + t) * out_per_group + cg;
           std::copy(src, src + block, m.data() + pos * kChannelBlock);
@@ -269,6 +266,13 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
                   kernel.size(2) == kPanel,
               "winograd_conv3x3: kernel must be a contiguous float32 [S*S*groups*panels, "
               "in/groups, ", kPanel, "] tensor (packed), got ", kernel.sizes());
+  TORCH_CHECK(input_transform.dim() == 2 && output_transform.dim() == 2 &&
+                  input_transform.scalar_type() == at::kFloat &&
+                  output_transform.scalar_type() == at::kFloat &&
+                  input_transform.size(0) == input_transform.size(1) &&
+                  output_transform.size(1) == input_transform.size(0),
+              "winograd_conv3x3: the transforms must be float32 [S, S] and [m, S] matrices, got ",
+              input_transform.sizes(), " and ", output_transform.sizes());
   const int64_t side = input_transform.size(0), tile = output_transform.size(0);
   const int64_t panels = groups > 0 ? (out_channels / groups + kPanel - 1) / kPanel : 0;
   TORCH_CHECK(groups > 0 && out_channels % groups == 0 && side == tile + 2 &&
@@ -282,9 +286,15 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
               "winograd_conv3x3: bias must be a contiguous float32 tensor of ", out_channels,
               " values");
   switch (tile) {
-    case 2: return winograd_conv<2>(input, kernel, bias, input_transform, output_transform, groups, out_channels, relu);
-    case 4: return winograd_conv<4>(input, kernel, bias, input_transform, output_transform, groups, out_channels, relu);
-    case 6: return winograd_conv<6>(input, kernel, bias, input_transform, output_transform, groups, out_channels, relu);
+    case 2:
+      return winograd_conv<2>(input, kernel, bias, input_transform, output_transform, groups,
+                              out_channels, relu);
+    case 4:
+      return winograd_conv<4>(input, kernel, bias, input_transform, output_transform, groups,
+                              out_channels, relu);
+    case 6:
+      return winograd_conv<6>(input, kernel, bias, input_transform, output_transform, groups,
+                              out_channels, relu);
   }
   TORCH_CHECK(false, "winograd_conv3x3: tile ", tile, " is not compiled in; valid: 2, 4, 6");
 }
