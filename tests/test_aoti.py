@@ -193,7 +193,7 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     (['--format', 'aoti'], 'must end with .pt2'),
     (['--winograd'], 'Winograd convs are compiled into AOTInductor packages'),
     (['--format', 'aoti', '--dynamic'], 'compiled for one input shape'),
-    (['--format', 'aoti', '--winograd', '5'], 'takes a tile of 2, 4, 6 or auto'),
+    (['--format', 'aoti', '--winograd', '5'], 'takes a tile of 2, 4, 6, 7 or auto'),
 ])
 def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, argv, message):  # noqa: F811
     out = tmp_path / ('net.pt2' if '--dynamic' in argv or '5' in argv else 'net.onnx')

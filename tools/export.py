@@ -119,7 +119,9 @@ def main(argv=None):
         convs = report.get('winograd')
         print(f'[export] {report["kind"]} network, input {shown}, {outputs}; '
               + ('Winograd convs: ' + ', '.join(f'{n} of tile {t}' for t, n in convs.items())
-                 if convs else 'direct convs'))
+                 if convs else 'direct convs')
+              + (f'; {report["matmul_convs"]} strided convs as one matmul'
+                 if report.get('matmul_convs') else ''))
         if convs == {}:
             print('[export] --winograd: no conv qualified (Winograd takes 3x3 stride-1 '
                   'undilated convs; tile auto only those with >= '

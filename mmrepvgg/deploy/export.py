@@ -26,6 +26,7 @@ from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
 from . import onnx_export
 from .aoti import PACKAGE_SUFFIX, PackageRunner, package_module
 from .backends import load_backend
+from .gemm_conv import GemmConv2d
 from .parts import ExportedPart
 from .winograd import TileChoice, WinogradConv2d, convert_to_winograd
 
@@ -164,6 +165,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         tiles = Counter(str(m.tile) for m in exported.modules()
                         if isinstance(m, WinogradConv2d))
         report['winograd'] = dict(sorted(tiles.items()))
+        report['matmul_convs'] = sum(isinstance(m, GemmConv2d) for m in exported.modules())
         metadata['mmrepvgg.winograd'] = json.dumps(report['winograd'])
     torch_state = exported.torch_state()
     side = torch_part_path(output) if torch_state else None

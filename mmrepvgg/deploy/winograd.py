@@ -5,8 +5,10 @@ multiplications by Winograd's minimal filtering F(m x m, 3 x 3) (Lavin & Gray 20
 (m+2)x(m+2) input tile and the kernel go to a transformed domain where the convolution is
 an element-wise product, which over channels is one matrix product per tile position.
 F(2x2, 3x3) needs 16 products for 4 outputs instead of 36 (2.25x fewer), F(4x4, 3x3) 36
-for 16 (4x), F(6x6, 3x3) 64 for 36 (5.06x), when the feature map splits into whole
-tiles. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd for 3x3
+for 16 (4x), F(6x6, 3x3) 64 for 36 (5.06x), F(7x7, 3x3) 81 for 49 (5.44x), when the
+feature map splits into whole tiles; the transformed kernel is (m+2)^2 / 9 times the
+conv's weights (4x for F(4x4), 9x for F(7x7)), and at small batches reading it is a good
+part of the time. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd for 3x3
 convs); oneDNN's CPU convs in torch are direct, so here it is a C++ op
 (``csrc/winograd_conv.cpp``: both transforms and the products in one call, the products
 by a register-blocked kernel on weights packed here) that eager, ``torch.compile`` and
@@ -25,7 +27,8 @@ The transforms come from the interpolation points (``POINTS``) by the Toom-Cook
 construction, exactly in rational arithmetic; the kernel transform is applied once, in
 float64. Accuracy in fp32: tile 2 is as accurate as a direct conv (its transforms are
 exact small-integer sums); tiles 4 and 6 multiply by fractions and powers of 2 and lose
-a few bits (~1e-5 relative per conv, tests/test_winograd.py bounds it).
+a few bits (~1e-5 relative per conv, tests/test_winograd.py bounds it), tile 7 a few more
+(about 10x tile 6's error).
 """
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Union
@@ -34,13 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gemm_conv import GemmConv2d, gemm_pays, gemm_unsupported_reason
 from .winograd_kernel import load_kernel, pack_kernel, unpack_kernel
 
 #: Interpolation points of F(m x m, 3 x 3) per output tile m (plus the point at infinity):
-#: the usual small ones, whose powers stay near 1 in magnitude.
+#: the usual small ones, whose powers stay near 1 in magnitude. Tile 7 (the one that splits
+#: 14x14, 28x28 and 56x56 maps into whole tiles) needs eight; among the sets of 0, +-1 and
+#: five of +-1/4, +-1/3, +-1/2, +-2/3, +-3/4, +-4/3, +-3/2, +-2, +-3, this one had about
+#: a third of the fp32 error of the dyadic 0, +-1, +-2, +-1/2, -3/2 (random 128-channel
+#: convs against float64; the rounding of its non-dyadic input-transform entries included).
 POINTS = {2: (0, 1, -1),
           4: (0, 1, -1, 2, -2),
-          6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2))}
+          6: (0, 1, -1, 2, -2, Fraction(1, 2), Fraction(-1, 2)),
+          7: (0, 1, -1, Fraction(1, 2), Fraction(-1, 2), 3, Fraction(4, 3), Fraction(-4, 3))}
 TILES = tuple(POINTS)
 #: The tile of ``optimize_for_inference(mode='winograd')``: per conv, ``auto_tile``.
 FASTEST_TILE = 'auto'
@@ -93,11 +102,11 @@ def _check_tile(tile) -> None:
 #: on RepVGG-B1g2's 28x28 and 56x56 maps, where F(6x6) saves 9%, it was no faster).
 LARGER_TILE_GAIN = 0.15
 #: ``tile='auto'`` leaves a conv direct when it has fewer input or output channels per
-#: group than this: its matrix products are too small to pay much for the transforms and
-#: the different rounding (measured with the C++ op, batch 4, 2 AVX2 cores: 64 channels
-#: per group on 56x56, 16.6 ms against 18.8 for oneDNN's direct conv; 128 on 28x28, 9.7
-#: against 17.7 ms).
-MIN_CHANNELS_PER_GROUP = 128
+#: group than this: its matrix products are too small to pay for the transforms
+#: (measured with the C++ op, batch 4, 2 AVX2 cores, 56x56 maps, F(7x7) against oneDNN's
+#: direct conv: 64 channels per group 10.6 ms against 13.2, 48 channels 3.6 against 4.4,
+#: but 128 channels in 4 groups of 32 11.6 against 9.8).
+MIN_CHANNELS_PER_GROUP = 48
 
 
 def tile_products(tile: int, height: int, width: int) -> int:
@@ -177,7 +186,7 @@ class WinogradConv2d(nn.Module):
         self.uses_kernel = load_kernel()
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         exact = transform_matrices(tile)
-        # the data transforms' entries are dyadic rationals (exact in fp32)
+        # the data transforms' entries: dyadic rationals (exact in fp32), except tile 7's
         self._input_transform = [[float(c) for c in row] for row in exact['BT']]
         self._output_transform = [[float(c) for c in row] for row in exact['AT']]
         # the same matrices as tensors, for the C++ kernel
@@ -265,35 +274,44 @@ def _input_sizes(model: nn.Module, convs: Sequence[nn.Module],
 def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
                         example_input: Optional[Tensor] = None) -> int:
     """Replace, in place, every conv of ``model`` that ``WinogradConv2d`` can compute.
-    Returns how many were replaced. Call on an eval-mode model (e.g. a fused RepVGG);
-    the replacements hold buffers, not parameters, so they do not train.
+    Returns how many convs were replaced. Call on an eval-mode model (e.g. a fused
+    RepVGG); the replacements hold buffers, not parameters, so they do not train.
 
     ``tile``: one of ``TILES`` for every conv, or ``'auto'``: per conv, ``auto_tile`` of
     the feature map it gets on ``example_input`` (a batch of the size to be run), for the
-    convs where Winograd pays (``winograd_pays``); the others, and any conv that input
-    does not reach, keep their direct form. A fused RepVGG block's ReLU moves into its
-    Winograd conv (the block's ``act`` becomes an ``nn.Identity``).
+    convs where Winograd pays (``winograd_pays``); ``'auto'`` also computes the strided
+    convs where one matmul beats the direct conv as a ``GemmConv2d`` (``gemm_pays``). The
+    others, and any conv that input does not reach, keep their direct form. A fused
+    RepVGG block's ReLU moves into its Winograd conv (the block's ``act`` becomes an
+    ``nn.Identity``).
     """
-    if tile != 'auto':
+    auto = tile == 'auto'
+    if not auto:
         _check_tile(tile)
     elif example_input is None:
         raise ValueError("tile='auto' picks each conv's tile from its feature-map size: "
                          'pass example_input, a batch of the size to be run')
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
-               if winograd_unsupported_reason(child) is None
-               and (tile != 'auto' or winograd_pays(child))]
-    sizes = (_input_sizes(model, [child for _, _, child in targets], example_input)
-             if tile == 'auto' else {})
+               if (winograd_unsupported_reason(child) is None
+                   and (not auto or winograd_pays(child)))
+               or (auto and gemm_unsupported_reason(child) is None)]
+    sizes = _input_sizes(model, [child for _, _, child in targets],
+                         example_input) if auto else {}
     replaced = 0
     for parent, name, child in targets:
-        if tile == 'auto' and id(child) not in sizes:
+        if auto and id(child) not in sizes:
             continue
-        chosen = auto_tile(*sizes[id(child)]) if tile == 'auto' else tile
-        relu = _relu_follows(parent, name)
-        setattr(parent, name, WinogradConv2d(child, chosen, relu=relu))
-        if relu:  # computed by the conv's output transform now
-            parent.act = nn.Identity()
+        if winograd_unsupported_reason(child) is None:
+            relu = _relu_follows(parent, name)
+            setattr(parent, name, WinogradConv2d(
+                child, auto_tile(*sizes[id(child)]) if auto else tile, relu=relu))
+            if relu:  # computed by the conv's output transform now
+                parent.act = nn.Identity()
+        elif gemm_pays(child, sizes[id(child)]):
+            setattr(parent, name, GemmConv2d(child))
+        else:
+            continue
         replaced += 1
     return replaced
 

@@ -295,8 +295,11 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
     case 6:
       return winograd_conv<6>(input, kernel, bias, input_transform, output_transform, groups,
                               out_channels, relu);
+    case 7:
+      return winograd_conv<7>(input, kernel, bias, input_transform, output_transform, groups,
+                              out_channels, relu);
   }
-  TORCH_CHECK(false, "winograd_conv3x3: tile ", tile, " is not compiled in; valid: 2, 4, 6");
+  TORCH_CHECK(false, "winograd_conv3x3: tile ", tile, " is not compiled in; valid: 2, 4, 6, 7");
 }
 
 }  // namespace
