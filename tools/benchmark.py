@@ -130,8 +130,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         type=lambda v: v if v == 'auto' else int(v),
                         choices=('auto',) + WINOGRAD_TILES,
                         help='output tile of the winograd and winograd-aoti modes: auto '
-                             '(per conv, from its feature-map size), or 2 (as accurate as a '
-                             f'direct conv), 4, 6 (default: {FASTEST_TILE})')
+                             '(per conv, from its feature-map size; strided convs with many '
+                             'channels on small maps as one matmul), or 2 (as accurate as a '
+                             f'direct conv), 4, 6, 7 (default: {FASTEST_TILE})')
     parser.add_argument('--compile-mode', default=None,
                         help="torch.compile mode for the compile recipe, e.g. max-autotune")
     parser.add_argument('--no-cudnn-benchmark', action='store_true',

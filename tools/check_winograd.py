@@ -1,7 +1,7 @@
 """Print, per RepVGG variant and Winograd tile, how far the fused network computed with
 Winograd convs is from the same network with direct convs.
 
-    python tools/check_winograd.py [--archs B1g2 ...] [--tiles 2 4 6 auto] [--batch 4]
+    python tools/check_winograd.py [--archs B1g2 ...] [--tiles 2 4 6 7 auto] [--batch 4]
                                    [--size 224] [--limit 1e-4] [--seed 0]
 
 The network is the fused backbone (batch norms with random statistics first, all four

@@ -27,9 +27,11 @@ from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 #: ``compile``        channels_last + ``torch.compile`` (inductor) with inductor's
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
 #: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
-#:                    one (``mmrepvgg.deploy.winograd``; on CPU a call of its C++ op):
-#:                    fewer multiplications, seconds of compiling (``tools/export.py
-#:                    --format aoti --winograd`` compiles it once into a package).
+#:                    one (``mmrepvgg.deploy.winograd``; on CPU a call of its C++ op),
+#:                    and with tile ``auto`` strided convs with many channels on small
+#:                    maps by one matmul: fewer multiplications, seconds of compiling
+#:                    (``tools/export.py --format aoti --winograd`` compiles it once
+#:                    into a package).
 MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
 #: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
 #: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
@@ -42,7 +44,7 @@ PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: tools/benchmark.py (docs/benchmark.md: B1g2 fused 1.12x faster than eager, ResNet-101
 #: 1.39x), for 2-15 s of compiling. CUDA: channels_last + cudnn.benchmark, the usual
 #: recipe; not yet measured in this project (no GPU so far). ``winograd`` is faster still
-#: for a fused RepVGG on CPU (B1g2: 1.5x over ``compile``, docs/benchmark.md section 1b)
+#: for a fused RepVGG on CPU (B1g2: 1.76x over ``compile``, docs/benchmark.md section 1b)
 #: but rounds differently from a direct conv (within ~1e-5 relative per conv), so it is
 #: asked for, never picked automatically.
 AUTO_MODE = {'cpu': 'compile', 'cuda': 'channels_last'}
@@ -191,8 +193,9 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
             ``mode='compile'``.
         cudnn_benchmark: set ``torch.backends.cudnn.benchmark`` on CUDA.
         winograd_tile: output tile of ``mode='winograd'``: ``'auto'`` (per conv, from its
-            feature-map size on ``example_input``), 2, 4 or 6 (F(2x2,3x3) is as accurate
-            as a direct conv); see ``mmrepvgg.deploy.winograd``.
+            feature-map size on ``example_input``; it also computes strided convs with
+            many channels on small maps as one matmul), 2, 4, 6 or 7 (F(2x2,3x3) is as
+            accurate as a direct conv); see ``mmrepvgg.deploy.winograd``.
 
     Returns:
         An ``InferenceRunner``; ``runner(x)`` gives the model's output for ``x``. The first
@@ -279,8 +282,9 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
 
         runner.fn, runner._context = compiled, compile_context
         if replaced == 0:
-            runner.note = ('no conv computed with Winograd (none is 3x3 stride-1, or with '
-                           "tile 'auto' none has the channels to pay): same as compile")
+            runner.note = ('no conv computed with Winograd or as one matmul (none is 3x3 '
+                           "stride-1, or with tile 'auto' none has the channels to pay): "
+                           'same as compile')
     runner.run(x)  # trace / compile / pick algorithms now, not in the first timed call
     synchronize(device)
     runner.prep_seconds = time.perf_counter() - start

@@ -86,8 +86,9 @@ void output_tile(const float* at, const float* m, float* tmp, float* y) {
 // so that a panel streams contiguously; the transformed input is read in place.
 
 constexpr int kPanel = 16;  // output channels per panel: two 8-float vectors
-constexpr int kRows = 6;    // rows per register block: 6 x 2 accumulators + 2 + 1 registers
+constexpr int kRows = 6;    // rows per register block, at most: 6 x 2 accumulators, 2 + 1 more
 constexpr int64_t kDepth = 256;  // input channels per pass: a panel's slice (16 KB) stays in L1
+constexpr int64_t kPrefetch = 16;  // weight rows (64 B each) prefetched ahead: 1 KB
 typedef float Vec8 __attribute__((vector_size(32)));
 
 // c[0:R, 0:width] = a[0:R, 0:depth] (row stride lda) times one packed panel [depth, kPanel]
@@ -99,6 +100,9 @@ inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t ld
   Vec8 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = Vec8{};
   for (int64_t k = 0; k < depth; ++k) {
+    // the weights stream from memory once per call; the hardware prefetcher alone kept
+    // one core's stream to ~3 GB/s (measured), so ask for the line kPrefetch rows ahead
+    __builtin_prefetch(panel + (k + kPrefetch) * kPanel);
     Vec8 b0, b1;
     std::memcpy(&b0, panel + k * kPanel, sizeof(Vec8));
     std::memcpy(&b1, panel + k * kPanel + 8, sizeof(Vec8));
@@ -122,25 +126,30 @@ inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t ld
 }
 
 // c[0:rows, 0:width] = a[0:rows, 0:depth] times one packed panel, in passes of kDepth
-// input channels (the panel's slice is reused from L1 by every block of rows).
+// input channels (the panel's slice is reused from L1 by every block of rows). The rows
+// go in blocks of as equal sizes as kRows allows (16 rows: 6, 5, 5, not 6, 6, 4): a block
+// of fewer than 5 rows has too few accumulators to hide the multiply-add latency
+// (measured: 16 rows 25% faster so).
 void rows_product(int64_t rows, int64_t depth, const float* a, const float* panel, float* c,
                   int64_t ldc, int64_t width) {
+  const int64_t blocks = (rows + kRows - 1) / kRows;
   for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
     const int64_t part = std::min(kDepth, depth - k0);
     const float* slice = panel + k0 * kPanel;
     const bool accumulate = k0 > 0;
-    int64_t i = 0;
-    for (; i + kRows <= rows; i += kRows)
-      panel_product<kRows>(part, a + i * depth + k0, depth, slice, c + i * ldc, ldc, width,
-                           accumulate);
-    const float* rest = a + i * depth + k0;
-    float* out = c + i * ldc;
-    switch (rows - i) {  // the last rows, fewer than kRows
-      case 1: panel_product<1>(part, rest, depth, slice, out, ldc, width, accumulate); break;
-      case 2: panel_product<2>(part, rest, depth, slice, out, ldc, width, accumulate); break;
-      case 3: panel_product<3>(part, rest, depth, slice, out, ldc, width, accumulate); break;
-      case 4: panel_product<4>(part, rest, depth, slice, out, ldc, width, accumulate); break;
-      case 5: panel_product<5>(part, rest, depth, slice, out, ldc, width, accumulate); break;
+    for (int64_t block = 0, i = 0; block < blocks; ++block) {
+      const int64_t size = (rows - i + blocks - block - 1) / (blocks - block);
+      const float* rows_a = a + i * depth + k0;
+      float* out = c + i * ldc;
+      switch (size) {
+        case 1: panel_product<1>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        case 2: panel_product<2>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        case 3: panel_product<3>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        case 4: panel_product<4>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        case 5: panel_product<5>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        case 6: panel_product<6>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+      }
+      i += size;
     }
   }
 }
