@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <vector>
 
@@ -88,7 +89,6 @@ void output_tile(const float* at, const float* m, float* tmp, float* y) {
 constexpr int kPanel = 16;  // output channels per panel: two 8-float vectors
 constexpr int kRows = 6;    // rows per register block, at most: 6 x 2 accumulators, 2 + 1 more
 constexpr int64_t kDepth = 256;  // input channels per pass: a panel's slice (16 KB) stays in L1
-constexpr int64_t kPrefetch = 16;  // weight rows (64 B each) prefetched ahead: 1 KB
 typedef float Vec8 __attribute__((vector_size(32)));
 
 // c[0:R, 0:width] = a[0:R, 0:depth] (row stride lda) times one packed panel [depth, kPanel]
@@ -96,13 +96,14 @@ typedef float Vec8 __attribute__((vector_size(32)));
 template <int R>
 inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t lda,
                           const float* __restrict__ panel, float* __restrict__ c, int64_t ldc,
-                          int64_t width, bool accumulate) {
+                          int64_t width, bool accumulate, const float* ahead,
+                          uint64_t ahead_scale) {
   Vec8 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = Vec8{};
   for (int64_t k = 0; k < depth; ++k) {
-    // the weights stream from memory once per call; the hardware prefetcher alone kept
-    // one core's stream to ~3 GB/s (measured), so ask for the line kPrefetch rows ahead
-    __builtin_prefetch(panel + (k + kPrefetch) * kPanel);
+    // weight row (k * ahead_scale) >> 32 of the next slice: this block's share of its
+    // rows, evenly over the depth (a multiply, not a division, per step)
+    __builtin_prefetch(ahead + ((k * ahead_scale) >> 32) * kPanel);
     Vec8 b0, b1;
     std::memcpy(&b0, panel + k * kPanel, sizeof(Vec8));
     std::memcpy(&b1, panel + k * kPanel + 8, sizeof(Vec8));
@@ -137,18 +138,32 @@ void rows_product(int64_t rows, int64_t depth, const float* a, const float* pane
     const int64_t part = std::min(kDepth, depth - k0);
     const float* slice = panel + k0 * kPanel;
     const bool accumulate = k0 > 0;
+    // The next slice of weights (the next pass, or the next panel: packed contiguously)
+    // is prefetched while this one is used, spread over all blocks of rows. Fetched on
+    // demand, the first block waited for the slice and the others found it in L1: one
+    // core read 3-5 GB/s with no overlap of fetching and multiply-adds. Spread, 16 rows
+    // with 512 inputs (stage 3 at batch 4) ran 1.4x faster, measured.
+    const float* ahead = slice + part * kPanel;
     for (int64_t block = 0, i = 0; block < blocks; ++block) {
       const int64_t size = (rows - i + blocks - block - 1) / (blocks - block);
       const float* rows_a = a + i * depth + k0;
       float* out = c + i * ldc;
+      const int64_t first = block * part / blocks, last = (block + 1) * part / blocks;
+      const uint64_t scale = (static_cast<uint64_t>(last - first) << 32) / part;
+#define MMREPVGG_ROWS(R)                                                                   \
+  case R:                                                                                 \
+    panel_product<R>(part, rows_a, depth, slice, out, ldc, width, accumulate,             \
+                     ahead + first * kPanel, scale);                                      \
+    break;
       switch (size) {
-        case 1: panel_product<1>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
-        case 2: panel_product<2>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
-        case 3: panel_product<3>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
-        case 4: panel_product<4>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
-        case 5: panel_product<5>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
-        case 6: panel_product<6>(part, rows_a, depth, slice, out, ldc, width, accumulate); break;
+        MMREPVGG_ROWS(1)
+        MMREPVGG_ROWS(2)
+        MMREPVGG_ROWS(3)
+        MMREPVGG_ROWS(4)
+        MMREPVGG_ROWS(5)
+        MMREPVGG_ROWS(6)
       }
+#undef MMREPVGG_ROWS
       i += size;
     }
   }
