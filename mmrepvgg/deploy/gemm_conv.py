@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: ``gemm_pays``: output positions per image at most this (measured, batch 4, 2 AVX2 cores:
-#: 256 -> 512 channels to a 14x14 output 15.1 ms against 16.5 direct, 128 -> 256 to 28x28
-#: 20.3 against 15.0, 64 -> 128 to 56x56 25.0 against 12.5) ...
-GEMM_MAX_POSITIONS = 256
+#: 512 -> 2048 channels to 7x7 31 ms against 78 direct; 256 -> 512 to 14x14 15.1 against
+#: 16.5 alone but 18-19 against 17 inside RepVGG-B1g2; 128 -> 256 to 28x28 20.3 against
+#: 15.0) ...
+GEMM_MAX_POSITIONS = 64
 #: ... and at least this many input channels (3 -> 64 to 112x112: 5.7 against 2.1 ms).
 GEMM_MIN_CHANNELS = 256
 
