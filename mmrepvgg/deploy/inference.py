@@ -44,7 +44,7 @@ PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: tools/benchmark.py (docs/benchmark.md: B1g2 fused 1.12x faster than eager, ResNet-101
 #: 1.39x), for 2-15 s of compiling. CUDA: channels_last + cudnn.benchmark, the usual
 #: recipe; not yet measured in this project (no GPU so far). ``winograd`` is faster still
-#: for a fused RepVGG on CPU (B1g2: 1.76x over ``compile``, docs/benchmark.md section 1b)
+#: for a fused RepVGG on CPU (B1g2: 1.98x over ``compile``, docs/benchmark.md section 1b)
 #: but rounds differently from a direct conv (within ~1e-5 relative per conv), so it is
 #: asked for, never picked automatically.
 AUTO_MODE = {'cpu': 'compile', 'cuda': 'channels_last'}
