@@ -309,19 +309,16 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
                    bias->scalar_type() == at::kFloat),
               "winograd_conv3x3: bias must be a contiguous float32 tensor of ", out_channels,
               " values");
-  switch (tile) {
-    case 2:
-      return winograd_conv<2>(input, kernel, bias, input_transform, output_transform, groups,
-                              out_channels, relu);
-    case 4:
-      return winograd_conv<4>(input, kernel, bias, input_transform, output_transform, groups,
-                              out_channels, relu);
-    case 6:
-      return winograd_conv<6>(input, kernel, bias, input_transform, output_transform, groups,
-                              out_channels, relu);
-    case 7:
-      return winograd_conv<7>(input, kernel, bias, input_transform, output_transform, groups,
-                              out_channels, relu);
+  switch (tile) {  // the tiles compiled in, each with its own unrolled transforms
+#define MMREPVGG_TILE(M)                                                                     \
+  case M:                                                                                   \
+    return winograd_conv<M>(input, kernel, bias, input_transform, output_transform, groups,  \
+                            out_channels, relu);
+    MMREPVGG_TILE(2)
+    MMREPVGG_TILE(4)
+    MMREPVGG_TILE(6)
+    MMREPVGG_TILE(7)
+#undef MMREPVGG_TILE
   }
   TORCH_CHECK(false, "winograd_conv3x3: tile ", tile, " is not compiled in; valid: 2, 4, 6, 7");
 }
