@@ -189,6 +189,20 @@ def test_auto_converts_the_convs_where_winograd_pays(randomize):
     assert_within_growth(out, expected, reference, max(tiles))
 
 
+def test_auto_leaves_narrow_convs_direct():
+    # a plain (ungrouped) stride-1 conv the matmul form could take too: below
+    # MIN_CHANNELS_PER_GROUP it stays an nn.Conv2d under 'auto', and is converted at a
+    # fixed tile
+    narrow = MIN_CHANNELS_PER_GROUP // 2
+    model = nn.Sequential(nn.Conv2d(narrow, narrow, 3, padding=1),
+                          nn.Conv2d(narrow, MIN_CHANNELS_PER_GROUP, 3, padding=1),
+                          nn.Conv2d(MIN_CHANNELS_PER_GROUP, MIN_CHANNELS_PER_GROUP, 3, padding=1))
+    x = torch.randn(1, narrow, 14, 14)
+    assert convert_to_winograd(model, 'auto', x) == 1
+    assert [type(m) for m in model] == [nn.Conv2d, nn.Conv2d, WinogradConv2d]
+    assert convert_to_winograd(model, 4) == 2
+
+
 def test_repr_names_the_tile():
     text = repr(WinogradConv2d(nn.Conv2d(8, 16, 3, padding=1, groups=2), tile=4))
     assert text.startswith('WinogradConv2d(8, 16, tile=4, groups=2, bias=True, relu=False')

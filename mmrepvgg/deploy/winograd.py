@@ -8,8 +8,8 @@ F(2x2, 3x3) needs 16 products for 4 outputs instead of 36 (2.25x fewer), F(4x4, 
 for 16 (4x), F(6x6, 3x3) 64 for 36 (5.06x), F(7x7, 3x3) 81 for 49 (5.44x), when the
 feature map splits into whole tiles; the transformed kernel is (m+2)^2 / 9 times the
 conv's weights (4x for F(4x4), 9x for F(7x7)), and at small batches reading it is a good
-part of the time. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd for 3x3
-convs); oneDNN's CPU convs in torch are direct, so here it is a C++ op
+part of the time. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd
+for 3x3 convs); oneDNN's CPU convs in torch are direct, so here it is a C++ op
 (``csrc/winograd_conv.cpp``: both transforms and the products in one call, the products
 by a register-blocked kernel on weights packed here) that eager, ``torch.compile`` and
 AOTInductor packages all call. Where the op cannot be built (no C++ compiler) and off the
@@ -291,18 +291,20 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
     elif example_input is None:
         raise ValueError("tile='auto' picks each conv's tile from its feature-map size: "
                          'pass example_input, a batch of the size to be run')
+
+    def winograd_takes(conv: nn.Module) -> bool:  # with tile 'auto', only where it pays
+        return winograd_unsupported_reason(conv) is None and (not auto or winograd_pays(conv))
+
     targets = [(parent, name, child) for parent in model.modules()
                for name, child in parent.named_children()
-               if (winograd_unsupported_reason(child) is None
-                   and (not auto or winograd_pays(child)))
-               or (auto and gemm_unsupported_reason(child) is None)]
+               if winograd_takes(child) or (auto and gemm_unsupported_reason(child) is None)]
     sizes = _input_sizes(model, [child for _, _, child in targets],
                          example_input) if auto else {}
     replaced = 0
     for parent, name, child in targets:
         if auto and id(child) not in sizes:
             continue
-        if winograd_unsupported_reason(child) is None:
+        if winograd_takes(child):
             relu = _relu_follows(parent, name)
             setattr(parent, name, WinogradConv2d(
                 child, auto_tile(*sizes[id(child)]) if auto else tile, relu=relu))
