@@ -19,15 +19,16 @@ checkpoint). Everything is driven by the one table :data:`LAYOUTS`.
 import os
 import re
 from collections.abc import Mapping
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from .compat import load_file
+from .fetch import load_file
 
 __all__ = ['LAYOUTS', 'extract_state_dict', 'detect_layout', 'to_mmrepvgg',
-           'load_backbone_checkpoint', 'fused_form', 'IMAGENET_WEIGHTS', 'imagenet_checkpoint']
+           'load_backbone_checkpoint', 'fused_form', 'CheckpointInfo', 'describe_checkpoint',
+           'whole_model_needed', 'IMAGENET_WEIGHTS', 'imagenet_checkpoint']
 
 # ImageNet-1k weights OpenMMLab hosts for mmpretrain's RepVGG (mmpretrain layout,
 # training form), by arch; the bundled configs start from these. B2g2 and B3g2 have
@@ -122,8 +123,9 @@ def _examples(keys: Iterable[str], limit: int = 10) -> str:
     return shown + (f', ... (+{len(keys) - limit} more)' if len(keys) > limit else '')
 
 
-def _extract(obj: Any) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """extract_state_dict, also returning the non-backbone keys it left out."""
+def _unwrap(obj: Any) -> Dict[str, torch.Tensor]:
+    """The name->tensor dict inside any checkpoint object (wrappers and a DataParallel
+    ``module.`` prefix removed)."""
     for _ in range(len(_WRAPPER_KEYS) + 1):
         if isinstance(obj, nn.Module):
             obj = obj.state_dict()
@@ -143,6 +145,12 @@ def _extract(obj: Any) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     # DataParallel / DistributedDataParallel prefix every key with 'module.'.
     if all(k.startswith('module.') for k in tensors):
         tensors = {k[len('module.'):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def _extract(obj: Any) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """extract_state_dict, also returning the non-backbone keys it left out."""
+    tensors = _unwrap(obj)
     # A whole model (classifier, detector, segmentor): keep only the backbone.
     if any(k.startswith('backbone.') for k in tensors):
         ignored = [k for k in tensors if not k.startswith('backbone.')]
@@ -268,6 +276,60 @@ def fused_form(obj: Any) -> Optional[bool]:
         return None
 
 
+class CheckpointInfo(NamedTuple):
+    """What a checkpoint holds (see :func:`describe_checkpoint`)."""
+    #: 'model': a whole detector or segmentor (backbone, neck, heads); 'backbone': a
+    #: backbone's weights alone, as release files hold them (a classifier's head aside)
+    holds: str
+    #: the RepVGG backbone's key layout (one of :data:`LAYOUTS`), None without one
+    layout: Optional[str]
+    #: True for a fused (deploy-form) RepVGG backbone, False for a training-form one,
+    #: None without a RepVGG backbone
+    deploy: Optional[bool]
+    #: the classifier head a backbone release carries, e.g. 'linear.weight'; None if none
+    head: Optional[str]
+
+    def __str__(self) -> str:
+        form = {True: 'fused', False: 'training-form', None: 'non-RepVGG'}[self.deploy]
+        if self.holds == 'model':
+            return f'a whole model (backbone, neck and heads) with a {form} backbone'
+        if self.layout is None:
+            return 'a backbone only, of no RepVGG layout'
+        head = ', with its ImageNet classifier head' if self.head else ''
+        return f'a {form} RepVGG backbone only ({self.layout} layout{head})'
+
+
+# What a classifier holds besides its backbone (mmpretrain: head.fc; the neck pools).
+_CLASSIFIER_PARTS = ('head.', 'neck.', 'data_preprocessor.')
+
+
+def describe_checkpoint(obj: Any) -> CheckpointInfo:
+    """Whether a loaded checkpoint is a whole model or a backbone release, and its
+    RepVGG backbone's layout and form. A classifier's checkpoint (mmpretrain, timm, the
+    official release) counts as a backbone: its head serves no detector or segmentor."""
+    tensors = _unwrap(obj)
+    outside = [k for k in tensors if not k.startswith('backbone.')]
+    holds = 'model' if (len(outside) < len(tensors) and not all(
+        k.startswith(_CLASSIFIER_PARTS) for k in outside)) else 'backbone'
+    try:
+        _, info, _ = _convert(tensors)
+    except ValueError:  # no RepVGG backbone (a ResNet, an unknown layout)
+        return CheckpointInfo(holds, None, None, None)
+    head = next((k for k in info['dropped'] if not k.startswith(('neck.',
+                                                                 'data_preprocessor.'))),
+                None) if holds == 'backbone' else None
+    return CheckpointInfo(holds, info['layout'], info['deploy'], head)
+
+
+def whole_model_needed(source: str, info: CheckpointInfo, request: str) -> str:
+    """The error for a backbone release given where a whole model's weights are needed."""
+    return (f'{source} holds {info}, but {request} needs the weights of a whole model '
+            '(backbone, neck and heads), such as the checkpoint tools/train.py writes '
+            '(work_dir/iter_N.pth) or its fused form from tools/convert.py. A backbone '
+            "file starts a training (model.backbone.init_cfg=dict(type='Pretrained', "
+            "checkpoint=...)) or exports alone (tools/export.py --part backbone).")
+
+
 def to_mmrepvgg(state_dict: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """Map a checkpoint of any supported layout to our backbone's names.
 
@@ -284,13 +346,13 @@ def _named(keys: Iterable[str], origin: Dict[str, str]) -> List[str]:
     return [k if origin.get(k, k) == k else f'{k} (file: {origin[k]})' for k in keys]
 
 
-def load_backbone_checkpoint(model: nn.Module, checkpoint: Any,
-                             logger: Any = None) -> Dict[str, Any]:
+def load_backbone_checkpoint(model: nn.Module, checkpoint: Any, logger: Any = None,
+                             source: Optional[str] = None) -> Dict[str, Any]:
     """Load a RepVGG checkpoint of any supported layout into ``model``.
 
     ``model`` is any module whose state dict uses our naming (the backbone).
-    ``checkpoint`` is a path, a URL (see :func:`mmrepvgg.compat.load_file`) or an
-    already-loaded object. Every weight of the
+    ``checkpoint`` is a path, a URL (see :func:`mmrepvgg.load_file`) or an
+    already-loaded object (``source`` then names it in messages). Every weight of the
     model must come from the file, except ``num_batches_tracked``, which
     official releases lack (the model's own value is kept).
 
@@ -300,7 +362,7 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: Any,
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)
         checkpoint = load_file(source)
-    else:
+    elif source is None:
         source = 'the given checkpoint object'
     mapped, info, origin = _convert(checkpoint)
     target = model.state_dict()

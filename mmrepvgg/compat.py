@@ -17,21 +17,16 @@ every param scheduler mmengine, mmdet, mmseg and mmpretrain register, the EMA
 models, AmpOptimWrapper's loss scaler (plain numbers), and the dataset_meta of
 mmdet's and mmseg's datasets. Weights-only loading itself is never switched off.
 """
-import http.client
 import importlib
-import os
 import pickle
 import re
-import sys
-import urllib.parse
 from typing import Any, Callable, Dict, List, Tuple, Union
 
 import numpy as np
 import torch
 
 __all__ = ['allow_mmengine_checkpoint_types', 'mmengine_checkpoint_safe_globals',
-           'load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
-           'CheckpointDownloadError']
+           'torch_load_safely', 'UnsafeCheckpointError']
 
 SafeGlobal = Union[Callable, Tuple[Callable, str]]
 
@@ -154,134 +149,23 @@ def _unpickler_reason(msg: str) -> str:
     return (found.group(1) if found else msg).strip()
 
 
-class CheckpointDownloadError(OSError):
-    """A checkpoint URL could not be downloaded (HTTP error, unreachable host, ...)."""
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint needs a global outside the weights_only allowlist (never retried
+    unsafely): the file may be untrusted, it is not broken."""
 
 
-_HTTP = ('http://', 'https://')
+def torch_load_safely(path: str, label: str, map_location: Any = 'cpu') -> Any:
+    """``torch.load(path, weights_only=True)`` with Runner checkpoints' types allowed.
 
-
-def is_remote_checkpoint(name: Union[str, os.PathLike]) -> bool:
-    """True for a URL or model-zoo name (``scheme://...``), False for a local path."""
-    return '://' in os.fspath(name)
-
-
-def _zoo_target(name: str) -> Union[str, None]:
-    """What ``name`` stands for, by mmengine's own model-name tables: an http(s) URL, or a
-    file under mmengine's home (open-mmlab:// entries may be local). None for schemes
-    that only their own backend reads (pavi://, s3://, petrel://, registered ones)."""
-    from mmengine.runner import checkpoint as mm
-    if name.startswith(_HTTP):
-        return name
-    tables = {'torchvision://': mm.get_torchvision_models,
-              'modelzoo://': mm.get_torchvision_models,
-              'open-mmlab://': mm.get_external_models,
-              'openmmlab://': mm.get_external_models,
-              'mmcls://': mm.get_mmcls_models}
-    prefix = next((p for p in tables if name.startswith(p)), None)
-    if prefix is None:
-        return None
-    model = name[len(prefix):]
-    if prefix in ('open-mmlab://', 'openmmlab://'):
-        model = mm.get_deprecated_model_names().get(model, model)
-    urls = tables[prefix]()
-    if model not in urls:
-        raise ValueError(f'unknown model name in {name!r}: mmengine\'s {prefix} table has '
-                         f'no {model!r} (it has {len(urls)} names, e.g. '
-                         f'{", ".join(sorted(urls)[:5])})')
-    target = urls[model]
-    return target if target.startswith(_HTTP) else os.path.join(
-        mm._get_mmengine_home(), target)
-
-
-def _download_reason(err: BaseException) -> str:
-    import urllib.error
-    if isinstance(err, urllib.error.HTTPError):
-        return f'HTTP {err.code} {err.reason}'
-    if isinstance(err, urllib.error.URLError):
-        return str(err.reason)
-    return f'{type(err).__name__}: {err}'
-
-
-def fetch_checkpoint(name: Union[str, os.PathLike]) -> str:
-    """The local file to read for checkpoint ``name``; a remote one is downloaded once.
-
-    A local path comes back unchanged. ``http(s)://`` URLs and mmengine's model-zoo
-    names (``torchvision://``, ``open-mmlab://``, ``mmcls://``) are downloaded on first
-    use to ``<torch hub dir>/checkpoints/<file name>``, where mmengine's loader caches
-    them too (so either reuses the other's download), and that file is returned.
-    ``mmcls://`` gives the file as stored (mmengine's loader keeps only its backbone).
-    Names of the other schemes mmengine's ``CheckpointLoader`` registers (``pavi://``,
-    ``s3://``, ...) come back unchanged: only their backend reads them.
+    ``label`` names the file in errors (e.g. the URL it came from).
 
     Raises:
-        ValueError: a scheme ``CheckpointLoader`` does not handle, an unknown model name.
-        CheckpointDownloadError: the download failed (the message names URL and reason).
+        UnsafeCheckpointError: the file needs a global that is not allowlisted.
+        ValueError: the file is not a readable PyTorch checkpoint (truncated, corrupt,
+            not a checkpoint at all).
     """
-    name = os.fspath(name)
-    if not is_remote_checkpoint(name):
-        return name
-    from mmengine.logging import print_log
-    from mmengine.runner import CheckpointLoader
-    # CheckpointLoader reads a scheme it does not know as a local path ('' matches all).
-    schemes = [p for p in CheckpointLoader._schemes if p]
-    if not any(re.match(p, name) for p in schemes):
-        shown = sorted({re.sub(r'\(.*?\)\?', '', p) for p in schemes})
-        raise ValueError(f'unsupported checkpoint location {name!r}: give a local path or '
-                         f'one of the schemes mmengine reads: {", ".join(shown)}')
-    target = _zoo_target(name)
-    if target is None or not target.startswith(_HTTP):
-        return name if target is None else target
-    what = target if target == name else f'{name} ({target})'
-    filename = os.path.basename(urllib.parse.urlparse(target).path)
-    if not filename:
-        raise ValueError(f'{what} names no file (its path ends with "/")')
-    cached = os.path.join(torch.hub.get_dir(), 'checkpoints', filename)
-    if os.path.isfile(cached):
-        # cached by file name, as torch.hub and mmengine do
-        print_log(f'{what}: using the copy downloaded before, {cached} (delete it to '
-                  'download again)', logger='current')
-        return cached
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    print_log(f'downloading {what} to {cached}', logger='current')
-    try:
-        # torch writes a temporary file and renames it, so the cache never holds a
-        # half-downloaded checkpoint.
-        torch.hub.download_url_to_file(target, cached, progress=sys.stderr.isatty())
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        raise CheckpointDownloadError(
-            f'could not download the checkpoint {what}: {_download_reason(err)}') from err
-    return cached
-
-
-def load_file(path: Union[str, os.PathLike],
-              map_location: Any = 'cpu') -> Any:
-    """``torch.load(path, weights_only=True)`` with clear errors; ``path`` may be a URL.
-
-    A URL or model-zoo name is downloaded once by :func:`fetch_checkpoint` and read
-    from torch's cache here, never through ``torch.hub.load_state_dict_from_url``
-    (which mmengine's http loader uses, and which unpickles with weights_only=False).
-    The mmengine allowlist is (re-)registered first, so Runner checkpoints load;
-    anything else outside torch's own allowlist is refused.
-
-    Raises:
-        FileNotFoundError: a local ``path`` does not exist.
-        CheckpointDownloadError: a URL could not be downloaded.
-        ValueError: an unsupported scheme; the file is not a valid PyTorch checkpoint,
-            or it needs a global that is not allowlisted (never retried unsafely).
-    """
-    name = os.fspath(path)
-    path = fetch_checkpoint(name)
-    remote = is_remote_checkpoint(path)  # pavi://, s3://: read by mmengine's backend
-    if not remote and not os.path.isfile(path):
-        raise FileNotFoundError(f'checkpoint file not found: {path}')
-    label = name if path == name else f'{name} (local copy {path})'
     allow_mmengine_checkpoint_types()
     try:
-        if remote:
-            # those loaders call torch.load with its default, weights_only=True
-            from mmengine.runner import CheckpointLoader
-            return CheckpointLoader.load_checkpoint(path, map_location)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # RuntimeError, UnpicklingError, EOFError, ...
         reason = _unpickler_reason(str(err))
@@ -289,14 +173,12 @@ def load_file(path: Union[str, os.PathLike],
             found = re.search(r'GLOBAL (\S+)', reason)
             what = (f'the global {found.group(1)}' if found else
                     'an object outside the allowlist')
-            raise ValueError(
+            raise UnsafeCheckpointError(
                 f'refusing to load {label}: it needs {what}, which is not on '
                 'the weights_only allowlist, so the file may come from an '
                 'untrusted source. If you trust it, allowlist that global '
                 'with torch.serialization.add_safe_globals([...]) and load '
                 f'again. (torch: {reason})') from err
-        if remote:
-            raise  # the backend's own error (client not installed, no such object, ...)
         raise ValueError(
             f'{label} is not a valid PyTorch checkpoint (unreadable or '
             f'corrupt): {type(err).__name__}: {reason[:300]}') from err

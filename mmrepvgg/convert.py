@@ -4,18 +4,15 @@
 - ``convert_release``: an official / mmpretrain / timm release file to this project's
   backbone layout, so configs can load it with ``init_cfg=dict(type='Pretrained', ...)``.
 """
-import contextlib
-import os
 import os.path as osp
-import tempfile
 from typing import Optional
 
-import torch
 from mmengine.config import Config
 
 from .checkpoint import to_mmrepvgg
-from .compat import fetch_checkpoint, is_remote_checkpoint, load_file
+from .fetch import fetch_checkpoint, is_remote_checkpoint, load_file
 from .engine.hooks import format_report, fuse_and_report
+from .fileio import save_atomic
 
 
 def _fetch_and_check(checkpoint: str, dst: str) -> str:
@@ -37,56 +34,6 @@ def _source_name(checkpoint: str) -> str:
     return checkpoint if is_remote_checkpoint(checkpoint) else osp.basename(checkpoint)
 
 
-def temporary_beside(path: str, suffix: str = '.tmp') -> str:
-    """A new empty file beside ``path`` (the same filesystem, so renaming it onto
-    ``path`` is atomic), with the permissions a plain ``open(path, 'w')`` would give."""
-    folder = osp.dirname(osp.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + osp.basename(path), suffix=suffix)
-    os.close(fd)
-    umask = os.umask(0)  # mkstemp makes 0600; read the umask (only settable) and restore
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
-@contextlib.contextmanager
-def staged_files():
-    """Write several files that appear together: ``stage(path, suffix)`` gives a
-    temporary file beside ``path``, ``publish(*paths)`` renames the staged files onto
-    their paths in that order (the main file last, so it never exists without its
-    companions); whatever was not published is removed when the block ends."""
-    staged = {}
-
-    def stage(path: str, suffix: str = '.tmp') -> str:
-        staged[path] = temporary_beside(path, suffix)
-        return staged[path]
-
-    def publish(*paths: str) -> None:
-        for path in paths:
-            os.replace(staged.pop(path), path)
-
-    try:
-        yield stage, publish
-    finally:
-        for tmp in staged.values():
-            if osp.exists(tmp):
-                os.remove(tmp)
-
-
-def save_atomic(obj, path: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place, so a crash
-    never leaves a half-written file where the user expects a checkpoint."""
-    tmp = temporary_beside(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
     from mmengine.registry import MODELS, init_default_scope
     cfg = Config.fromfile(config)
@@ -98,51 +45,75 @@ def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
 
 
 def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
-                   avoid: Optional[str], probe: bool = True):
+                   avoid: Optional[str], probe: bool = True, part: Optional[str] = 'model',
+                   request: str = 'this'):
+    """Build ``config``'s model with ``checkpoint``'s weights and fuse it.
+
+    ``part``: 'model' needs a whole model's weights, 'backbone' also takes a backbone
+    release (loaded into ``model.backbone``), None takes either. ``request`` names the
+    caller in the error for a backbone file where a whole model is needed.
+    Returns ``(cfg, model, report, source object, CheckpointInfo)``.
+    """
     from mmengine.runner import load_state_dict
 
-    from .checkpoint import fused_form
+    from .checkpoint import describe_checkpoint, load_backbone_checkpoint, whole_model_needed
     source = load_file(_fetch_and_check(checkpoint, avoid) if avoid else
                        fetch_checkpoint(checkpoint))
     if not isinstance(source, dict):
         raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
-    fused = bool(fused_form(source))  # None: no RepVGG backbone (e.g. a ResNet)
+    info = describe_checkpoint(source)
+    if info.holds == 'backbone' and part == 'model':
+        raise ValueError(whole_model_needed(checkpoint, info, request))
     options = dict(cfg_options or {})
-    if fused:
+    if info.deploy:
         options['model.backbone.deploy'] = True  # load the fused weights as they are
     cfg, model = build_model_from_config(config, options)
-    load_state_dict(model, source.get('state_dict', source), strict=True)
+    if info.holds == 'backbone':
+        load_backbone_checkpoint(model.backbone, source, source=checkpoint)
+    else:
+        load_state_dict(model, source.get('state_dict', source), strict=True)
     model.eval()
-    report = None if fused else fuse_and_report(model, probe=probe)
-    return cfg, model, report, source
+    report = None if info.deploy else fuse_and_report(
+        model.backbone if info.holds == 'backbone' else model, probe=probe)
+    return cfg, model, report, source, info
 
 
 def load_fused_model(config: str, checkpoint: str, cfg_options: Optional[dict] = None,
-                     avoid: Optional[str] = None):
+                     avoid: Optional[str] = None, part: str = 'model'):
     """Build the config's model with ``checkpoint``'s weights (training or fused form, a
     path or a URL, read once) and fuse it in eval mode.
+
+    With ``part='backbone'`` the checkpoint may also be a backbone release (official,
+    mmpretrain, timm, or this project's layout), loaded into the model's backbone; the
+    rest of the model keeps its initial weights then.
 
     Returns ``(cfg, model, report)``: the fusion report, or None when the checkpoint was
     already fused (the model is then built in deploy form). ``avoid`` names an output
     path that must not be the checkpoint itself.
     """
-    return _load_and_fuse(config, checkpoint, cfg_options, avoid)[:3]
+    request = 'exporting the whole network' if part == 'model' else 'this'
+    return _load_and_fuse(config, checkpoint, cfg_options, avoid, part=part,
+                          request=request)[:3]
 
 
 def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = True,
                     cfg_options: Optional[dict] = None) -> dict:
     """Load a training checkpoint into the config's model, fuse it, save the deploy form.
 
-    ``checkpoint`` may be a URL. Returns the fusion report (blocks, params before/after,
-    max probe difference).
+    ``checkpoint`` may be a URL, a whole model's checkpoint (the whole model is saved
+    fused) or a backbone release (the config's backbone is loaded with it and saved
+    fused, in this project's key layout, for ``init_cfg`` or ``--part backbone``).
+    Returns the fusion report (blocks, params before/after, max probe difference).
     """
-    _, model, report, source = _load_and_fuse(config, checkpoint, cfg_options, output, probe)
+    _, model, report, source, info = _load_and_fuse(config, checkpoint, cfg_options,
+                                                    output, probe, part=None)
     if report is None or not report['blocks']:
         what = ('it is fused already' if report is None else format_report(report))
         raise ValueError(f'nothing to fuse in {checkpoint} with {config}: {what}')
-    meta = dict(source.get('meta') or {})
+    meta = dict(source.get('meta') or {}) if info.holds == 'model' else {}
     meta.update(mmrepvgg_deploy=True, source_checkpoint=_source_name(checkpoint))
-    save_atomic(dict(meta=meta, state_dict=model.state_dict()), output)
+    weights = model.state_dict() if info.holds == 'model' else model.backbone.state_dict()
+    save_atomic(dict(meta=meta, state_dict=weights), output)
     return report
 
 

@@ -26,7 +26,7 @@ from mmrepvgg.deploy.winograd import (WinogradConv2d, convert_to_winograd,
                                       winograd_unsupported_reason)
 from mmrepvgg.reparam import randomize_norm_stats
 from test_deploy import _export, _no_temporary_files, assert_files_score_as_deploy
-from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _test_tool, seg  # noqa: F401
+from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _test_tool
 from test_winograd import assert_within_growth
 
 # Two blocks a stage (one stride-2, one stride-1), 32 to 128 channels: quick to compile.

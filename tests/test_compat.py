@@ -32,7 +32,8 @@ from mmengine.registry import MODELS
 from mmengine.runner import Runner, load_checkpoint
 
 import mmrepvgg.compat as compat
-from mmrepvgg.compat import allow_mmengine_checkpoint_types, load_file
+from mmrepvgg import load_file
+from mmrepvgg.compat import allow_mmengine_checkpoint_types
 
 
 @MODELS.register_module(name='CompatToyModel', force=True)

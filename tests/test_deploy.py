@@ -18,9 +18,9 @@ from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, ExportFailure, export_module, load_backend
 from mmrepvgg.deploy.parts import attach_backend
 from mmrepvgg.reparam import randomize_norm_stats
-from test_tools import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL,  # noqa: F401
-                        _det_results, _fingerprint, _run, _seg_maps, _test_tool,
-                        assert_same_detections, assert_same_segmentation, det, seg)
+from test_tools import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL, _det_results,
+                        _fingerprint, _run, _seg_maps, _test_tool, assert_same_detections,
+                        assert_same_segmentation)
 from tools.export import main as export_main
 
 RETINA_CONFIG = osp.join(ROOT, 'configs', 'retinanet_repvgg-a2_fpn_1x_coco.py')

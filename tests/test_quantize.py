@@ -18,9 +18,9 @@ from mmrepvgg.deploy import load_backend
 from mmrepvgg.deploy.quantize import calibration_inputs, sqnr_db
 from mmrepvgg.engine.cli import load_config
 from test_deploy import _export, _no_temporary_files, _plain_graph
-from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN,  # noqa: F401
+from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN,
                         _convert_quiet, _cwd, _log_text, _run, _seg_maps, _test_tool,
-                        assert_same_segmentation, det)
+                        assert_same_segmentation)
 from tools.quantize import REPO, parse_args
 from tools.quantize import main as quantize_main
 from tools.train import main as train_main
@@ -187,7 +187,9 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     assert 'was not written by tools/export.py' in refused(foreign, '--calib', '1')
     foreign.unlink()
     # not ONNX at all, and outputs that would overwrite the input or are not .onnx
-    assert 'is not an ONNX model' in refused(qa_seg.ckpt, '--calib', '1')
+    junk = tmp_path / 'junk.onnx'
+    junk.write_bytes(b'not a model')
+    assert 'is not an ONNX model' in refused(junk, '--calib', '1')
     with pytest.raises(SystemExit, match='OUTPUT is the input file'):
         _run(quantize_main, qa_seg.root, [SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, '--mini',
                                           '--calib', '1'], QA_MODEL)

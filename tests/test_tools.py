@@ -23,7 +23,7 @@ import torch
 from mmengine.config import Config
 from PIL import Image
 
-from mmrepvgg.compat import load_file
+from mmrepvgg import load_file
 from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.models import RepVGG
 from mmrepvgg.reparam import assert_fusion_exact, fusion_errors, reparameterize
@@ -95,10 +95,10 @@ def _state(path):
     return load_file(str(path))  # weights_only=True with mmengine's types allowed
 
 
-# --------------------------------------------------------------------------- fixtures
+# ------------------------------------------- what the session fixtures of conftest.py train
 def train_seg(mini_root, tmp_path_factory):
-    """PSPNet RepVGG-A0 after one training iteration, and its fused conversion (the seg
-    fixture; tests/test_urls.py builds its own from this)."""
+    """PSPNet RepVGG-A0 after one training iteration, and its fused conversion (the
+    session's ``seg`` fixture, tests/conftest.py)."""
     work = tmp_path_factory.mktemp('seg_train')
     _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work],
          TRAIN + SEG_MODEL)
@@ -111,13 +111,8 @@ def train_seg(mini_root, tmp_path_factory):
                            out_dir=out_dir, printed=printed)
 
 
-@pytest.fixture(scope='module')
-def seg(mini_root, tmp_path_factory):
-    return train_seg(mini_root, tmp_path_factory)
-
-
-@pytest.fixture(scope='module')
-def det(mini_root, tmp_path_factory):
+def train_det(mini_root, tmp_path_factory):
+    """Faster R-CNN RepVGG-A0 after one training iteration (the session's ``det``)."""
     work = tmp_path_factory.mktemp('det_train')
     _run(train_main, mini_root, [DET_CONFIG, '--mini', '--work-dir', work],
          TRAIN + DET_MODEL)

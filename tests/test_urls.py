@@ -22,13 +22,13 @@ import torch
 from mmengine.config import Config
 
 from mmrepvgg.checkpoint import imagenet_checkpoint
-from mmrepvgg.compat import CheckpointDownloadError, load_file
+from mmrepvgg.fetch import CheckpointDownloadError, load_file
 from mmrepvgg.engine.cli import apply_mini
 from mmrepvgg.models import RepVGG
 from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_model
 from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert_quiet,
                         _log_text, _run, _seg_maps, _state, _test_tool,
-                        assert_same_segmentation, train_seg)
+                        assert_same_segmentation)
 from tools.export import main as export_main
 from tools.test import main as tool_test_main
 from tools.train import main as train_main
@@ -37,7 +37,19 @@ from tools.train import main as train_main
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         self.server.gets.append(self.path)
-        super().do_GET()
+        keep = self.server.cut.get(self.path)
+        if keep is None:
+            return super().do_GET()
+        # a server that drops the connection part-way: the whole length announced,
+        # only the first `keep` bytes sent
+        data = (self.server.folder / self.path.lstrip('/')).read_bytes()
+        self.send_response(200)
+        self.send_header('Content-Type', 'application/octet-stream')
+        self.send_header('Content-Length', str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:keep])
+        self.wfile.flush()
+        self.close_connection = True
 
     def log_message(self, *args):  # keep the test output clean
         pass
@@ -51,6 +63,8 @@ class Server:
         self.httpd = http.server.ThreadingHTTPServer(
             ('127.0.0.1', 0), functools.partial(_Handler, directory=str(folder)))
         self.httpd.gets = self.gets = []
+        self.httpd.cut = self.cut = {}  # URL path -> bytes sent before closing
+        self.httpd.folder = folder
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -71,12 +85,6 @@ def _fresh_cache(monkeypatch, folder):
     """Point torch's download cache at an empty folder; return where downloads land."""
     monkeypatch.setenv('TORCH_HOME', str(folder))
     return folder / 'hub' / 'checkpoints'
-
-
-@pytest.fixture(scope='module')
-def seg(mini_root, tmp_path_factory):
-    """PSPNet RepVGG-A0 after one training iteration (tests/test_tools.py's fixture)."""
-    return train_seg(mini_root, tmp_path_factory)
 
 
 @pytest.fixture
@@ -281,3 +289,84 @@ def test_bundled_configs_start_from_hosted_weights_but_mini_downloads_nothing(co
 def test_arch_without_hosted_weights_names_the_official_file(arch):
     with pytest.raises(ValueError, match=f'checkpoints/RepVGG-{arch}-train.pth'):
         imagenet_checkpoint(arch)
+
+
+# ------------------------------------------------------------ verified downloads
+def _weights_file(path, megabytes=2):
+    """A plain state dict of about ``megabytes`` MB (zip format, as torch.save writes)."""
+    state = {f'w{i}': torch.randn(megabytes * 1_000_000 // 4 // 4) for i in range(4)}
+    torch.save(state, path)
+    return state
+
+
+def _assert_same_state(got, state):
+    assert got.keys() == state.keys()
+    for key, value in state.items():
+        assert torch.equal(got[key], value), key
+
+
+def test_cut_download_is_not_cached_and_the_next_call_downloads_again(server, tmp_path):
+    state = _weights_file(tmp_path / 'w.pth')
+    url = server.serve(tmp_path / 'w.pth', 'weights.pth')
+    size = (tmp_path / 'w.pth').stat().st_size
+    server.cut['/weights.pth'] = size // 2
+    with pytest.raises(CheckpointDownloadError) as err:
+        load_file(url)
+    message = str(err.value)
+    assert url in message
+    assert f'got {size // 2 / 1e6:.1f} MB of {size / 1e6:.1f} MB' in message, message
+    # nothing under the cached name, and no temporary file left beside it
+    assert not server.cache.exists() or os.listdir(server.cache) == []
+
+    del server.cut['/weights.pth']  # the server is back: the same URL, the whole file
+    _assert_same_state(load_file(url), state)
+    assert os.listdir(server.cache) == ['weights.pth']
+    _assert_same_state(load_file(url), state)  # from the cache now
+    assert server.gets == ['/weights.pth'] * 2
+
+
+def test_hash_prefix_in_the_name_is_checked(server, tmp_path):
+    from mmrepvgg.fileio import sha256_file
+    state = _weights_file(tmp_path / 'w.pth', megabytes=1)
+    digest = sha256_file(tmp_path / 'w.pth')
+    good = server.serve(tmp_path / 'w.pth', f'repvgg-a0_in1k-{digest[:8]}.pth')
+    _assert_same_state(load_file(good), state)
+    bad_prefix = 'deadbeef' if not digest.startswith('deadbeef') else 'feedface'
+    bad = server.serve(tmp_path / 'w.pth', f'repvgg-a0_in1k-{bad_prefix}.pth')
+    with pytest.raises(CheckpointDownloadError, match=f'starts with {digest[:8]}.*{bad_prefix}'):
+        load_file(bad)
+    assert os.listdir(server.cache) == [f'repvgg-a0_in1k-{digest[:8]}.pth']
+    # a name that merely ends in a number is no hash
+    _assert_same_state(load_file(server.serve(tmp_path / 'w.pth', 'epoch-12.pth')), state)
+
+
+def test_html_page_served_with_status_200_is_refused(server):
+    (server.folder / 'page.pth').write_text(
+        '<!DOCTYPE html><html><body>Sign in to download</body></html>')
+    url = server.url('page.pth')
+    with pytest.raises(CheckpointDownloadError, match='HTML page') as err:
+        load_file(url)
+    assert url in str(err.value)
+    assert not server.cache.exists() or os.listdir(server.cache) == []
+
+
+def test_broken_cached_copy_is_downloaded_again(server, tmp_path, monkeypatch):
+    state = _weights_file(tmp_path / 'w.pth', megabytes=1)
+    url = server.serve(tmp_path / 'w.pth', 'weights.pth')
+    server.cache.mkdir(parents=True)
+    cached = server.cache / 'weights.pth'
+    # an older tool's half file under the cached name
+    cached.write_bytes((tmp_path / 'w.pth').read_bytes()[:100_000])
+    _assert_same_state(load_file(url), state)
+    assert server.gets == ['/weights.pth']
+    assert cached.read_bytes() == (tmp_path / 'w.pth').read_bytes()
+
+    # a broken copy that cannot be removed: the error names the file to delete
+    cached.write_bytes(b'')
+
+    def refuse(path):
+        raise PermissionError(13, 'Permission denied', str(path))
+    monkeypatch.setattr(os, 'remove', refuse)
+    with pytest.raises(CheckpointDownloadError, match='delete that file') as err:
+        load_file(url)
+    assert str(cached) in str(err.value) and 'empty' in str(err.value)

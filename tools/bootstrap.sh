@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Creates .venv/ in the repo and installs the pinned, known-good OpenMMLab stack plus this
 # project in editable mode. Safe to re-run: each finished step leaves a stamp, and the
-# mmcv wheel built from source is cached in .cache/wheels/, so a second run takes seconds.
+# mmcv wheel built from source is cached per user (like pip's own wheel cache:
+# $XDG_CACHE_HOME/mmrepvgg/wheels, or $MMREPVGG_WHEEL_CACHE), keyed by Python, torch and
+# the build's device, so a second clone on the same machine sets up in seconds.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-CACHE="$ROOT/.cache"
-WHEELS="$CACHE/wheels"
 PY="${PYTHON:-python3}"
 
 # The pinned stack. torch 2.13's CPU wheel has no torchvision whose ops load, so we take
@@ -20,16 +20,23 @@ MM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0"
 EXTRA_PINS="ftfy regex pytest"
 # The [deploy] extra: ONNX export and the CPU backends.
 DEPLOY_PINS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 openvino==2026.4.1"
-# The deploy pins are not part of the stack id: adding them must not rebuild the rest.
+# What the test suite runs with: two worker processes share the cores (see Makefile).
+TEST_PINS="pytest-xdist==3.8.0"
+# The deploy and test pins are not part of the stack id: adding them must not rebuild the rest.
 STACK_ID="$(echo "$PY $TORCH_PINS $MMENGINE_PIN mmcv==$MMCV_VERSION $MM_PINS $EXTRA_PINS" | sha1sum | cut -c1-12)"
 DEPLOY_ID="$(echo "$DEPLOY_PINS" | sha1sum | cut -c1-12)"
+TEST_ID="$(echo "$TEST_PINS" | sha1sum | cut -c1-12)"
 
-step() { CURRENT_STEP="$1"; echo "[bootstrap] $1"; }
+START=$SECONDS
+STEP_START=$SECONDS
+step() {
+  [ -z "${CURRENT_STEP:-}" ] || echo "[bootstrap]   took $((SECONDS - STEP_START)) s"
+  CURRENT_STEP="$1"; STEP_START=$SECONDS; echo "[bootstrap] $1"
+}
 trap 'echo "[bootstrap] FAILED at step: ${CURRENT_STEP:-start} (see output above)" >&2' ERR
 stamp() { [ -f "$VENV/.stamp-$1-$STACK_ID" ]; }
 mark() { touch "$VENV/.stamp-$1-$STACK_ID"; }
 
-mkdir -p "$WHEELS"
 if [ ! -x "$VENV/bin/python" ]; then
   step "create virtual environment $VENV"
   "$PY" -m venv "$VENV"
@@ -49,6 +56,11 @@ if ! stamp mmengine; then
   mark mmengine
 fi
 
+# A wheel is only valid for the torch it was compiled against (and its ops for the device
+# they were built for): the cache folder says which.
+TORCH_ID="$("$VENV/bin/python" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')"
+WHEELS="${MMREPVGG_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheels}/mmcv-$MMCV_VERSION-$TORCH_ID-cpu"
+mkdir -p "$WHEELS"
 MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
 if [ -z "$MMCV_WHEEL" ]; then
   step "build mmcv $MMCV_VERSION from source with its ops (several minutes on 2 cores)"
@@ -60,15 +72,20 @@ if [ -z "$MMCV_WHEEL" ]; then
   SRC="$BUILD/mmcv-$MMCV_VERSION"
   # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
   sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
+  # -g0: no debug info (Python's default flags ask for it), a quicker build, a smaller wheel
   ( cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+      CFLAGS="${CFLAGS:-} -g0" \
       "${PIP[@]}" wheel -q --no-deps --no-build-isolation . -w "$BUILD/out" )
-  mv "$BUILD"/out/mmcv-*.whl "$WHEELS"/
+  # into the cache under a temporary name first: a second set-up never sees half a wheel
+  for built in "$BUILD"/out/mmcv-*.whl; do
+    cp "$built" "$WHEELS/.partial-$$" && mv "$WHEELS/.partial-$$" "$WHEELS/$(basename "$built")"
+  done
   rm -rf "$BUILD"
   MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
 fi
 
 if ! stamp mmcv; then
-  step "install cached mmcv wheel $(basename "$MMCV_WHEEL")"
+  step "install mmcv wheel $MMCV_WHEEL"
   "${PIP[@]}" install -q --no-deps "$MMCV_WHEEL"
   "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf opencv-python
   mark mmcv
@@ -84,6 +101,12 @@ if [ ! -f "$VENV/.stamp-deploy-$STACK_ID-$DEPLOY_ID" ]; then
   step "install the deploy extra ($DEPLOY_PINS)"
   "${PIP[@]}" install -q $DEPLOY_PINS
   touch "$VENV/.stamp-deploy-$STACK_ID-$DEPLOY_ID"
+fi
+
+if [ ! -f "$VENV/.stamp-test-$STACK_ID-$TEST_ID" ]; then
+  step "install the test runner's extras ($TEST_PINS)"
+  "${PIP[@]}" install -q $TEST_PINS
+  touch "$VENV/.stamp-test-$STACK_ID-$TEST_ID"
 fi
 
 if ! stamp project || [ "$ROOT/setup.py" -nt "$VENV/.stamp-project-$STACK_ID" ]; then
@@ -108,3 +131,4 @@ print(f"[bootstrap] ok: torch {torch.__version__}, torchvision {torchvision.__ve
       f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}, "
       f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}")
 PY
+echo "[bootstrap] set-up done in $((SECONDS - START)) s"

@@ -1,6 +1,7 @@
 """Write a deploy (fused) checkpoint, or map a release file onto this project's layout.
 
   python tools/convert.py CONFIG CHECKPOINT OUTPUT          # trained model -> fused model
+                                                            # (backbone file -> fused backbone)
   python tools/convert.py --release RELEASE.pth OUTPUT      # official/mmpretrain -> ours
 
 CHECKPOINT and RELEASE may be URLs (downloaded once into torch's cache, as mmengine does).

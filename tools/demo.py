@@ -146,7 +146,8 @@ def main(argv=None):
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.runner import set_random_seed
 
-    from mmrepvgg.convert import build_model_from_config, save_atomic
+    from mmrepvgg.convert import build_model_from_config
+    from mmrepvgg.fileio import save_atomic
     from tools import train as train_tool
     from tools.make_mini_data import make_cityscapes
     register_runner()

@@ -6,7 +6,8 @@ package, checked against torch before it is kept.
   python tools/export.py CONFIG CHECKPOINT OUTPUT.pt2 --format aoti [--winograd [TILE]]
                          [--shape H W] [--batch N] [--part model|backbone]
 
-CHECKPOINT: training or fused form, a path or a URL (a training one is fused first).
+CHECKPOINT: training or fused form, a path or a URL (a training one is fused first); with
+--part backbone also a backbone release file (official, mmpretrain, timm).
 Segmentors export whole (per-pixel class logits out), detectors their dense part
 (feature maps and dense-head outputs; box decoding, NMS and RoI heads stay in mmdet's
 Python, run by tools/test.py --backend). A two-stage detector's RoI-head weights go
@@ -26,24 +27,11 @@ sys.path.insert(0, REPO)  # run from a checkout
 
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmrepvgg.deploy import (DEFAULT_OPSET, FORMATS, PARTS, ExportFailure,  # noqa: E402
-                             export_model)
+                             config_input_shape, export_model)
 from mmrepvgg.deploy.winograd import MIN_CHANNELS_PER_GROUP, TILES  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 from mmrepvgg.engine.cli import load_config  # noqa: E402
 from mmrepvgg.engine.hooks import format_report  # noqa: E402
-
-
-def test_input_shape(cfg):
-    """(H, W) of the config's test images: the test pipeline's Resize scale, padded to
-    the data preprocessor's size divisor (None when the pipeline does not say)."""
-    pipeline = cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline', [])
-    scale = next((t.get('scale') for t in pipeline
-                  if t.get('type') in ('Resize', 'mmdet.Resize', 'mmseg.Resize')
-                  and t.get('scale')), None)
-    if not scale or not isinstance(scale, (tuple, list)):
-        return None
-    divisor = cfg.model.get('data_preprocessor', {}).get('pad_size_divisor', 1) or 1
-    return [-(-int(s) // divisor) * divisor for s in (scale[1], scale[0])]  # (W, H) -> H, W
 
 
 def parse_args(argv=None):
@@ -51,7 +39,8 @@ def parse_args(argv=None):
         description='Export the fused network to ONNX or an AOTInductor package')
     parser.add_argument('config', help='config file')
     parser.add_argument('checkpoint', help='checkpoint (training or fused form): a file or '
-                                           'a URL')
+                                           'a URL; --part backbone also takes a backbone '
+                                           'release file')
     parser.add_argument('output', help='the file to write: .onnx, or .pt2 for --format aoti')
     parser.add_argument('--format', choices=FORMATS, default='onnx',
                         help='onnx (default), or aoti: an AOTInductor package compiled for '
@@ -93,7 +82,7 @@ def main(argv=None):
                              f'auto, got {winograd!r}')
         winograd = int(winograd)
     cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
-    shape = args.shape or test_input_shape(cfg)
+    shape = args.shape or config_input_shape(cfg)
     if shape is None:
         raise SystemExit('the config\'s test pipeline gives no image size: pass --shape H W')
     try:

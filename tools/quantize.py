@@ -1,10 +1,13 @@
 """Quantize an exported network to static INT8 (QDQ), calibrated on the config's data.
 
-  python tools/quantize.py CONFIG MODEL.onnx OUTPUT.onnx [--calib N] [--method M]
+  python tools/quantize.py CONFIG MODEL OUTPUT.onnx [--calib N] [--method M]
                            [--split test|val|train] [--per-tensor] [--reduce-range]
+                           [--part model|backbone] [--dynamic] [--shape H W]
                            [--mini] [--cfg-options ...]
 
-MODEL.onnx is a file of tools/export.py (fp32). The N calibration images are the first of
+MODEL is an fp32 .onnx file of tools/export.py, or a checkpoint (training or fused, a
+whole model or, with --part backbone, a backbone release file), exported first as
+tools/export.py would with the same --part, --dynamic and --shape. The N calibration images are the first of
 the --split dataset (default test; train keeps them apart from the evaluation images),
 read through the config's test pipeline and its data preprocessor, as in tools/test.py.
 Evaluate the result like any exported model:
@@ -14,12 +17,15 @@ Evaluate the result like any exported model:
 import argparse
 import os.path as osp
 import sys
+import tempfile
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)  # run from a checkout
 
 import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
 from mmengine.config import DictAction  # noqa: E402
+from mmrepvgg.deploy import (PARTS, ExportFailure, config_input_shape,  # noqa: E402
+                             export_model)
 from mmrepvgg.deploy.quantize import METHODS, calibration_inputs, quantize_onnx  # noqa: E402
 from mmrepvgg.engine.cli import load_config  # noqa: E402
 
@@ -27,7 +33,8 @@ from mmrepvgg.engine.cli import load_config  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Quantize an exported ONNX file to INT8')
     parser.add_argument('config', help='the config the file was exported from')
-    parser.add_argument('model', help='fp32 ONNX file written by tools/export.py')
+    parser.add_argument('model', help='fp32 ONNX file written by tools/export.py, or a '
+                                      'checkpoint to export first')
     parser.add_argument('output', help='the INT8 ONNX file to write')
     parser.add_argument('--calib', type=int, default=32,
                         help='number of calibration images (default 32)')
@@ -40,6 +47,13 @@ def parse_args(argv=None):
                         help='one scale per weight tensor instead of per output channel')
     parser.add_argument('--reduce-range', action='store_true',
                         help='7-bit weights (CPUs without VNNI: avoids u8s8 saturation)')
+    parser.add_argument('--part', choices=PARTS, default='model',
+                        help='MODEL a checkpoint: the part to export (as tools/export.py)')
+    parser.add_argument('--dynamic', action='store_true',
+                        help='MODEL a checkpoint: export with dynamic batch, height, width')
+    parser.add_argument('--shape', nargs=2, type=int, metavar=('H', 'W'),
+                        help='MODEL a checkpoint: export input size (default: the test '
+                             'pipeline\'s)')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override config entries, as in tools/test.py')
     parser.add_argument('--mini', action='store_true',
@@ -48,16 +62,33 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def quantize(args, onnx_file, images):
+    return quantize_onnx(onnx_file, args.output, images, args.method,
+                         per_channel=not args.per_tensor, reduce_range=args.reduce_range,
+                         info=dict(config=osp.basename(args.config), split=args.split))
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
     try:
         images = calibration_inputs(cfg, args.calib, args.split)
-        report = quantize_onnx(args.model, args.output, images, args.method,
-                               per_channel=not args.per_tensor,
-                               reduce_range=args.reduce_range,
-                               info=dict(config=osp.basename(args.config), split=args.split))
-    except (OSError, ValueError) as err:
+        if args.model.endswith('.onnx'):
+            report = quantize(args, args.model, images)
+        else:  # a checkpoint: exported beside the output, removed once quantized
+            shape = args.shape or config_input_shape(cfg)
+            if shape is None:
+                raise SystemExit('the config\'s test pipeline gives no image size: pass '
+                                 '--shape H W')
+            with tempfile.TemporaryDirectory(dir=osp.dirname(osp.abspath(args.output)),
+                                             prefix='.export-') as folder:
+                onnx_file = osp.join(folder, 'fp32.onnx')
+                export_model(args.config, args.model, onnx_file, shape, 1, args.dynamic,
+                             part=args.part, cfg_options=args.cfg_options)
+                print(f'[quantize] exported {args.model} ({args.part}, input 1x3x{shape[0]}x'
+                      f'{shape[1]}{", dynamic" if args.dynamic else ""}) to quantize it')
+                report = quantize(args, onnx_file, images)
+    except (OSError, ValueError, ExportFailure) as err:
         raise SystemExit(f'error: {err}')
     shape = 'x'.join(map(str, images[0].shape[1:]))
     print(f'[quantize] calibrated on {len(images)} {args.split} images ({shape}), '

@@ -24,8 +24,8 @@ def _load_torch_part(model: nn.Module, runner) -> None:
     name = runner.metadata.get('mmrepvgg.torch_part')
     if not name:
         return
-    from ..compat import load_file
-    from .export import sha256_file
+    from ..fetch import load_file
+    from ..fileio import sha256_file
     path = osp.join(osp.dirname(osp.abspath(runner.path)), name)
     if not osp.isfile(path):
         raise FileNotFoundError(

@@ -12,7 +12,6 @@ Nothing half-written is ever left at the output path: files are written to tempo
 names beside it and renamed once they passed the check.
 """
 import copy
-import hashlib
 import json
 import os.path as osp
 from collections import Counter
@@ -21,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..convert import load_fused_model, save_atomic, staged_files
+from ..convert import load_fused_model
+from ..fileio import save_atomic, sha256_file, staged_files
 from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
 from . import onnx_export
 from .aoti import PACKAGE_SUFFIX, PackageRunner, package_module
@@ -31,13 +31,26 @@ from .parts import ExportedPart
 from .winograd import TileChoice, WinogradConv2d, convert_to_winograd
 
 __all__ = ['FORMATS', 'export_model', 'runner_parity', 'relative_difference',
-           'torch_part_path', 'sha256_file']
+           'torch_part_path', 'config_input_shape']
 
 #: What ``tools/export.py --format`` writes, and the suffix its output must have.
 FORMATS = {'onnx': '.onnx', 'aoti': PACKAGE_SUFFIX}
 #: The largest stride of the feature maps MMLab backbones give (RepVGG's and ResNet's
 #: last stage, FPN levels below P6): sizes that are multiples of it always line up.
 FEATURE_STRIDE = 32
+
+
+def config_input_shape(cfg) -> Optional[list]:
+    """(H, W) of the config's test images: the test pipeline's Resize scale, padded to
+    the data preprocessor's size divisor (None when the pipeline does not say)."""
+    pipeline = cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline', [])
+    scale = next((t.get('scale') for t in pipeline
+                  if t.get('type') in ('Resize', 'mmdet.Resize', 'mmseg.Resize')
+                  and t.get('scale')), None)
+    if not scale or not isinstance(scale, (tuple, list)):
+        return None
+    divisor = cfg.model.get('data_preprocessor', {}).get('pad_size_divisor', 1) or 1
+    return [-(-int(s) // divisor) * divisor for s in (scale[1], scale[0])]  # (W, H) -> H, W
 
 
 def torch_part_path(path: str) -> str:
@@ -47,14 +60,6 @@ def torch_part_path(path: str) -> str:
         if path.endswith(suffix):
             return path[:-len(suffix)] + '.torch.pth'
     return path + '.torch.pth'
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -121,7 +126,9 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     """Export the fused network of ``config`` with ``checkpoint``'s weights to ``output``.
 
     ``checkpoint`` may be a training or a fused (deploy) checkpoint, a path or a URL; a
-    training one is fused after loading. ``shape`` is the input (H, W) of the probe and,
+    training one is fused after loading. With ``part='backbone'`` it may also be a
+    backbone release file (official, mmpretrain, timm); for the whole model such a file
+    is refused with a message saying what it holds. ``shape`` is the input (H, W) of the probe and,
     without ``dynamic``, of the file. ``format``: ``'onnx'`` (a ``.onnx`` file) or
     ``'aoti'`` (an AOTInductor package, ``.pt2``, for one input shape). ``winograd``
     (``aoti`` only): compute the 3x3 stride-1 convs with Winograd tiles of this size, or
@@ -143,7 +150,8 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         ExportFailure: the ONNX exporter could not write the network.
     """
     _check_request(output, shape, format, dynamic, winograd)
-    cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output)
+    cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output,
+                                          part=part)
     exported = ExportedPart(model.eval(), part)
     torch.manual_seed(seed)
     probe = torch.randn(batch, 3, *shape)

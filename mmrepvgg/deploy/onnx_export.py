@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..convert import temporary_beside
+from ..fileio import temporary_beside
 from ..reparam import FUSION_MARGIN
 
 __all__ = ['DEFAULT_OPSET', 'export_module', 'onnx_parity', 'ExportFailure']

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..convert import staged_files
+from ..fileio import staged_files
 from .backends import QUANTIZATION_KEY, load_backend, read_onnx
 from .export import torch_part_path
 

@@ -271,20 +271,20 @@ def resolve_checkpoint(checkpoint: str) -> str:
     name such as open-mmlab://...): a remote one is downloaded once into torch's cache.
     The runner then reads a local file with weights_only loading; given the URL, mmengine
     would read it through torch.hub, which unpickles with weights_only=False."""
-    from ..compat import fetch_checkpoint
+    from ..fetch import fetch_checkpoint
     try:
         return fetch_checkpoint(checkpoint)
     except (OSError, ValueError) as err:  # failed download, unknown scheme or name
         raise SystemExit(f'error: {err}')
 
 
-def checkpoint_is_fused(path: str) -> Optional[bool]:
-    """True for a deploy-form RepVGG checkpoint, False for a training-form one, None when
-    it holds no RepVGG backbone. A missing or unreadable file is an error. ``path`` may be
-    a URL (see :func:`mmrepvgg.compat.load_file`)."""
-    from ..checkpoint import fused_form
-    from ..compat import load_file
-    return fused_form(load_file(path))
+def describe_checkpoint_file(path: str):
+    """What the checkpoint at ``path`` (a file or URL, see :func:`mmrepvgg.load_file`)
+    holds: a :class:`mmrepvgg.checkpoint.CheckpointInfo`. A missing or unreadable file is
+    an error."""
+    from ..checkpoint import describe_checkpoint
+    from ..fetch import load_file
+    return describe_checkpoint(load_file(path))
 
 
 def is_reparam_hook(hook) -> bool:
@@ -302,10 +302,14 @@ def is_reparam_hook(hook) -> bool:
 
 def apply_deploy(cfg: Config, checkpoint: str, deploy: bool) -> Config:
     """Build the model to match the checkpoint's form, and fuse at test time if asked."""
+    from ..checkpoint import whole_model_needed
     try:
-        fused = checkpoint_is_fused(checkpoint)
+        info = describe_checkpoint_file(checkpoint)
     except (OSError, ValueError, TypeError) as err:  # missing, not downloaded, corrupt, ...
         raise SystemExit(f'error: {err}')
+    if info.holds == 'backbone':
+        raise SystemExit(f'error: {whole_model_needed(checkpoint, info, "testing")}')
+    fused = info.deploy
     if fused and not deploy:
         raise SystemExit(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
                          '--deploy, or give a training checkpoint')

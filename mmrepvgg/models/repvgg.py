@@ -208,7 +208,7 @@ class RepVGG(BaseModule):
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoint import load_backbone_checkpoint
-            from ..compat import CheckpointDownloadError, is_remote_checkpoint
+            from ..fetch import CheckpointDownloadError, is_remote_checkpoint
             path = self.init_cfg['checkpoint']
             # Never fall back to a silent random init: say what failed and what to do.
             instead = 'or set model.backbone.init_cfg=None to train from scratch.'
