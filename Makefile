@@ -8,5 +8,7 @@ setup:
 demo: setup
 	$(PY) tools/demo.py
 
+# Two worker processes (pytest-xdist, one torch thread each; a test file stays on one
+# worker, so its module fixtures are built once) keep both cores of a small machine busy.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -20,18 +20,13 @@ from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import load_backend
 from mmrepvgg.reparam import flatten_outputs, randomize_norm_stats, rounding_errors
 from test_deploy import _export
-from test_pretrained import MMPRETRAIN, OFFICIAL, rename
+from test_pretrained import MMPRETRAIN, OFFICIAL, TIMM, rename
 from test_tools import SEG_CONFIG, SEG_MODEL, _convert_quiet, _run
 from tools.quantize import main as quantize_main
 from tools.test import main as tool_test_main
 
 SEG_OPTIONS = {'model.backbone.arch': 'A0', 'model.decode_head.in_channels': 1280,
                'model.auxiliary_head.in_channels': 192}
-# timm's byobnet names (stages counted from 0), written out by hand
-TIMM = [(r'^stage(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.'),
-        (r'\.dense\.', '.conv_kxk.'), (r'\.pointwise\.', '.conv_1x1.'),
-        (r'^stem\.dense\.', 'stem.conv_kxk.'), (r'^stem\.pointwise\.', 'stem.conv_1x1.'),
-        (r'\.fused\.', '.reparam_conv.'), (r'^stem\.fused\.', 'stem.reparam_conv.')]
 KINDS = ('official_train', 'official_deploy', 'mmpretrain', 'timm')
 
 

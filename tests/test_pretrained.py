@@ -16,6 +16,11 @@ MMPRETRAIN = [(r'^stage(\d)\.', r'stage_\1.'), (r'\.dense\.bn\.', '.branch_3x3.n
               (r'\.pointwise\.conv\.', '.branch_1x1.conv.'),
               (r'\.identity\.', '.branch_norm.'), (r'\.fused\.', '.branch_reparam.')]
 
+# timm's byobnet names (stages counted from 0)
+TIMM = [(r'^stage(\d)\.', lambda m: f'stages.{int(m.group(1)) - 1}.'),
+        (r'\.dense\.', '.conv_kxk.'), (r'\.pointwise\.', '.conv_1x1.'),
+        (r'\.fused\.', '.reparam_conv.')]
+
 
 def rename(state, rules, prefix=''):
     out = {}
@@ -39,7 +44,7 @@ def assert_same_weights(a, b):
 
 
 @pytest.mark.parametrize('deploy', [False, True])
-@pytest.mark.parametrize('layout', ['official', 'mmpretrain'])
+@pytest.mark.parametrize('layout', ['official', 'mmpretrain', 'timm'])
 def test_release_layouts_load_through_init_cfg(layout, deploy, randomize, tmp_path):
     source = source_model(randomize, deploy)
     if layout == 'official':
@@ -47,10 +52,13 @@ def test_release_layouts_load_through_init_cfg(layout, deploy, randomize, tmp_pa
         state['module.linear.weight'] = torch.randn(1000, 1280)
         state['module.linear.bias'] = torch.zeros(1000)
         payload = dict(model=state)
-    else:
+    elif layout == 'mmpretrain':
         state = rename(source.state_dict(), MMPRETRAIN, prefix='backbone.')
         state['head.fc.weight'] = torch.randn(1000, 1280)
         payload = dict(meta=dict(), state_dict=state)
+    else:
+        payload = rename(source.state_dict(), TIMM)
+        payload['head.fc.weight'] = torch.randn(1000, 1280)
     path = tmp_path / f'{layout}.pth'
     torch.save(payload, path)
     target = RepVGG('A0', deploy=deploy, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
