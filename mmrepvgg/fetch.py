@@ -9,8 +9,10 @@ sha256 starts with the prefix a torch-hub style name carries (``name-<sha256
 prefix>.pth``), and the file loads as a checkpoint. Until then it lives under a
 temporary name beside the cache, so an interrupted download leaves nothing that a later
 run would mistake for the checkpoint. A cached copy that is no longer whole (left by
-another tool, or by a full disk) is downloaded again.
+another tool, or by a full disk) is downloaded again. Processes that share the cache take
+turns, so the ranks of a distributed job download a file once, not once each.
 """
+import contextlib
 import hashlib
 import http.client
 import os
@@ -202,6 +204,26 @@ def _drop_cached(cached: str, what: str, problem: str) -> None:
               'it again', logger='current', level=30)
 
 
+@contextlib.contextmanager
+def _one_download_at_a_time(cache_dir: str):
+    """Processes sharing a cache (the ranks of a distributed job on one node, or on
+    nodes sharing the folder; two tools at once) download one after another: the first
+    fetches and verifies, the others then find its file in the cache."""
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: every process downloads for itself
+        yield
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    # beside the checkpoints folder, not in it: that holds checkpoints only
+    with open(os.path.join(os.path.dirname(cache_dir), '.mmrepvgg-download.lock'), 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _fetch(name: Union[str, os.PathLike], map_location: Any = 'cpu') -> Tuple[str, Any]:
     """``(local file or backend name, the loaded checkpoint or None)``: the checkpoint
     comes back whenever verifying a download loaded it already."""
@@ -210,14 +232,15 @@ def _fetch(name: Union[str, os.PathLike], map_location: Any = 'cpu') -> Tuple[st
     if url is None:
         return local, None
     from mmengine.logging import print_log
-    if os.path.isfile(local):
-        problem = _cached_problem(local)
-        if problem is None:
-            print_log(f'{what}: using the copy downloaded before, {local}', logger='current')
-            return local, None
-        _drop_cached(local, what, problem)
-    os.makedirs(os.path.dirname(local), exist_ok=True)
-    return local, _download(url, local, what, map_location)
+    with _one_download_at_a_time(os.path.dirname(local)):
+        if os.path.isfile(local):
+            problem = _cached_problem(local)
+            if problem is None:
+                print_log(f'{what}: using the copy downloaded before, {local}',
+                          logger='current')
+                return local, None
+            _drop_cached(local, what, problem)
+        return local, _download(url, local, what, map_location)
 
 
 def fetch_checkpoint(name: Union[str, os.PathLike]) -> str:

@@ -6,7 +6,9 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 from mmengine.model import is_model_wrapper
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from .models.fusion import is_batch_norm
+from .precision import ieee_fp32
 
 
 def _can_fuse(module: nn.Module) -> bool:
@@ -20,6 +22,14 @@ def fusable_modules(model: nn.Module) -> list:
     return [m for m in found if not any(_can_fuse(c) for c in m.modules() if c is not m)]
 
 
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` that shares its process groups: mmcv's SyncBatchNorm
+    holds one, which cannot be copied (a fused or float64 copy never syncs anyway)."""
+    groups = {id(m.group): m.group for m in module.modules()
+              if is_batch_norm(m) and getattr(m, 'group', None) is not None}
+    return copy.deepcopy(module, memo=groups)
+
+
 def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fuse every re-parameterizable module anywhere in ``model``.
 
@@ -30,7 +40,7 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
     must be in eval mode: fusion folds batch-norm running statistics.
     """
     if not inplace:
-        model = copy.deepcopy(model.module if is_model_wrapper(model) else model)
+        model = copy_module(model.module if is_model_wrapper(model) else model)
     leaves = fusable_modules(model)
     leaf_ids = {id(m) for m in leaves}
     # Innermost first: a backbone's own switch_to_deploy then only updates its flag.
@@ -89,7 +99,8 @@ def max_output_difference(reference: nn.Module, candidate: nn.Module, probe: tor
     by default the models are called on the probe.
     """
     forward = forward or (lambda m, x: m(x))
-    return output_error(forward(candidate, probe), forward(reference, probe))[0]
+    with ieee_fp32(reference):  # a TF32 default would hide a fusion error
+        return output_error(forward(candidate, probe), forward(reference, probe))[0]
 
 
 @torch.no_grad()
@@ -107,7 +118,7 @@ def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
                 + low).to(t.dtype)
 
     for m in model.modules():
-        if isinstance(m, _BatchNorm):
+        if is_batch_norm(m):
             m.running_mean.copy_(uniform(m.running_mean, -0.2, 0.2))
             m.running_var.copy_(uniform(m.running_var, 0.5, 1.5))
             if m.weight is not None:
@@ -190,10 +201,11 @@ def fused_weight_errors(model: nn.Module, fused: nn.Module, probe: torch.Tensor,
     forward = forward or (lambda m, x: m(x))
     probe64 = probe.double()
     if reference is None:
-        reference = forward(copy.deepcopy(model).double(), probe64)
-    train = forward(model, probe)
-    fused_fp32_abs, _ = output_error(forward(fused, probe), reference)
-    weights = rounding_errors(forward(copy.deepcopy(fused).double(), probe64), train,
+        reference = forward(copy_module(model).double(), probe64)
+    with ieee_fp32(model):  # fp32 rounding is the yardstick: not TF32's
+        train = forward(model, probe)
+        fused_fp32_abs, _ = output_error(forward(fused, probe), reference)
+    weights = rounding_errors(forward(copy_module(fused).double(), probe64), train,
                               reference)
     return dict(output_scale=weights['output_scale'], train_fp32_abs=weights['baseline_abs'],
                 fused_fp32_abs=fused_fp32_abs, fused_weights_abs=weights['candidate_abs'],
@@ -220,7 +232,7 @@ def fusion_errors(model: nn.Module, probe: torch.Tensor,
     """
     forward = forward or (lambda m, x: m(x))
     model = model.eval()
-    model64, probe64 = copy.deepcopy(model).double(), probe.double()
+    model64, probe64 = copy_module(model).double(), probe.double()
     reference = forward(model64, probe64)
     errors = fused_weight_errors(model, fuse(model), probe, forward, reference)
     errors['fp64_abs'], _ = output_error(forward(fuse(model64), probe64), reference)

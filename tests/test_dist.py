@@ -123,3 +123,21 @@ def test_nccl_on_cpu_is_refused_with_a_hint():
     # Single-process runs are left alone.
     cfg = Config(dict(launcher='none', model=dict(norm_cfg=dict(type='SyncBN'))))
     assert prepare_cpu_distributed(cfg).model.norm_cfg.type == 'SyncBN'
+
+
+@pytest.mark.parametrize('variable', ['OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID'])
+def test_mpi_launcher_takes_the_local_rank_from_mpirun(variable, monkeypatch):
+    from types import SimpleNamespace
+
+    from mmrepvgg.engine.cli import load_config
+    monkeypatch.setenv('LOCAL_RANK', '0')  # recorded, so the test leaves it as it was
+    monkeypatch.delenv('LOCAL_RANK')
+    monkeypatch.setenv(variable, '3')
+    args = SimpleNamespace(config=CONFIG, launcher='mpi', local_rank=0, mini=False,
+                           cfg_options=None, work_dir=None)
+    assert load_config(args).launcher == 'mpi'
+    assert os.environ['LOCAL_RANK'] == '3'
+    monkeypatch.delenv('LOCAL_RANK')
+    monkeypatch.delenv(variable)
+    with pytest.raises(SystemExit, match='not started by mpirun'):
+        load_config(args)

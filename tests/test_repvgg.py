@@ -306,3 +306,33 @@ def test_checkpointing_covers_every_trainable_block(frozen_stages, monkeypatch):
         checkpointed.clear()
         model(torch.randn(2, 3, 32, 32))
         assert not checkpointed
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank (mmcv's SyncBatchNorm needs one to be built)."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip('torch.distributed is not available')
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path / "pg"}', rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('block', BLOCK_TYPES)
+def test_mmcv_sync_bn_fuses_and_honours_norm_eval(block, one_process_group, randomize):
+    """A RepVGG built with mmcv's SyncBatchNorm (MMSyncBN, what sync_bn='mmcv' converts
+    to), which is no torch _BatchNorm and holds its process group: it fuses (a copy
+    shares the group) as exactly as with BN, and norm_eval keeps those norms frozen."""
+    from mmcv.ops import SyncBatchNorm as MMSyncBN
+    torch.manual_seed(0)
+    model = randomize(RepVGG('A0', block=block, norm_cfg=dict(type='MMSyncBN')))
+    norms = [m for m in model.modules() if isinstance(m, MMSyncBN)]
+    assert len(norms) == (61 if block == 'repvgg' else 44)
+    assert_exact(model, torch.randn(1, 3, 32, 32))
+    fused = reparameterize(model.eval())
+    assert not any(isinstance(m, MMSyncBN) for m in fused.modules())
+    model = RepVGG('A0', block=block, norm_cfg=dict(type='MMSyncBN'), norm_eval=True)
+    model.train()
+    assert norms and not any(m.training for m in model.modules() if isinstance(m, MMSyncBN))

@@ -15,7 +15,10 @@ import json
 import os
 import os.path as osp
 import shutil
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -37,6 +40,7 @@ from tools.train import main as train_main
 class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self):
         self.server.gets.append(self.path)
+        time.sleep(self.server.delay)  # a slow link, so that clients overlap
         keep = self.server.cut.get(self.path)
         if keep is None:
             return super().do_GET()
@@ -65,6 +69,7 @@ class Server:
         self.httpd.gets = self.gets = []
         self.httpd.cut = self.cut = {}  # URL path -> bytes sent before closing
         self.httpd.folder = folder
+        self.httpd.delay = 0
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
 
@@ -370,3 +375,28 @@ def test_broken_cached_copy_is_downloaded_again(server, tmp_path, monkeypatch):
     with pytest.raises(CheckpointDownloadError, match='delete that file') as err:
         load_file(url)
     assert str(cached) in str(err.value) and 'empty' in str(err.value)
+
+
+LOAD_IN_A_PROCESS = """
+import sys
+from mmrepvgg import load_file
+state = load_file(sys.argv[1])
+print('loaded', len(state), 'tensors', flush=True)
+"""
+
+
+def test_processes_sharing_a_cache_download_once(server, tmp_path):
+    """The ranks of a distributed job (here two processes started together, one cache
+    folder) take turns: one downloads and verifies, the other reads its file."""
+    state = _weights_file(tmp_path / 'w.pth', megabytes=1)
+    url = server.serve(tmp_path / 'w.pth', 'weights.pth')
+    server.delay = 2.0
+    env = dict(os.environ, PYTHONPATH=ROOT)  # TORCH_HOME: the test's own cache
+    procs = [subprocess.Popen([sys.executable, '-c', LOAD_IN_A_PROCESS, url], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert all(f'loaded {len(state)} tensors' in out for out in outputs), outputs
+    assert server.gets == ['/weights.pth'], outputs
+    assert sum('using the copy downloaded before' in out for out in outputs) == 1, outputs

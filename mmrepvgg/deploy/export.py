@@ -11,7 +11,6 @@
 Nothing half-written is ever left at the output path: files are written to temporary
 names beside it and renamed once they passed the check.
 """
-import copy
 import json
 import os.path as osp
 from collections import Counter
@@ -22,7 +21,8 @@ from torch import Tensor, nn
 
 from ..convert import load_fused_model
 from ..fileio import save_atomic, sha256_file, staged_files
-from ..reparam import FUSION_MARGIN, flatten_outputs, rounding_errors
+from ..precision import ieee_fp32
+from ..reparam import FUSION_MARGIN, copy_module, flatten_outputs, rounding_errors
 from . import onnx_export
 from .aoti import PACKAGE_SUFFIX, PackageRunner, package_module
 from .backends import load_backend
@@ -73,8 +73,9 @@ def runner_parity(module: nn.Module, runner, probe: Tensor,
     and ``max_rel`` (runner vs torch fp32, absolute and over the output scale).
     """
     module.eval()  # not chained: some modules' train() returns None (mmdet's ResNet)
-    torch_out = flatten_outputs(module(probe))
-    reference = flatten_outputs(copy.deepcopy(module).double()(probe.double()))
+    with ieee_fp32(module):  # the fp32 baseline, not TF32
+        torch_out = flatten_outputs(module(probe))
+    reference = flatten_outputs(copy_module(module).double()(probe.double()))
     candidate = runner(probe)
     if len(candidate) != len(torch_out):
         raise ValueError(f'{runner.path} gives {len(candidate)} outputs, the module '

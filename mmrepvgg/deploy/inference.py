@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..precision import fp32_math, fp32_math_flags  # noqa: F401  (re-exported)
 from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 
 #: Recipes, from plain to most optimised:
@@ -79,45 +80,6 @@ class _Forward(nn.Module):
 
 def _amp_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == 'cuda' else torch.bfloat16
-
-
-def fp32_math_flags(device: torch.device) -> list:
-    """The switches of reduced-precision arithmetic on fp32 tensors, new API only (torch
-    refuses to mix it with the legacy ``allow_tf32`` flags)."""
-    b = torch.backends
-    if device.type == 'cuda':
-        owners = [getattr(b.cudnn, 'conv', None), getattr(b.cuda, 'matmul', None)]
-    else:
-        owners = [getattr(b.mkldnn, 'conv', None), getattr(b.mkldnn, 'matmul', None)]
-    return [o for o in owners if o is not None and hasattr(o, 'fp32_precision')]
-
-
-@contextlib.contextmanager
-def fp32_math(device: torch.device, precision: str):
-    """Within: IEEE fp32 arithmetic for fp32 tensors, or for ``precision='tf32'`` TF32
-    (CUDA) / bf16 (CPU) products. The previous settings come back on exit."""
-    device = torch.device(device)
-    fast = 'tf32' if device.type == 'cuda' else 'bf16'
-    want = fast if precision == 'tf32' else 'ieee'
-    owners = fp32_math_flags(device)
-    legacy = None
-    if not owners and device.type == 'cuda':  # torch without the fp32_precision API
-        legacy = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = (
-            precision == 'tf32')
-    elif not owners and precision == 'tf32':
-        raise ValueError('precision tf32 on CPU needs torch.backends.mkldnn.conv.'
-                         'fp32_precision (torch >= 2.9)')
-    old = [o.fp32_precision for o in owners]
-    try:
-        for o in owners:
-            o.fp32_precision = want
-        yield
-    finally:
-        for o, value in zip(owners, old):
-            o.fp32_precision = value
-        if legacy is not None:
-            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = legacy
 
 
 def _cast_dtype(precision: str) -> Optional[torch.dtype]:

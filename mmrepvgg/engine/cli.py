@@ -28,11 +28,27 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
 
+# mpirun tells each process its rank on its node, under the name of its MPI
+# implementation (Open MPI, MPICH / Intel MPI, MVAPICH).
+MPI_LOCAL_RANK_VARIABLES = ('OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID',
+                            'MV2_COMM_WORLD_LOCAL_RANK')
+
+
+def mpi_local_rank() -> int:
+    """This process's rank on its node under mpirun."""
+    for name in MPI_LOCAL_RANK_VARIABLES:
+        if name in os.environ:
+            return int(os.environ[name])
+    raise SystemExit('--launcher mpi: this process was not started by mpirun (none of '
+                     f'{", ".join(MPI_LOCAL_RANK_VARIABLES)} is set)')
+
+
 def load_config(args: argparse.Namespace, mini_dir: Optional[str] = None) -> Config:
     if not osp.isfile(args.config):
         raise SystemExit(f'config file not found: {args.config}')
     if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
+        os.environ['LOCAL_RANK'] = str(mpi_local_rank() if args.launcher == 'mpi' else
+                                       args.local_rank)
     cfg = Config.fromfile(args.config)
     if getattr(args, 'mini', False):
         apply_mini(cfg, mini_dir)

@@ -1,5 +1,4 @@
 """ReparamHook: evaluate the fused (deploy) form of a RepVGG model inside a runner."""
-import copy
 from typing import List, Optional
 
 import torch
@@ -8,7 +7,7 @@ from mmengine.model import BaseAveragedModel, is_model_wrapper
 from torch import nn
 
 from ..registry import HOOKS
-from ..reparam import (count_parameters, count_unfused, fused_weight_errors,
+from ..reparam import (copy_module, count_parameters, count_unfused, fused_weight_errors,
                        max_output_difference, reparameterize)
 
 
@@ -38,7 +37,7 @@ def fuse_and_report(model: nn.Module, probe: bool = True, probe_size: int = 64) 
     model.eval()
     report = dict(blocks=count_unfused(model), params_before=count_parameters(model))
     target = _probe_target(model)
-    reference = copy.deepcopy(target) if probe and report['blocks'] else None
+    reference = copy_module(target) if probe and report['blocks'] else None
     # Drawn before fusing: a fused block registers its conv last (after e.g. SE's), so
     # only the training form's first conv reliably reads the input.
     x = _probe_input(reference, probe_size) if reference is not None else None
@@ -124,7 +123,7 @@ class ReparamHook(Hook):
         if not self.fuse_val:
             return
         model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        fused = copy.deepcopy(model)
+        fused = copy_module(model)
         averaged = _averaged_models(runner)
         if averaged:
             # Unfused validation scores the EMA weights (swapped in before_val_epoch,

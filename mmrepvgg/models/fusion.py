@@ -14,13 +14,28 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
+def batch_norm_types() -> Tuple[type, ...]:
+    """The batch-norm classes: torch's (every ``_BatchNorm``, SyncBatchNorm included) and
+    mmcv's ``SyncBatchNorm`` (``MMSyncBN``), which is not a torch ``_BatchNorm``."""
+    try:
+        from mmcv.ops import SyncBatchNorm as MMSyncBN
+    except ImportError:  # mmcv without its compiled ops
+        return (_BatchNorm,)
+    return (_BatchNorm, MMSyncBN)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    return isinstance(module, batch_norm_types())
+
+
 def check_fusable_norm(norm: nn.Module) -> None:
     """Only batch norms fold into a conv: their eval-mode output is affine per channel."""
-    if not isinstance(norm, _BatchNorm):
+    if not is_batch_norm(norm):
         raise TypeError(
             f'cannot fuse a {type(norm).__name__} into a conv: re-parameterization needs a '
-            'batch norm (BatchNorm2d, SyncBatchNorm, BatchNormXd or another _BatchNorm '
-            'subclass) whose eval-mode output is a fixed affine map per channel')
+            'batch norm (BatchNorm2d, SyncBatchNorm, mmcv\'s SyncBatchNorm, BatchNormXd or '
+            'another _BatchNorm subclass) whose eval-mode output is a fixed affine map per '
+            'channel')
     if norm.running_mean is None or norm.running_var is None:
         raise ValueError('cannot fuse a batch norm built with track_running_stats=False: '
                          'it has no running statistics to fold into the conv')

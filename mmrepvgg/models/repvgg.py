@@ -5,9 +5,9 @@ import torch
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import MODELS
+from .fusion import is_batch_norm
 from .rep_block import BLOCKS, RepVGGBlock
 
 # Even-numbered layers of stages 1-4 (numbered from 1 across stages) are grouped in the
@@ -192,7 +192,7 @@ class RepVGG(BaseModule):
         self._freeze_stages()
         if mode and self.norm_eval:
             for module in self.modules():
-                if isinstance(module, _BatchNorm):
+                if is_batch_norm(module):
                     module.eval()
         return self
 
