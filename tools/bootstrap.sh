@@ -11,8 +11,15 @@ VENV="$ROOT/.venv"
 PY="${PYTHON:-python3}"
 
 # The pinned stack. torch 2.13's CPU wheel has no torchvision whose ops load, so we take
-# the CUDA build of 2.14.1 (it runs on CPU) with its matching torchvision.
+# the CUDA build of 2.14.1 (it runs on CPU) with its matching torchvision. That build is
+# CUDA 13.0 and needs an NVIDIA driver >= 580; TORCH_CUDA=cu128 (or cu126, ...) takes
+# PyTorch's build for that CUDA instead, which CUDA 12 drivers (>= 525.60) run.
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
+TORCH_CUDA="${TORCH_CUDA:-}"
+TORCH_SOURCE=()
+if [ -n "$TORCH_CUDA" ]; then
+  TORCH_SOURCE=(--index-url "https://download.pytorch.org/whl/$TORCH_CUDA")
+fi
 MMENGINE_PIN="mmengine==0.10.7"
 MMCV_VERSION="2.1.0"
 MM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0"
@@ -23,7 +30,7 @@ DEPLOY_PINS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 openvino==2026.4
 # What the test suite runs with: two worker processes share the cores (see Makefile).
 TEST_PINS="pytest-xdist==3.8.0"
 # The deploy and test pins are not part of the stack id: adding them must not rebuild the rest.
-STACK_ID="$(echo "$PY $TORCH_PINS $MMENGINE_PIN mmcv==$MMCV_VERSION $MM_PINS $EXTRA_PINS" | sha1sum | cut -c1-12)"
+STACK_ID="$(echo "$PY $TORCH_PINS $TORCH_CUDA $MMENGINE_PIN mmcv==$MMCV_VERSION $MM_PINS $EXTRA_PINS" | sha1sum | cut -c1-12)"
 DEPLOY_ID="$(echo "$DEPLOY_PINS" | sha1sum | cut -c1-12)"
 TEST_ID="$(echo "$TEST_PINS" | sha1sum | cut -c1-12)"
 
@@ -46,7 +53,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 if ! stamp base; then
   step "install build tools and torch ($TORCH_PINS)"
   "${PIP[@]}" install -q --upgrade pip "setuptools>=77,<81" wheel ninja
-  "${PIP[@]}" install -q $TORCH_PINS
+  "${PIP[@]}" install -q $TORCH_PINS "${TORCH_SOURCE[@]}"
   mark base
 fi
 
@@ -56,39 +63,55 @@ if ! stamp mmengine; then
   mark mmengine
 fi
 
-# A wheel is only valid for the torch it was compiled against (and its ops for the device
-# they were built for): the cache folder says which.
+# mmcv's ops are compiled for CUDA where a GPU answers nvidia-smi (or FORCE_CUDA=1; a CUDA
+# toolkit is then needed: CUDA_HOME, nvcc on PATH, or tools/build_mmcv_cuda.sh's pip one),
+# for the GPU archs of TORCH_CUDA_ARCH_LIST (default: the GPUs present, or without one a
+# list of current data-centre and desktop archs). FORCE_CUDA=0 builds for the CPU only.
+if [ "${FORCE_CUDA:-}" = 1 ] || { [ "${FORCE_CUDA:-}" != 0 ] \
+     && command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; }; then
+  MMCV_CUDA=1
+  if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+    TORCH_CUDA_ARCH_LIST="$("$VENV/bin/python" - <<'PY'
+import torch
+archs = sorted({'%d.%d' % torch.cuda.get_device_capability(i)
+                for i in range(torch.cuda.device_count())})
+# without a usable GPU, the archs torch 2.14.1's CUDA build itself targets: Turing to
+# Blackwell, data centre and desktop
+print(';'.join(archs) if archs else '7.5;8.0;8.6;9.0;10.0;12.0')
+PY
+)"
+  fi
+  export TORCH_CUDA_ARCH_LIST
+  MMCV_DEVICE="cuda$("$VENV/bin/python" -c 'import torch; print(torch.version.cuda or "")')-sm${TORCH_CUDA_ARCH_LIST//[;. +]/_}"
+else
+  MMCV_CUDA=0
+  MMCV_DEVICE=cpu
+fi
+# A wheel is only valid for the torch it was compiled against and its ops for the device
+# (and GPU archs) they were built for: the cache folder says which, so a CPU wheel is
+# never installed on a GPU machine, nor the reverse.
 TORCH_ID="$("$VENV/bin/python" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')"
-WHEELS="${MMREPVGG_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheels}/mmcv-$MMCV_VERSION-$TORCH_ID-cpu"
+WHEELS="${MMREPVGG_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheels}/mmcv-$MMCV_VERSION-$TORCH_ID-$MMCV_DEVICE"
 mkdir -p "$WHEELS"
 MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
 if [ -z "$MMCV_WHEEL" ]; then
-  step "build mmcv $MMCV_VERSION from source with its ops (several minutes on 2 cores)"
-  BUILD="$(mktemp -d)"
-  # No build isolation: mmcv's setup.py imports the torch installed above.
-  "${PIP[@]}" download -q --no-deps --no-binary :all: --no-build-isolation \
-      "mmcv==$MMCV_VERSION" -d "$BUILD"
-  tar -xzf "$BUILD"/mmcv-"$MMCV_VERSION".tar.gz -C "$BUILD"
-  SRC="$BUILD/mmcv-$MMCV_VERSION"
-  # torch >= 2.14 headers need C++20; mmcv 2.1.0 hard-codes -std=c++17.
-  sed -i 's/-std=c++17/-std=c++20/g' "$SRC/setup.py"
-  # -g0: no debug info (Python's default flags ask for it), a quicker build, a smaller wheel
-  ( cd "$SRC" && MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-      CFLAGS="${CFLAGS:-} -g0" \
-      "${PIP[@]}" wheel -q --no-deps --no-build-isolation . -w "$BUILD/out" )
-  # into the cache under a temporary name first: a second set-up never sees half a wheel
-  for built in "$BUILD"/out/mmcv-*.whl; do
-    cp "$built" "$WHEELS/.partial-$$" && mv "$WHEELS/.partial-$$" "$WHEELS/$(basename "$built")"
-  done
-  rm -rf "$BUILD"
+  if [ "$MMCV_CUDA" = 1 ]; then
+    step "build mmcv $MMCV_VERSION from source with its CPU and CUDA ops for GPU archs $TORCH_CUDA_ARCH_LIST (long: tens of minutes per arch on 2 cores)"
+  else
+    step "build mmcv $MMCV_VERSION from source with its CPU ops (several minutes on 2 cores)"
+  fi
+  MMCV_CUDA="$MMCV_CUDA" bash "$ROOT/tools/build_mmcv.sh" "$VENV/bin/python" "$MMCV_VERSION" \
+      "$WHEELS"
   MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
 fi
 
-if ! stamp mmcv; then
+if ! stamp "mmcv-$MMCV_DEVICE"; then
   step "install mmcv wheel $MMCV_WHEEL"
-  "${PIP[@]}" install -q --no-deps "$MMCV_WHEEL"
+  # forced: the wheel of another device may be installed under the same version
+  "${PIP[@]}" install -q --no-deps --force-reinstall "$MMCV_WHEEL"
+  rm -f "$VENV"/.stamp-mmcv-*"-$STACK_ID"
   "${PIP[@]}" install -q addict packaging Pillow pyyaml yapf opencv-python
-  mark mmcv
+  mark "mmcv-$MMCV_DEVICE"
 fi
 
 if ! stamp mm; then
@@ -130,5 +153,29 @@ print(f"[bootstrap] ok: torch {torch.__version__}, torchvision {torchvision.__ve
       f"mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, "
       f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}, "
       f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}")
+PY
+
+step "check mmcv's ops on this machine's devices"
+MMCV_CUDA="$MMCV_CUDA" "$VENV/bin/python" - <<'PY'
+import os, sys
+import torch
+from mmcv.ops import get_compiling_cuda_version, nms, roi_align
+compiled = get_compiling_cuda_version()
+print(f"[bootstrap] mmcv's ops compiled for CUDA: {compiled}")
+devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+for device in devices:
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]],
+                         device=device)
+    kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7], device=device), 0.5)[1].tolist()
+    pooled = roi_align(torch.ones(1, 2, 16, 16, device=device),
+                       torch.tensor([[0., 0., 0., 8., 8.]], device=device), (2, 2))
+    if kept != [0, 2] or pooled.shape != (1, 2, 2, 2) or not torch.allclose(
+            pooled, torch.ones_like(pooled)):
+        sys.exit(f'[bootstrap] mmcv NMS / RoIAlign give wrong results on {device}')
+    print(f'[bootstrap] mmcv NMS and RoIAlign run on {device}')
+if os.environ['MMCV_CUDA'] == '1' and 'cuda' not in devices:
+    print('[bootstrap] warning: mmcv was built for CUDA, but torch sees no usable GPU '
+          f'(torch {torch.__version__} needs an NVIDIA driver for CUDA {torch.version.cuda}; '
+          'tools/check_env.py says more)', file=sys.stderr)
 PY
 echo "[bootstrap] set-up done in $((SECONDS - START)) s"

@@ -254,6 +254,13 @@ def _sync_bn_to_bn(node) -> int:
 def build_runner(cfg: Config):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
+
+    from ..env import cuda_unusable_reason
+    # A GPU machine whose GPU torch cannot use would otherwise train on the CPU unsaid.
+    unusable = cuda_unusable_reason()
+    if unusable:
+        raise SystemExit(f'error: {unusable}. To run on the CPU anyway, hide the GPU '
+                         '(CUDA_VISIBLE_DEVICES=); python tools/check_env.py says more.')
     cfg = prepare_cpu_distributed(cfg)
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Shows that mmcv's CUDA ops compile against the pinned torch, on any machine (compiling
+# needs no GPU), and writes the wheel where tools/bootstrap.sh looks for it on a GPU
+# machine with the same archs:
+#
+#   bash tools/build_mmcv_cuda.sh                 # TORCH_CUDA_ARCH_LIST defaults to 9.0
+#   TORCH_CUDA_ARCH_LIST="8.0;9.0" bash tools/build_mmcv_cuda.sh
+#
+# Run tools/bootstrap.sh first (its .venv's torch is built against). The CUDA toolkit is
+# $CUDA_HOME, else the one whose nvcc is on PATH, else pip's packages of torch's CUDA
+# version (nvcc, crt, cccl, nvvm, runtime) gathered in a scratch folder. Long: tens of
+# minutes per arch on 2 cores; not part of CI. The wheel is then loaded from a scratch
+# folder: its get_compiling_cuda_version() is printed and its NMS run on the CPU.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+MMCV_VERSION=2.1.0
+[ -x "$PY" ] || { echo "run tools/bootstrap.sh first (no $PY)" >&2; exit 1; }
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+CUDA_VERSION="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
+[ -n "$CUDA_VERSION" ] || { echo "the .venv's torch is a CPU-only build" >&2; exit 1; }
+SCRATCH="$(mktemp -d)"
+trap 'rm -rf "$SCRATCH"' EXIT
+
+if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
+  # the toolkit nvcc belongs to, as nvcc itself reports it (nvcc on PATH may be a wrapper)
+  TOP="$(nvcc -v -x cu /dev/null -E 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
+  CUDA_HOME="$(cd "$TOP" && pwd)"
+fi
+if [ -z "${CUDA_HOME:-}" ]; then
+  echo "[build_mmcv_cuda] no CUDA toolkit here: installing pip's for CUDA $CUDA_VERSION"
+  V="$CUDA_VERSION.*"
+  "$PY" -m pip --disable-pip-version-check install -q --target "$SCRATCH/pip" \
+      "nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V" "nvidia-nvvm==$V" \
+      "nvidia-cuda-runtime==$V"
+  CUDA_HOME="$(dirname "$(dirname "$(find "$SCRATCH/pip" -path '*/bin/nvcc' -type f | head -n1)")")"
+  # torch's extension builder links -L$CUDA_HOME/lib64 -lcudart
+  ln -s lib "$CUDA_HOME/lib64"
+  ln -s "$(basename "$(ls "$CUDA_HOME"/lib/libcudart.so.* | head -n1)")" "$CUDA_HOME/lib/libcudart.so"
+fi
+export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
+echo "[build_mmcv_cuda] CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -n1)), archs $TORCH_CUDA_ARCH_LIST"
+
+DEVICE="cuda$CUDA_VERSION-sm${TORCH_CUDA_ARCH_LIST//[;. +]/_}"
+TORCH_ID="$("$PY" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')"
+OUT="${MMREPVGG_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheels}/mmcv-$MMCV_VERSION-$TORCH_ID-$DEVICE"
+START=$SECONDS
+MMCV_CUDA=1 bash "$ROOT/tools/build_mmcv.sh" "$PY" "$MMCV_VERSION" "$OUT"
+WHEEL="$(ls "$OUT"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
+echo "[build_mmcv_cuda] built $WHEEL ($(du -h "$WHEEL" | cut -f1)) in $((SECONDS - START)) s"
+
+"$PY" -m pip --disable-pip-version-check install -q --no-deps --target "$SCRATCH/mmcv" "$WHEEL"
+PYTHONPATH="$SCRATCH/mmcv" "$PY" - <<'PY'
+import mmcv, torch
+from mmcv.ops import get_compiler_version, get_compiling_cuda_version, nms
+print(f'[build_mmcv_cuda] {mmcv.__file__}: get_compiling_cuda_version() = '
+      f'{get_compiling_cuda_version()}, compiler {get_compiler_version()}')
+boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
+print('[build_mmcv_cuda] NMS on the CPU keeps', nms(boxes, torch.tensor([.9, .8, .7]), .5)[1].tolist())
+PY
