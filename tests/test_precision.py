@@ -67,3 +67,21 @@ def test_fusion_probes_compare_in_ieee_fp32(restore_user_settings):
     assert torch.backends.mkldnn.conv.fp32_precision == 'bf16'
     with ieee_fp32(torch.nn.Identity()):  # no weights: the CPU
         assert torch.backends.mkldnn.conv.fp32_precision == 'ieee'
+
+
+def test_tf32_runs_with_max_autotune_and_restores(restore_user_settings):
+    """torch.compile's autotuning reads the precision settings while it compiles: with
+    reduced-precision products asked for (bf16 on the CPU), it compiles and runs, and the
+    user's settings come back."""
+    from mmrepvgg import RepVGG, reparameterize
+    from mmrepvgg.deploy import optimize_for_inference
+    torch.set_float32_matmul_precision('high')
+    before = _settings()
+    tiny = dict(num_blocks=(1, 1, 1, 1), width_factors=(0.25, 0.25, 0.25, 0.25))
+    model = reparameterize(RepVGG(tiny).eval())
+    x = torch.randn(1, 3, 32, 32)
+    runner = optimize_for_inference(model, x, 'cpu', mode='compile', precision='tf32',
+                                    compile_mode='max-autotune')
+    assert [tuple(t.shape) for t in runner(x)] == [(1, 16, 8, 8), (1, 32, 4, 4),
+                                                   (1, 64, 2, 2), (1, 128, 1, 1)]
+    assert _settings() == before
