@@ -95,9 +95,11 @@ def _mmcv_checks(need_cuda: bool, cuda: bool) -> List[Check]:
     return checks
 
 
-def environment_checks(want_cuda: Optional[bool] = None) -> List[Check]:
+def environment_checks(want_cuda: Optional[bool] = None,
+                       winograd: bool = True) -> List[Check]:
     """The verdicts a user needs before a long run. ``want_cuda``: True requires a usable
-    GPU, False checks the CPU only, None (default) checks a GPU where one is present."""
+    GPU, False checks the CPU only, None (default) checks a GPU where one is present.
+    ``winograd``: also whether the C++ Winograd op loads."""
     checks = []
     unusable = cuda_unusable_reason()
     cuda = torch.cuda.is_available()
@@ -117,6 +119,8 @@ def environment_checks(want_cuda: Optional[bool] = None) -> List[Check]:
                             ('.'.join(map(str, torch.cuda.nccl.version())) if nccl and cuda
                              else 'present' if nccl else 'missing')))
     checks += _mmcv_checks(bool(want_cuda or cuda or unusable), cuda)
+    if not winograd:
+        return checks
     from .deploy.winograd_kernel import load_error, load_kernel
     built = load_kernel()
     checks.append(Check('Winograd op built', built, 'loaded' if built else (
