@@ -46,7 +46,7 @@ def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
 
 def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
                    avoid: Optional[str], probe: bool = True, part: Optional[str] = 'model',
-                   request: str = 'this'):
+                   request: str = 'the request'):
     """Build ``config``'s model with ``checkpoint``'s weights and fuse it.
 
     ``part``: 'model' needs a whole model's weights, 'backbone' also takes a backbone
@@ -91,9 +91,8 @@ def load_fused_model(config: str, checkpoint: str, cfg_options: Optional[dict] =
     already fused (the model is then built in deploy form). ``avoid`` names an output
     path that must not be the checkpoint itself.
     """
-    request = 'exporting the whole network' if part == 'model' else 'this'
     return _load_and_fuse(config, checkpoint, cfg_options, avoid, part=part,
-                          request=request)[:3]
+                          request='exporting the whole network')[:3]
 
 
 def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = True,
