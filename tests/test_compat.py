@@ -408,3 +408,13 @@ def test_numpy_values_in_meta(tmp_path):
     for key, value in values.items():
         assert type(loaded[key]) is type(value) and loaded[key].dtype == value.dtype, key
         assert np.array_equal(loaded[key], value), key
+
+
+def test_loaders_are_still_importable_from_compat():
+    """They moved to mmrepvgg.fetch; user code importing them from compat keeps working."""
+    from mmrepvgg import compat, fetch
+    for name in ('load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
+                 'CheckpointDownloadError'):
+        assert getattr(compat, name) is getattr(fetch, name)
+    with pytest.raises(AttributeError, match='no_such_name'):
+        compat.no_such_name
