@@ -7,9 +7,10 @@
 
 MODEL is an fp32 .onnx file of tools/export.py, or a checkpoint (training or fused, a
 whole model or, with --part backbone, a backbone release file), exported first as
-tools/export.py would with the same --part, --dynamic and --shape. The N calibration images are the first of
-the --split dataset (default test; train keeps them apart from the evaluation images),
-read through the config's test pipeline and its data preprocessor, as in tools/test.py.
+tools/export.py would with the same --part, --dynamic and --shape (a detector always
+with --dynamic). The N calibration images are the first of the --split dataset (default
+test; train keeps them apart from the evaluation images), read through the config's test
+pipeline and its data preprocessor, as in tools/test.py.
 Evaluate the result like any exported model:
 
   python tools/test.py CONFIG OUTPUT.onnx --backend onnxruntime   (or openvino)
@@ -27,7 +28,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmrepvgg.deploy import (PARTS, ExportFailure, config_input_shape,  # noqa: E402
                              export_model)
 from mmrepvgg.deploy.quantize import METHODS, calibration_inputs, quantize_onnx  # noqa: E402
-from mmrepvgg.engine.cli import load_config  # noqa: E402
+from mmrepvgg.engine.cli import load_config, scope_of  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -50,7 +51,8 @@ def parse_args(argv=None):
     parser.add_argument('--part', choices=PARTS, default='model',
                         help='MODEL a checkpoint: the part to export (as tools/export.py)')
     parser.add_argument('--dynamic', action='store_true',
-                        help='MODEL a checkpoint: export with dynamic batch, height, width')
+                        help='MODEL a checkpoint: export with dynamic batch, height, width '
+                             '(always for detectors)')
     parser.add_argument('--shape', nargs=2, type=int, metavar=('H', 'W'),
                         help='MODEL a checkpoint: export input size (default: the test '
                              'pipeline\'s)')
@@ -83,10 +85,12 @@ def main(argv=None):
             with tempfile.TemporaryDirectory(dir=osp.dirname(osp.abspath(args.output)),
                                              prefix='.export-') as folder:
                 onnx_file = osp.join(folder, 'fp32.onnx')
-                export_model(args.config, args.model, onnx_file, shape, 1, args.dynamic,
+                # a detector's test images differ in size: its export takes any size
+                dynamic = args.dynamic or scope_of(cfg) == 'mmdet'
+                export_model(args.config, args.model, onnx_file, shape, 1, dynamic,
                              part=args.part, cfg_options=args.cfg_options)
                 print(f'[quantize] exported {args.model} ({args.part}, input 1x3x{shape[0]}x'
-                      f'{shape[1]}{", dynamic" if args.dynamic else ""}) to quantize it')
+                      f'{shape[1]}{", dynamic" if dynamic else ""}) to quantize it')
                 report = quantize(args, onnx_file, images)
     except (OSError, ValueError, ExportFailure) as err:
         raise SystemExit(f'error: {err}')

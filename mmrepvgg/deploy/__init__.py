@@ -12,8 +12,8 @@ from .quantize import calibration_inputs, quantize_onnx
 from .winograd import WinogradConv2d, convert_to_winograd
 
 __all__ = ['BACKENDS', 'BackendRunner', 'load_backend', 'use_backend', 'DEFAULT_OPSET',
-           'ExportFailure', 'FORMATS', 'PackageRunner', 'config_input_shape', 'package_module', 'export_model',
-           'export_module', 'onnx_parity', 'PARTS',
+           'ExportFailure', 'FORMATS', 'PackageRunner', 'config_input_shape', 'package_module',
+           'export_model', 'export_module', 'onnx_parity', 'PARTS',
            'ExportedPart', 'CALIBRATION_METHODS', 'calibration_inputs', 'quantize_onnx',
            'MODES', 'InferenceRunner', 'optimize_for_inference', 'WinogradConv2d',
            'convert_to_winograd']
