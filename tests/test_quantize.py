@@ -200,13 +200,18 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
 
 
 def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # noqa: F811
-    fp32 = tmp_path / 'frcnn.onnx'
-    _export(det, DET_CONFIG, det.ckpt, fp32, DET_MODEL, '--dynamic')
+    """Given the checkpoint, the tool exports the detector (with dynamic sizes: its test
+    images differ) beside the output, quantizes it and keeps only the INT8 file and the
+    RoI head's weights."""
     out = tmp_path / 'frcnn_int8.onnx'
-    report = _run(quantize_main, det.root, [DET_CONFIG, fp32, out, '--mini', '--calib', '2'],
-                  DET_MODEL)
+    report = _run(quantize_main, det.root, [DET_CONFIG, det.ckpt, out, '--mini', '--calib',
+                                            '2'], DET_MODEL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['frcnn_int8.onnx',
+                                                          'frcnn_int8.torch.pth']
     assert report['torch_part'] == str(tmp_path / 'frcnn_int8.torch.pth')
-    assert _metadata(out)['mmrepvgg.torch_part'] == 'frcnn_int8.torch.pth'
+    meta = _metadata(out)
+    assert meta['mmrepvgg.torch_part'] == 'frcnn_int8.torch.pth'
+    assert json.loads(meta['mmrepvgg.input_shape']) == [None, 3, None, None]
     metrics, _ = _test_tool(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
                             DET_MODEL, '--backend', 'onnxruntime')
     assert 'coco/bbox_mAP' in metrics
