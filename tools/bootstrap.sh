@@ -96,7 +96,7 @@ mkdir -p "$WHEELS"
 MMCV_WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl 2>/dev/null | head -n1 || true)"
 if [ -z "$MMCV_WHEEL" ]; then
   if [ "$MMCV_CUDA" = 1 ]; then
-    step "build mmcv $MMCV_VERSION from source with its CPU and CUDA ops for GPU archs $TORCH_CUDA_ARCH_LIST (long: tens of minutes per arch on 2 cores)"
+    step "build mmcv $MMCV_VERSION from source with its CPU and CUDA ops for GPU archs $TORCH_CUDA_ARCH_LIST (long: tens of minutes per arch on 2 cores; needs a CUDA toolkit, CUDA_HOME or nvcc on PATH: without one, tools/build_mmcv_cuda.sh builds this wheel with pip's)"
   else
     step "build mmcv $MMCV_VERSION from source with its CPU ops (several minutes on 2 cores)"
   fi

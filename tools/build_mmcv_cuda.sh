@@ -34,9 +34,17 @@ if [ -z "${CUDA_HOME:-}" ]; then
       "nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V" "nvidia-nvvm==$V" \
       "nvidia-cuda-runtime==$V"
   CUDA_HOME="$(dirname "$(dirname "$(find "$SCRATCH/pip" -path '*/bin/nvcc' -type f | head -n1)")")"
+  # torch's headers include the CUDA libraries' own (cusparse.h, cublas_v2.h, ...): those
+  # come with torch's NVIDIA wheels, beside it; one CUDA_HOME gets both
+  NVIDIA="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
+  for part in include lib; do
+    for entry in "$NVIDIA"/*/"$part"/*; do
+      [ -e "$CUDA_HOME/$part/$(basename "$entry")" ] || ln -s "$entry" "$CUDA_HOME/$part/"
+    done
+  done
   # torch's extension builder links -L$CUDA_HOME/lib64 -lcudart
   ln -s lib "$CUDA_HOME/lib64"
-  ln -s "$(basename "$(ls "$CUDA_HOME"/lib/libcudart.so.* | head -n1)")" "$CUDA_HOME/lib/libcudart.so"
+  ln -sf "$(basename "$(ls "$CUDA_HOME"/lib/libcudart.so.* | head -n1)")" "$CUDA_HOME/lib/libcudart.so"
 fi
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 echo "[build_mmcv_cuda] CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -n1)), archs $TORCH_CUDA_ARCH_LIST"
