@@ -12,7 +12,7 @@ from mmengine.config import Config
 from .checkpoint import to_mmrepvgg
 from .fetch import fetch_checkpoint, is_remote_checkpoint, load_file
 from .engine.hooks import format_report, fuse_and_report
-from .fileio import save_atomic
+from .fileio import save_atomic, staged_files, temporary_beside  # noqa: F401  (their old home)
 
 
 def _fetch_and_check(checkpoint: str, dst: str) -> str:
