@@ -121,7 +121,7 @@ def environment_checks(want_cuda: Optional[bool] = None,
     checks += _mmcv_checks(bool(want_cuda or cuda or unusable), cuda)
     if not winograd:
         return checks
-    from .deploy.winograd_kernel import load_error, load_kernel
+    from .ops.winograd_kernel import load_error, load_kernel
     built = load_kernel()
     checks.append(Check('Winograd op built', built, 'loaded' if built else (
         f'{load_error()}; Winograd convs fall back to torch ops')))

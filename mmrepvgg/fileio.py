@@ -7,7 +7,7 @@ import os
 import os.path as osp
 import tempfile
 
-__all__ = ['temporary_beside', 'staged_files', 'save_atomic', 'sha256_file']
+__all__ = ['temporary_beside', 'staged_files', 'save_atomic', 'write_text_atomic', 'sha256_file']
 
 
 def temporary_beside(path: str, suffix: str = '.tmp') -> str:
@@ -53,6 +53,15 @@ def save_atomic(obj, path: str) -> None:
     import torch
     with staged_files() as (stage, publish):
         torch.save(obj, stage(path))
+        publish(path)
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, renamed into place: a reader
+    sees the old file or the new one, never half of one."""
+    with staged_files() as (stage, publish):
+        with open(stage(path), 'w') as f:
+            f.write(text)
         publish(path)
 
 

@@ -1,14 +1,14 @@
 """Model-wide structural re-parameterization, and a check that it kept the outputs."""
 import copy
 import math
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 from mmengine.model import is_model_wrapper
 from torch import nn
 
 from .models.fusion import is_batch_norm
-from .precision import ieee_fp32
+from .numerics import ieee_fp32, output_error
 
 
 def _can_fuse(module: nn.Module) -> bool:
@@ -58,36 +58,6 @@ def count_unfused(model: nn.Module) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def flatten_outputs(output: Any) -> list:
-    """Every tensor in a model's output (tensors, lists, tuples, dicts, mmengine data
-    elements), in a fixed order, so two models' outputs can be compared."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in flatten_outputs(item)]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in flatten_outputs(output[key])]
-    if hasattr(output, 'to_dict'):  # mmengine data elements
-        return flatten_outputs(output.to_dict())
-    return []
-
-
-@torch.no_grad()
-def output_error(output: Any, reference: Any) -> Tuple[float, float]:
-    """``(max |output - reference|, max |reference|)`` over every tensor of two model
-    outputs (any nesting ``flatten_outputs`` reads), computed in float64."""
-    out, ref = flatten_outputs(output), flatten_outputs(reference)
-    if len(out) != len(ref) or not ref:
-        raise ValueError(f'outputs hold {len(out)} and {len(ref)} tensors; '
-                         'need the same number, at least one')
-    for a, b in zip(out, ref):
-        if a.shape != b.shape:
-            raise ValueError(f'output shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}')
-    diff = max((a.double() - b.double()).abs().max().item() for a, b in zip(out, ref))
-    scale = max(b.double().abs().max().item() for b in ref)
-    return diff, scale
 
 
 @torch.no_grad()
@@ -260,3 +230,58 @@ def assert_fusion_exact(errors: dict) -> None:
                         f'(> {FP64_FUSION_TOLERANCE:g}): the fusion is not exact algebra')
     if problems:
         raise AssertionError('; '.join(problems))
+
+
+# ---------------------------------------------------------------- fusing and reporting
+def _probe_target(model: nn.Module) -> nn.Module:
+    """The part of a detector/segmentor/classifier whose outputs we compare on a probe."""
+    return getattr(model, 'backbone', model)
+
+
+def _probe_input(module: nn.Module, size: int, seed: int = 0) -> Optional[torch.Tensor]:
+    first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
+    if first_conv is None:
+        return None
+    # A private generator: probing must not shift the run's own random stream (a
+    # validation with fuse_val=True would otherwise change the next training batches).
+    gen = torch.Generator().manual_seed(seed)
+    probe = torch.randn(1, first_conv.in_channels, size, size, generator=gen)
+    return probe.to(device=first_conv.weight.device, dtype=first_conv.weight.dtype)
+
+
+def fuse_and_report(model: nn.Module, probe: bool = True, probe_size: int = 64) -> dict:
+    """Fuse ``model`` in place (after switching it to eval) and say what changed.
+
+    With ``probe``, the backbone's outputs on a random input are compared before and
+    after: ``max_diff`` between the two fp32 forms, and (``fused_weight_errors``)
+    whether the fused weights stay within fp32 rounding of a float64 reference.
+    """
+    model.eval()
+    report = dict(blocks=count_unfused(model), params_before=count_parameters(model))
+    target = _probe_target(model)
+    reference = copy_module(target) if probe and report['blocks'] else None
+    # Drawn before fusing: a fused block registers its conv last (after e.g. SE's), so
+    # only the training form's first conv reliably reads the input.
+    x = _probe_input(reference, probe_size) if reference is not None else None
+    reparameterize(model, inplace=True)
+    report['params_after'] = count_parameters(model)
+    if x is not None:
+        errors = fused_weight_errors(reference, target, x)
+        report.update(max_diff=max_output_difference(reference, target, x),
+                      fused_weights_error=errors['fused_weights_abs'],
+                      own_error=errors['train_fp32_abs'], within_rounding=errors['within'])
+    return report
+
+
+def format_report(report: dict) -> str:
+    if not report['blocks']:
+        return 'nothing to fuse: the model has no re-parameterizable block in training form'
+    text = (f"fused {report['blocks']} blocks; parameters {report['params_before']:,} -> "
+            f"{report['params_after']:,}")
+    if 'max_diff' in report:
+        verdict = ('within fp32 rounding' if report['within_rounding'] else
+                   'MORE than fp32 rounding explains')
+        text += (f"; max output difference on a probe input {report['max_diff']:.3g}, "
+                 f"{verdict} (from a float64 reference: fused weights "
+                 f"{report['fused_weights_error']:.3g}, 3-branch fp32 {report['own_error']:.3g})")
+    return text

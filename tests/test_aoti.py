@@ -1,10 +1,10 @@
-"""AOTInductor packages: tools/export.py --format aoti [--winograd], the package loaded in
-a fresh process, tools/test.py --backend aoti, and what a package refuses.
+"""AOTInductor packages: tools/export.py --format aoti [--winograd] (apis.deploy.export),
+the package loaded in a fresh process, tools/test.py --backend aoti (apis.test), and what
+a package refuses.
 
 Compiling is the slow part (tens of seconds per package on two cores), so the packages
 are small: a two-block-per-stage RepVGG at 64x64, and the mini-data PSPNet at A0 size.
 """
-import argparse
 import copy
 import json
 import os.path as osp
@@ -15,18 +15,17 @@ import zipfile
 
 import pytest
 import torch
-from mmengine.config import DictAction
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.convert import build_model_from_config
+from mmrepvgg.checkpoint.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, PackageRunner, load_backend, package_module
 from mmrepvgg.deploy.aoti import SHAPE_KEY, TORCH_KEY, read_package_metadata
-from mmrepvgg.deploy.export import runner_parity
-from mmrepvgg.deploy.winograd import (WinogradConv2d, convert_to_winograd,
-                                      winograd_unsupported_reason)
+from mmrepvgg.deploy.parity import runner_parity
+from mmrepvgg.ops.winograd import (WinogradConv2d, convert_to_winograd,
+                                   winograd_unsupported_reason)
 from mmrepvgg.reparam import randomize_norm_stats
 from test_deploy import _export, _no_temporary_files, assert_files_score_as_deploy
-from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _test_tool
+from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _options, _test_tool
 from test_winograd import assert_within_growth
 
 # Two blocks a stage (one stride-2, one stride-1), 32 to 128 channels: quick to compile.
@@ -76,7 +75,7 @@ def test_package_loads_in_a_fresh_process_and_matches_the_model(packages, name):
     result = folder / f'{name}_out.pt'
     subprocess.run([sys.executable, '-c', FRESH_PROCESS, entry['path'], str(folder / 'x.pt'),
                     str(result)], check=True, cwd=ROOT, timeout=600,
-                   env={'PYTHONPATH': ROOT, 'PATH': '/usr/bin:/bin'})
+                   env={'PATH': '/usr/bin:/bin'})
     fresh = torch.load(result)['outputs']
     # the compiled code computes what the module does, within fp32 reordering (against a
     # float64 run of the same module, as export checks fusion)
@@ -156,10 +155,7 @@ def test_files_that_are_not_packages_say_so(tmp_path):
 # ------------------------------------------------------- the tools on a whole segmentor
 def _winograd_convs(config, model_args):
     """How many convs of the config's fused network Winograd can compute."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--options', nargs='+', action=DictAction)
-    options = parser.parse_args(['--options', *model_args]).options
-    _, model = build_model_from_config(config, dict(options, **{
+    _, model = build_model_from_config(config, dict(_options(model_args), **{
         'model.backbone.init_cfg': None}))
     network = ExportedPart(reparameterize(model.eval()))
     return sum(winograd_unsupported_reason(m) is None for m in network.modules())
@@ -170,8 +166,7 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     (the dilated OS8 stages keep theirs direct) scores as the fused torch model. Direct
     convs compile through the same path (the small packages above, fresh process)."""
     wino = tmp_path / 'pspnet_winograd.pt2'
-    report = _export(seg, SEG_CONFIG, seg.ckpt, wino, SEG_MODEL, '--format', 'aoti',
-                     '--winograd', '2')
+    report = _export(seg, SEG_CONFIG, seg.ckpt, wino, SEG_MODEL, format='aoti', winograd='2')
     assert report['kind'] == 'segmentor' and report['input_shape'] == [1, 3, 128, 256]
     assert report['compile_s'] > 0 and report['load_s'] > 0
     meta = read_package_metadata(str(wino))
@@ -186,16 +181,18 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     assert_files_score_as_deploy(seg, tmp_path, [('aoti_winograd', wino, 'aoti')])
 
 
-@pytest.mark.parametrize('argv,message', [
-    (['--format', 'aoti'], 'must end with .pt2'),
-    (['--winograd'], 'Winograd convs are compiled into AOTInductor packages'),
-    (['--format', 'aoti', '--dynamic'], 'compiled for one input shape'),
-    (['--format', 'aoti', '--winograd', '5'], 'takes a tile of 2, 4, 6, 7 or auto'),
+# tools/export.py's --winograd without a tile is winograd='auto'
+@pytest.mark.parametrize('asked,message', [
+    (dict(format='aoti'), 'must end with .pt2'),
+    (dict(winograd='auto'), 'Winograd convs are compiled into AOTInductor packages'),
+    (dict(format='aoti', dynamic=True), 'compiled for one input shape'),
+    (dict(format='aoti', winograd='5'), 'takes a tile of 2, 4, 6, 7 or auto'),
 ])
-def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, argv, message):  # noqa: F811
-    out = tmp_path / ('net.pt2' if '--dynamic' in argv or '5' in argv else 'net.onnx')
+def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, asked, message):  # noqa: F811
+    out = tmp_path / ('net.pt2' if asked.get('dynamic') or asked.get('winograd') == '5'
+                      else 'net.onnx')
     with pytest.raises(SystemExit, match=message):
-        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, *argv)
+        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, **asked)
     assert not osp.exists(out)
     _no_temporary_files(tmp_path)
 
@@ -205,5 +202,5 @@ def test_test_tool_refuses_a_package_without_export_metadata(
     _, _, made = packages
     with pytest.raises(SystemExit, match='was not written by tools/export.py'):
         _test_tool(seg, SEG_CONFIG, made['direct']['path'], tmp_path / 'w', tmp_path / 'o',
-                   SEG_MODEL, '--backend', 'aoti')
+                   SEG_MODEL, backend='aoti')
     shutil.rmtree(tmp_path / 'w', ignore_errors=True)

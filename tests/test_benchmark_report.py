@@ -1,5 +1,6 @@
-"""The comparison report of tools/benchmark.py, on made-up timings (no model is run)."""
-from tools.benchmark import comparisons, format_comparisons
+"""The comparison report of the benchmark (mmrepvgg.apis.benchmark_report, what
+tools/benchmark.py prints), on made-up timings (no model is run)."""
+from mmrepvgg.apis.benchmark_report import comparisons, format_comparisons
 
 
 def _row(key, mode, ms, kind='backbone'):

@@ -1,12 +1,12 @@
 """Every checkpoint a user holds, given to every tool that takes a checkpoint.
 
-Whole models (the runner's training checkpoint, its fused form from tools/convert.py)
+Whole models (the runner's training checkpoint, its fused form as tools/convert.py writes it)
 are exercised by tests/test_tools.py and tests/test_deploy.py; here the backbone release
 files (the official repository's, training and deploy form; mmpretrain's classifier;
-timm's) go to tools/test.py, tools/convert.py, tools/export.py (--part backbone and
-model) and tools/quantize.py. A tool that can use a backbone file computes with exactly
-its weights; one that needs a whole model says what the file holds and what it needs,
-in a few lines, without listing keys.
+timm's) go to what tools/test.py, tools/convert.py, tools/export.py (--part backbone and
+model) and tools/quantize.py call (mmrepvgg.apis, mmrepvgg.checkpoint.convert). A tool
+that can use a backbone file computes with exactly its weights; one that needs a whole
+model says what the file holds and what it needs, in a few lines, without listing keys.
 """
 import re
 
@@ -14,16 +14,16 @@ import onnx
 import pytest
 import torch
 
-from mmrepvgg import RepVGG, load_file, reparameterize
+from mmrepvgg import RepVGG, apis, load_file, reparameterize
+from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.checkpoint import describe_checkpoint
-from mmrepvgg.convert import build_model_from_config
+from mmrepvgg.checkpoint.convert import build_model_from_config
 from mmrepvgg.deploy import load_backend
-from mmrepvgg.reparam import flatten_outputs, randomize_norm_stats, rounding_errors
+from mmrepvgg.numerics import flatten_outputs
+from mmrepvgg.reparam import format_report, randomize_norm_stats, rounding_errors
 from test_deploy import _export
 from test_pretrained import MMPRETRAIN, OFFICIAL, TIMM, rename
-from test_tools import SEG_CONFIG, SEG_MODEL, _convert_quiet, _run
-from tools.quantize import main as quantize_main
-from tools.test import main as tool_test_main
+from test_tools import SEG_CONFIG, SEG_MODEL, _convert, _run
 
 SEG_OPTIONS = {'model.backbone.arch': 'A0', 'model.decode_head.in_channels': 1280,
                'model.auxiliary_head.in_channels': 192}
@@ -86,7 +86,7 @@ def test_export_backbone_from_a_release_file(releases, seg, kind, tmp_path):
     training-form source's within what fp32 rounding explains."""
     source, paths = releases
     out = tmp_path / 'backbone.onnx'
-    report = _export(seg, SEG_CONFIG, paths[kind], out, SEG_MODEL, '--part', 'backbone')
+    report = _export(seg, SEG_CONFIG, paths[kind], out, SEG_MODEL, part='backbone')
     assert report['parity']['within'] and out.is_file()
     assert (report['fusion'] is None) == kind.endswith('deploy')
     probe = torch.randn(1, 3, *report['input_shape'][2:], generator=torch.Generator()
@@ -101,10 +101,12 @@ def test_export_backbone_from_a_release_file(releases, seg, kind, tmp_path):
     assert errors['within'], errors
 
 
-def _refusal(call):
-    with pytest.raises(SystemExit) as err:
+def _refusal(call, error=SystemExit):
+    """The message ``call`` fails with: a tool's exit message (SystemExit), or for
+    mmrepvgg.checkpoint.convert the error tools/convert.py exits with."""
+    with pytest.raises(error) as err:
         call()
-    return str(err.value.code)
+    return str(err.value)
 
 
 def _assert_short_and_says(message, kind, request):
@@ -120,9 +122,8 @@ def _assert_short_and_says(message, kind, request):
 def test_tools_needing_a_whole_model_say_what_the_file_holds(releases, seg, kind, tmp_path):
     path = releases[1][kind]
     work = tmp_path / 'work'
-    message = _refusal(lambda: _run(tool_test_main, seg.root,
-                                    [SEG_CONFIG, path, '--mini', '--work-dir', work],
-                                    SEG_MODEL))
+    message = _refusal(lambda: _run(apis.test, seg.root, SEG_CONFIG, path, mini=True,
+                                    work_dir=work, options=SEG_MODEL))
     _assert_short_and_says(message, kind, 'testing')
     out = tmp_path / 'model.onnx'
     message = _refusal(lambda: _export(seg, SEG_CONFIG, path, out, SEG_MODEL))
@@ -135,8 +136,8 @@ def test_convert_fuses_a_release_backbone(releases, seg, tmp_path):
     layout, which a deploy-form backbone loads as Pretrained."""
     source, paths = releases
     out = tmp_path / 'fused_backbone.pth'
-    printed = _convert_quiet(seg.root, [SEG_CONFIG, paths['mmpretrain'], out,
-                                        '--cfg-options', *SEG_MODEL])
+    printed = format_report(_convert(seg.root, SEG_CONFIG, paths['mmpretrain'], out,
+                                     SEG_MODEL))  # what tools/convert.py prints
     assert 'fused 22 blocks' in printed and 'within fp32 rounding' in printed
     saved = load_file(out)
     info = describe_checkpoint(saved)
@@ -147,9 +148,9 @@ def test_convert_fuses_a_release_backbone(releases, seg, tmp_path):
     fused = reparameterize(source)
     for key, value in fused.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    message = _refusal(lambda: _convert_quiet(
-        seg.root, [SEG_CONFIG, paths['official_deploy'], tmp_path / 'again.pth',
-                   '--cfg-options', *SEG_MODEL]))
+    message = _refusal(lambda: _convert(
+        seg.root, SEG_CONFIG, paths['official_deploy'], tmp_path / 'again.pth', SEG_MODEL),
+        ValueError)
     assert 'fused already' in message and not (tmp_path / 'again.pth').exists()
 
 
@@ -157,14 +158,13 @@ def test_quantize_takes_a_release_file(releases, seg, tmp_path):
     """tools/quantize.py exports a checkpoint first (as tools/export.py would), then
     quantizes that network."""
     out = tmp_path / 'backbone_int8.onnx'
-    report = _run(quantize_main, seg.root,
-                  [SEG_CONFIG, releases[1]['official_train'], out, '--mini', '--calib', '2',
-                   '--part', 'backbone'], SEG_MODEL)
+    report = _run(quantize, seg.root, SEG_CONFIG, releases[1]['official_train'], out,
+                  mini=True, calib=2, part='backbone', options=SEG_MODEL)
     assert report['quantized_ops']['QuantizeLinear'] > 0 and report['sqnr_db'] > 12
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata['mmrepvgg.part'] == 'backbone'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['backbone_int8.onnx']
-    message = _refusal(lambda: _run(quantize_main, seg.root,
-                                    [SEG_CONFIG, releases[1]['timm'], tmp_path / 'm.onnx',
-                                     '--mini', '--calib', '1'], SEG_MODEL))
+    message = _refusal(lambda: _run(quantize, seg.root, SEG_CONFIG, releases[1]['timm'],
+                                    tmp_path / 'm.onnx', mini=True, calib=1,
+                                    options=SEG_MODEL))
     _assert_short_and_says(message, 'timm', 'exporting the whole network')

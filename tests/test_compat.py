@@ -31,9 +31,9 @@ from mmengine.optim import OneCycleParamScheduler
 from mmengine.registry import MODELS
 from mmengine.runner import Runner, load_checkpoint
 
-import mmrepvgg.compat as compat
+import mmrepvgg.checkpoint.loading as compat
 from mmrepvgg import load_file
-from mmrepvgg.compat import allow_mmengine_checkpoint_types
+from mmrepvgg.checkpoint.loading import allow_mmengine_checkpoint_types
 
 
 @MODELS.register_module(name='CompatToyModel', force=True)
@@ -411,10 +411,15 @@ def test_numpy_values_in_meta(tmp_path):
 
 
 def test_loaders_are_still_importable_from_compat():
-    """They moved to mmrepvgg.fetch; user code importing them from compat keeps working."""
-    from mmrepvgg import compat, fetch
+    """The loaders live in mmrepvgg.checkpoint.fetch (mmrepvgg.compat, their old home, is
+    mmrepvgg.checkpoint.loading now, without them); user code imports them from the
+    mmrepvgg.checkpoint package, and load_file from mmrepvgg."""
+    import mmrepvgg
+    from mmrepvgg import checkpoint
+    from mmrepvgg.checkpoint import fetch
     for name in ('load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
                  'CheckpointDownloadError'):
-        assert getattr(compat, name) is getattr(fetch, name)
+        assert getattr(checkpoint, name) is getattr(fetch, name)
+    assert mmrepvgg.load_file is fetch.load_file
     with pytest.raises(AttributeError, match='no_such_name'):
-        compat.no_such_name
+        checkpoint.no_such_name

@@ -1,16 +1,16 @@
 """Every bundled config builds, trains one iteration and tests with --deploy on the
-mini data (tools/make_mini_data.py) at small resolution; every RepVGG one is then
-exported to ONNX (checked against torch in ONNX Runtime) and scores the same in
-OpenVINO."""
+mini data (mmrepvgg.testing) at small resolution, as tools/train.py and tools/test.py
+run them (mmrepvgg.apis); every RepVGG one is then exported to ONNX (checked against
+torch in ONNX Runtime) and scores the same in OpenVINO."""
 import glob
 import os.path as osp
 
 import pytest
 from mmengine.config import Config
 
-from tools import export as export_tool
-from tools import test as test_tool
-from tools import train as train_tool
+from mmrepvgg import apis
+from mmrepvgg.apis.deploy import export
+from test_tools import _options
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
@@ -63,13 +63,13 @@ def test_config_trains_a_step_and_tests_deployed(config, mini_root, tmp_path, mo
         rcnn = '' if 'retinanet' in osp.basename(config) else 'rcnn.'
         small = small + [f'model.test_cfg.{rcnn}score_thr=0.0',
                          f'model.test_cfg.{rcnn}max_per_img=20']
-    options = ['--cfg-options', 'train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1',
+    options = ['train_cfg.max_iters=1', 'default_hooks.checkpoint.interval=1',
                'train_cfg.val_interval=100', 'test_dataloader.dataset.indices=1'] + small
-    train_tool.main([config, '--mini', '--work-dir', work] + options)
+    apis.train(config, work_dir=work, cfg_options=_options(options), mini=True)
     checkpoint = osp.join(work, 'iter_1.pth')
     assert osp.isfile(checkpoint)
-    metrics = test_tool.main([config, checkpoint, '--mini', '--deploy', '--work-dir', work]
-                             + options)
+    metrics = apis.test(config, checkpoint, deploy=True, work_dir=work,
+                        cfg_options=_options(options), mini=True)
     expected = 'mIoU' if config in SEG else 'coco/bbox_mAP'
     assert expected in metrics, metrics
     if Config.fromfile(config).model.backbone.type == 'mmrepvgg.RepVGG':
@@ -90,13 +90,13 @@ def assert_backends_score_as_deploy(config, checkpoint, reference, work, options
     probe) and scores as it in OpenVINO. (tests/test_deploy.py scores both backends on
     a segmentor and both detector kinds.)"""
     onnx_file = osp.join(work, 'model.onnx')
-    dynamic = [] if config in SEG else ['--dynamic']
-    report = export_tool.main([config, checkpoint, onnx_file, '--mini', *dynamic] + options)
+    report = export(config, checkpoint, onnx_file, dynamic=config not in SEG,
+                    cfg_options=_options(options), mini=True)
     assert report['parity']['within'], report['parity']
     tolerance = METRIC_TOLERANCE['seg' if config in SEG else 'det']
     for backend in ('openvino',):
-        metrics = test_tool.main([config, onnx_file, '--mini', '--backend', backend,
-                                  '--work-dir', work] + options)
+        metrics = apis.test(config, onnx_file, backend=backend, work_dir=work,
+                            cfg_options=_options(options), mini=True)
         print(f'\n{osp.basename(config)}: torch --deploy {reference}; {backend} {metrics}')
         assert metrics.keys() == reference.keys()
         for key, value in reference.items():

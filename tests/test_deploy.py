@@ -1,4 +1,5 @@
-"""tools/export.py and tools/test.py --backend: the fused network leaves torch.
+"""mmrepvgg.apis.deploy.export and apis.test with a backend (tools/export.py,
+tools/test.py --backend): the fused network leaves torch.
 
 Runs at RepVGG-A0 size on the mini data, in-process, as tests/test_tools.py does (its
 fixtures and comparison helpers are reused here).
@@ -14,14 +15,14 @@ import torch
 from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.convert import build_model_from_config
+from mmrepvgg.apis.deploy import export
+from mmrepvgg.checkpoint.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, ExportFailure, export_module, load_backend
 from mmrepvgg.deploy.parts import attach_backend
 from mmrepvgg.reparam import randomize_norm_stats
 from test_tools import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL, _det_results,
                         _fingerprint, _run, _seg_maps, _test_tool, assert_same_detections,
                         assert_same_segmentation)
-from tools.export import main as export_main
 
 RETINA_CONFIG = osp.join(ROOT, 'configs', 'retinanet_repvgg-a2_fpn_1x_coco.py')
 RETINA_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,1280]',
@@ -29,8 +30,11 @@ RETINA_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,128
 BACKENDS = ('onnxruntime', 'openvino')
 
 
-def _export(fixture, config, ckpt, out, model_args, *extra):
-    return _run(export_main, fixture.root, [config, ckpt, out, '--mini', *extra], model_args)
+def _export(fixture, config, ckpt, out, model_args, **kwargs):
+    """apis.deploy.export (tools/export.py) on mini data, ``kwargs`` its further
+    arguments (part, format, winograd, dynamic, check, ...): the report."""
+    return _run(export, fixture.root, config, ckpt, out, mini=True, options=model_args,
+                **kwargs)
 
 
 def _no_temporary_files(folder):
@@ -46,7 +50,7 @@ def _plain_graph(node_types):
 # ------------------------------------------------------------- export and parity report
 def test_backbone_part_is_only_conv_and_relu(seg, tmp_path):
     out = tmp_path / 'backbone.onnx'
-    report = _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, '--part', 'backbone')
+    report = _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
     assert report['kind'] == 'backbone' and report['fusion']['blocks'] == 22
     assert set(report['node_types']) == {'Conv', 'Relu'}, report['node_types']
     assert report['node_types'] == {'Conv': 22, 'Relu': 22}
@@ -103,14 +107,14 @@ def test_segmentor_backends_score_as_deploy(seg, tmp_path):
 def assert_files_score_as_deploy(fixture, folder, files):
     """tools/test.py --backend on each (name, exported file, backend) of ``files`` gives
     the mini PSPNet's maps and metrics of tools/test.py --deploy."""
-    def test(name, ckpt, *extra):
+    def test(name, ckpt, **kwargs):
         return _test_tool(fixture, SEG_CONFIG, ckpt, folder / name, folder / f'{name}_maps',
-                          SEG_MODEL, *extra)
+                          SEG_MODEL, **kwargs)
 
-    reference, _ = test('deploy', fixture.ckpt, '--deploy')
+    reference, _ = test('deploy', fixture.ckpt, deploy=True)
     maps = _seg_maps(folder / 'deploy_maps')
     for name, path, backend in files:
-        metrics, _ = test(name, path, '--backend', backend)
+        metrics, _ = test(name, path, backend=backend)
         print(f'\nPSPNet A0 mini: torch --deploy {reference}; {name} {metrics}')
         assert_same_segmentation(maps, _seg_maps(folder / f'{name}_maps'), reference,
                                  metrics)
@@ -120,14 +124,14 @@ def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args,
                                    backends):
     """tools/test.py --backend gives the boxes and COCO metrics of torch --deploy;
     returns the test runner for more calls."""
-    def test(name, path, *extra):
+    def test(name, path, **kwargs):
         return _test_tool(fixture, config, path, folder / name, folder / f'{name}.pkl',
-                          model_args, *extra)
+                          model_args, **kwargs)
 
-    reference, _ = test('deploy', ckpt, '--deploy')
+    reference, _ = test('deploy', ckpt, deploy=True)
     boxes = _det_results(folder / 'deploy.pkl')
     for backend in backends:
-        metrics, _ = test(backend, onnx_file, '--backend', backend)
+        metrics, _ = test(backend, onnx_file, backend=backend)
         print(f'\n{osp.basename(config)} (A0) mini: torch --deploy {reference}; {backend} '
               f'{metrics}')
         assert metrics == reference
@@ -139,7 +143,7 @@ def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args,
 
 def test_two_stage_detector_backends_match_deploy(det, tmp_path):
     out = tmp_path / 'frcnn.onnx'
-    report = _export(det, DET_CONFIG, det.ckpt, out, DET_MODEL, '--dynamic')
+    report = _export(det, DET_CONFIG, det.ckpt, out, DET_MODEL, dynamic=True)
     assert report['kind'] == 'two_stage' and report['input_shape'] == [None, 3, None, None]
     names = report['output_names']
     assert names[:5] == [f'feat_{i}' for i in range(5)] and len(names) == 15, names
@@ -158,7 +162,7 @@ def test_two_stage_detector_backends_match_deploy(det, tmp_path):
     # Without its RoI-head weights the file cannot be tested; the message says why.
     os.remove(report['torch_part'])
     with pytest.raises(SystemExit, match='needs the weights of the part that runs in'):
-        test('missing', out, '--backend', 'onnxruntime')
+        test('missing', out, backend='onnxruntime')
 
 
 def test_single_stage_detector_backends_match_deploy(det, tmp_path):
@@ -170,7 +174,7 @@ def test_single_stage_detector_backends_match_deploy(det, tmp_path):
     ckpt = tmp_path / 'retina.pth'
     torch.save(dict(meta={}, state_dict=model.state_dict()), ckpt)
     out = tmp_path / 'retina.onnx'
-    report = _export(det, RETINA_CONFIG, ckpt, out, RETINA_MODEL, '--dynamic')
+    report = _export(det, RETINA_CONFIG, ckpt, out, RETINA_MODEL, dynamic=True)
     assert report['kind'] == 'single_stage' and report['torch_part'] is None
     assert report['output_names'][:1] == ['cls_score_0'] and len(report['output_names']) == 10
 
@@ -237,7 +241,7 @@ def test_parity_failure_writes_nothing(seg, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, 'export_module', export_then_perturb)
     out = tmp_path / 'bad.onnx'
     with pytest.raises(SystemExit, match='disagrees with the torch model'):
-        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, '--part', 'backbone')
+        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
     assert os.listdir(tmp_path) == []
 
 
@@ -271,24 +275,24 @@ def test_unsupported_op_names_the_op_and_the_module(tmp_path):
 
 def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
     psp = tmp_path / 'psp.onnx'
-    _export(seg, SEG_CONFIG, seg.ckpt, psp, SEG_MODEL, '--no-check')
+    _export(seg, SEG_CONFIG, seg.ckpt, psp, SEG_MODEL, check=False)
 
-    def test(config, path, model_args, *extra):
+    def test(config, path, model_args, **kwargs):
         return _test_tool(seg, config, path, tmp_path / 'w', tmp_path / 'o', model_args,
-                          *extra)
+                          **kwargs)
 
     with pytest.raises(SystemExit, match='is not an ONNX model'):
-        test(SEG_CONFIG, seg.ckpt, SEG_MODEL, '--backend', 'onnxruntime')
+        test(SEG_CONFIG, seg.ckpt, SEG_MODEL, backend='onnxruntime')
     with pytest.raises(SystemExit, match='holds a segmentor network; the config builds a '
                                          'two_stage'):
-        test(DET_CONFIG, psp, DET_MODEL, '--backend', 'onnxruntime')
+        test(DET_CONFIG, psp, DET_MODEL, backend='onnxruntime')
     with pytest.raises(SystemExit, match="does not match the config's model"):
         test(SEG_CONFIG, psp, SEG_MODEL + ['model.decode_head.num_classes=7'],
-             '--backend', 'openvino')
+             backend='openvino')
     with pytest.raises(SystemExit, match='onnxruntime runs fp32, not'):
-        test(SEG_CONFIG, psp, SEG_MODEL, '--backend', 'onnxruntime', '--precision', 'bf16')
+        test(SEG_CONFIG, psp, SEG_MODEL, backend='onnxruntime', precision='bf16')
     with pytest.raises(SystemExit, match='drop --deploy'):
-        test(SEG_CONFIG, psp, SEG_MODEL, '--backend', 'onnxruntime', '--deploy')
+        test(SEG_CONFIG, psp, SEG_MODEL, backend='onnxruntime', deploy=True)
     # OpenVINO says what it runs: bf16 only where the CPU has bfloat16 instructions.
     import openvino as ov
     has_bf16 = 'BF16' in ov.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
@@ -304,7 +308,7 @@ def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
     foreign = tmp_path / 'foreign.onnx'
     export_module(nn.Conv2d(3, 19, 1), torch.zeros(1, 3, 128, 256), str(foreign))
     with pytest.raises(SystemExit, match='was not written by tools/export.py'):
-        test(SEG_CONFIG, foreign, SEG_MODEL, '--backend', 'onnxruntime')
+        test(SEG_CONFIG, foreign, SEG_MODEL, backend='onnxruntime')
 
 
 def test_input_size_the_network_cannot_take_says_what_would(seg, tmp_path):
@@ -319,7 +323,7 @@ def test_input_size_the_network_cannot_take_says_what_would(seg, tmp_path):
     out = tmp_path / 'unet.onnx'
     with pytest.raises(SystemExit, match=r'cannot take a 1x3x60x60 input .*multiples of '
                                          r'the feature stride 32, e.g. --shape 64 64'):
-        _run(export_main, seg.root, [config, ckpt, out, '--shape', '60', '60'])
+        _run(export, seg.root, config, ckpt, out, shape=[60, 60])
     assert sorted(os.listdir(tmp_path)) == ['unet.pth']
 
 

@@ -113,7 +113,7 @@ def test_nccl_on_cpu_is_refused_with_a_hint():
     import torch
     from mmengine.config import Config
 
-    from mmrepvgg.engine.cli import prepare_cpu_distributed
+    from mmrepvgg.apis.runner import prepare_cpu_distributed
     if torch.cuda.is_available():
         pytest.skip('only meaningful without CUDA')
     cfg = Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='nccl')),
@@ -127,17 +127,13 @@ def test_nccl_on_cpu_is_refused_with_a_hint():
 
 @pytest.mark.parametrize('variable', ['OMPI_COMM_WORLD_LOCAL_RANK', 'MPI_LOCALRANKID'])
 def test_mpi_launcher_takes_the_local_rank_from_mpirun(variable, monkeypatch):
-    from types import SimpleNamespace
-
-    from mmrepvgg.engine.cli import load_config
+    from mmrepvgg.apis.config import load_config
     monkeypatch.setenv('LOCAL_RANK', '0')  # recorded, so the test leaves it as it was
     monkeypatch.delenv('LOCAL_RANK')
     monkeypatch.setenv(variable, '3')
-    args = SimpleNamespace(config=CONFIG, launcher='mpi', local_rank=0, mini=False,
-                           cfg_options=None, work_dir=None)
-    assert load_config(args).launcher == 'mpi'
+    assert load_config(CONFIG, launcher='mpi', local_rank=0).launcher == 'mpi'
     assert os.environ['LOCAL_RANK'] == '3'
     monkeypatch.delenv('LOCAL_RANK')
     monkeypatch.delenv(variable)
     with pytest.raises(SystemExit, match='not started by mpirun'):
-        load_config(args)
+        load_config(CONFIG, launcher='mpi', local_rank=0)

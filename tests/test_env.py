@@ -1,13 +1,13 @@
-"""tools/check_env.py and the refusal to run on the CPU of a machine whose GPU torch cannot
-use (a driver older than the torch build needs): the GPU is simulated, as these machines
-have none."""
+"""tools/check_env.py (mmrepvgg.env.environment_checks, and what the tool prints) and the
+refusal to run on the CPU of a machine whose GPU torch cannot use (a driver older than
+the torch build needs): the GPU is simulated, as these machines have none."""
+import os
+
 import pytest
 import torch
 
-from mmrepvgg import env
-from test_tools import SEG_CONFIG, SEG_MODEL, TRAIN, _run
-from tools.check_env import main as check_env_main
-from tools.train import main as train_main
+from mmrepvgg import apis, env
+from test_tools import SEG_CONFIG, SEG_MODEL, TRAIN, _run, run_tools
 
 
 @pytest.fixture
@@ -25,28 +25,52 @@ def test_an_unusable_gpu_says_which_driver_torch_needs(old_driver):
     assert 'TORCH_CUDA=cu128' in reason
 
 
-def test_check_env_fails_where_cuda_is_requested_or_unusable(old_driver, capsys):
-    assert check_env_main([]) == 1
-    out = capsys.readouterr().out
-    assert 'TorchVision' in out  # mmengine's collect_env first
-    assert '[FAILED] CUDA usable' in out and '>= 580.65.06' in out
-    assert '[FAILED] mmcv ops built for CUDA' in out  # this machine's wheel has CPU ops
-    assert '[ok]     mmcv NMS and RoIAlign on cpu' in out
+def _verdicts(checks):
+    return {check.name: (check.ok, check.detail) for check in checks}
 
 
-def test_check_env_passes_on_a_cpu_machine(monkeypatch, capsys):
+def test_check_env_fails_where_cuda_is_requested_or_unusable(old_driver):
+    # tools/check_env.py without --device: want_cuda None; it exits 1 on a failed check
+    checks = _verdicts(env.environment_checks(None))
+    assert not all(ok for ok, _ in checks.values())
+    ok, detail = checks['CUDA usable']
+    assert not ok and '>= 580.65.06' in detail
+    assert not checks['mmcv ops built for CUDA'][0]  # this machine's wheel has CPU ops
+    assert checks['mmcv NMS and RoIAlign on cpu'] == (True, 'run')
+
+
+def test_check_env_passes_on_a_cpu_machine(monkeypatch):
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # no GPU, whatever this machine has
-    assert check_env_main(['--device', 'cpu']) == 0
-    out = capsys.readouterr().out
-    assert 'every check passed' in out and 'CUDA usable' not in out
-    assert check_env_main(['--device', 'cuda']) == 1
-    assert 'CUDA_VISIBLE_DEVICES hides every GPU' in capsys.readouterr().out
+    checks = _verdicts(env.environment_checks(False))  # --device cpu
+    assert all(ok for ok, _ in checks.values()), checks
+    assert 'CUDA usable' not in checks
+    checks = _verdicts(env.environment_checks(True))  # --device cuda
+    assert checks['CUDA usable'] == (False, 'CUDA_VISIBLE_DEVICES hides every GPU')
+
+
+def test_check_env_tool_prints_the_environment_and_one_verdict_a_line(tmp_path):
+    """What tools/check_env.py prints and its exit status, on this machine with its GPUs
+    hidden: every check passes for --device cpu; --device cuda fails."""
+    hidden = dict(os.environ, CUDA_VISIBLE_DEVICES='')
+    cpu, cuda = run_tools(('check_env', '--device', 'cpu'), ('check_env', '--device', 'cuda'),
+                          cwd=tmp_path, env=hidden)
+    assert cpu.returncode == 0, (cpu.stdout + cpu.stderr)[-5000:]
+    assert 'TorchVision' in cpu.stdout  # mmengine's collect_env first
+    assert '[ok]     mmcv NMS and RoIAlign on cpu' in cpu.stdout
+    assert 'every check passed' in cpu.stdout and 'CUDA usable' not in cpu.stdout
+    assert cuda.returncode == 1, (cuda.stdout + cuda.stderr)[-5000:]
+    assert 'TorchVision' in cuda.stdout
+    assert '[FAILED] CUDA usable' in cuda.stdout
+    assert 'CUDA_VISIBLE_DEVICES hides every GPU' in cuda.stdout
+    assert '[FAILED] mmcv ops built for CUDA' in cuda.stdout  # this machine's wheel: CPU ops
+    assert '[ok]     mmcv NMS and RoIAlign on cpu' in cuda.stdout
+    assert 'check(s) failed: CUDA usable' in cuda.stdout
 
 
 def test_training_refuses_to_fall_back_to_the_cpu(old_driver, mini_root, tmp_path):
     work = tmp_path / 'work'
     with pytest.raises(SystemExit, match=r'cannot use it: it needs an NVIDIA driver >= '
                                          r'580\.65\.06.*CUDA_VISIBLE_DEVICES='):
-        _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work],
-             TRAIN + SEG_MODEL)
+        _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
+             options=TRAIN + SEG_MODEL)
     assert not any(work.glob('**/*.pth'))

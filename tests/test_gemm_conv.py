@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmrepvgg.deploy.gemm_conv import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, GemmConv2d,
+from mmrepvgg.ops.gemm_conv import (GEMM_MAX_POSITIONS, GEMM_MIN_CHANNELS, GemmConv2d,
                                        gemm_pays, gemm_unsupported_reason)
 from mmrepvgg.reparam import rounding_errors
 

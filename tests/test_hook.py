@@ -20,11 +20,11 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
-import mmrepvgg  # noqa: F401  registers mmrepvgg.ReparamHook
-from mmrepvgg.engine.hooks import ReparamHook, format_report, fuse_and_report
+from mmrepvgg.engine.hooks import ReparamHook  # importing mmrepvgg registers it
 from mmrepvgg.models import RepVGG, RepVGGBlock
-from mmrepvgg.reparam import (count_unfused, fused_weight_errors, output_error,
-                              reparameterize, rounding_bound)
+from mmrepvgg.numerics import output_error
+from mmrepvgg.reparam import (count_unfused, format_report, fuse_and_report,
+                              fused_weight_errors, reparameterize, rounding_bound)
 
 TOY_MODEL = 'MMRepVGGTestHookToyNet'
 TOY_METRIC = 'MMRepVGGTestHookToyAccuracy'
@@ -434,7 +434,7 @@ def test_val_hooks_leave_the_model_alone_without_fuse_val():
 ])
 def test_reparam_hook_is_recognised_in_custom_hooks(entry, expected):
     """--deploy adds a ReparamHook only when custom_hooks has none, however it is given."""
-    from mmrepvgg.engine.cli import is_reparam_hook
+    from mmrepvgg.apis.config import is_reparam_hook
     assert is_reparam_hook(entry) is expected
 
 

@@ -1,6 +1,6 @@
-"""Tests for tools/make_mini_data.py: the synthetic data must load through the real
-mmseg/mmdet dataset classes, be reproducible, never clobber user data, and be learnable."""
-import importlib.util
+"""Tests for mmrepvgg.testing (the data of tools/make_mini_data.py, run as a process where
+its command line is tested): the synthetic data must load through the real mmseg/mmdet
+dataset classes, be reproducible, never clobber user data, and be learnable."""
 import itertools
 import json
 import os.path as osp
@@ -12,19 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmrepvgg.testing import make_cityscapes, make_coco
+from mmrepvgg.testing.cityscapes import CITYSCAPES_CLASSES
+from mmrepvgg.testing.coco import COCO_CATEGORIES, COCO_OBJECTS, MIN_OBJ
+
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'make_mini_data.py'
-
-
-def _load_tool():
-    # tools/ is not a package; load the script the way users run it.
-    spec = importlib.util.spec_from_file_location('make_mini_data', TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mmd = _load_tool()
 
 
 def _run(*args):
@@ -41,7 +34,7 @@ def test_cityscapes_loads_in_mmseg(tmp_path):
     from mmseg.datasets import CityscapesDataset
 
     root = tmp_path / 'cs'
-    mmd.make_cityscapes(root, num_train=6, num_val=3, size=(128, 64), seed=1)
+    make_cityscapes(root, num_train=6, num_val=3, size=(128, 64), seed=1)
     seen = set()
     for split, n in (('train', 6), ('val', 3)):
         ds = CityscapesDataset(
@@ -62,7 +55,7 @@ def test_cityscapes_loads_in_mmseg(tmp_path):
             assert set(vals.tolist()) <= set(range(19)) | {255}
             seen |= set(vals.tolist()) - {255}
     assert len(seen) >= 4
-    assert ds.metainfo['classes'] == mmd.CITYSCAPES_CLASSES
+    assert ds.metainfo['classes'] == CITYSCAPES_CLASSES
 
 
 def test_coco_loads_in_mmdet(tmp_path):
@@ -70,16 +63,16 @@ def test_coco_loads_in_mmdet(tmp_path):
     from mmdet.datasets import CocoDataset
 
     root = tmp_path / 'coco'
-    mmd.make_coco(root, num_train=4, num_val=5, size=(160, 128), seed=2)
+    make_coco(root, num_train=4, num_val=5, size=(160, 128), seed=2)
     # Category names must be exactly mmdet's, or its name->id lookup silently drops them.
-    names = [c[1] for c in mmd.COCO_CATEGORIES]
+    names = [c[1] for c in COCO_CATEGORIES]
     assert tuple(names) == CocoDataset.METAINFO['classes']
 
     ds = CocoDataset(data_root=str(root), ann_file='annotations/instances_val2017.json',
                      data_prefix=dict(img='val2017/'), pipeline=[])
     assert len(ds) == 5
     # Labels are the standard 80-class indices (person 0, car 2, dog 16, bottle 39).
-    expected = {names.index(n) for i, n, _ in mmd.COCO_CATEGORIES if i in mmd.COCO_OBJECTS}
+    expected = {names.index(n) for i, n, _ in COCO_CATEGORIES if i in COCO_OBJECTS}
     for i in range(len(ds)):
         info = ds.get_data_info(i)
         assert osp.isfile(info['img_path'])
@@ -90,7 +83,7 @@ def test_coco_loads_in_mmdet(tmp_path):
             assert 0 <= inst['bbox_label'] < 80 and inst['bbox_label'] in expected
             x1, y1, x2, y2 = inst['bbox']
             assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
-            assert x2 - x1 >= mmd.MIN_OBJ - 1 and y2 - y1 >= mmd.MIN_OBJ - 1
+            assert x2 - x1 >= MIN_OBJ - 1 and y2 - y1 >= MIN_OBJ - 1
             assert inst['ignore_flag'] == 0 and inst['mask']
 
     # The train split through the usual training filter keeps every image.
@@ -101,7 +94,7 @@ def test_coco_loads_in_mmdet(tmp_path):
 
 
 def test_coco_json_is_standard(tmp_path):
-    root = mmd.make_coco(tmp_path / 'coco', num_train=3, num_val=2, seed=0)
+    root = make_coco(tmp_path / 'coco', num_train=3, num_val=2, seed=0)
     d = json.loads((Path(root) / 'annotations' / 'instances_train2017.json').read_text())
     assert {'info', 'licenses', 'images', 'annotations', 'categories'} <= d.keys()
     assert len(d['images']) == 3 and len(d['categories']) == 80
@@ -110,7 +103,7 @@ def test_coco_json_is_standard(tmp_path):
         assert im['file_name'] == f"{im['id']:012d}.jpg"
         assert (Path(root) / 'train2017' / im['file_name']).is_file()
     for a in d['annotations']:
-        assert a['image_id'] in ids and a['category_id'] in mmd.COCO_OBJECTS
+        assert a['image_id'] in ids and a['category_id'] in COCO_OBJECTS
         assert a['iscrowd'] == 0 and a['area'] > 0
         assert all(isinstance(v, float) for v in a['bbox'])
         poly = a['segmentation'][0]
@@ -118,14 +111,14 @@ def test_coco_json_is_standard(tmp_path):
 
 
 def test_deterministic(tmp_path):
-    a = mmd.make_cityscapes(tmp_path / 'a', num_train=2, num_val=1, seed=5)
-    b = mmd.make_cityscapes(tmp_path / 'b', num_train=2, num_val=1, seed=5)
-    c = mmd.make_cityscapes(tmp_path / 'c', num_train=2, num_val=1, seed=6)
+    a = make_cityscapes(tmp_path / 'a', num_train=2, num_val=1, seed=5)
+    b = make_cityscapes(tmp_path / 'b', num_train=2, num_val=1, seed=5)
+    c = make_cityscapes(tmp_path / 'c', num_train=2, num_val=1, seed=6)
     fa, fb, fc = _label_files(a)[0], _label_files(b)[0], _label_files(c)[0]
     assert fa.read_bytes() == fb.read_bytes()
     assert fa.read_bytes() != fc.read_bytes()
-    ja = Path(mmd.make_coco(tmp_path / 'ca', 2, 1, seed=5)) / 'annotations'
-    jb = Path(mmd.make_coco(tmp_path / 'cb', 2, 1, seed=5)) / 'annotations'
+    ja = Path(make_coco(tmp_path / 'ca', 2, 1, seed=5)) / 'annotations'
+    jb = Path(make_coco(tmp_path / 'cb', 2, 1, seed=5)) / 'annotations'
     assert (ja / 'instances_val2017.json').read_bytes() == \
         (jb / 'instances_val2017.json').read_bytes()
 
@@ -162,7 +155,7 @@ def test_empty_out_dir_is_used(tmp_path):
 
 
 def test_cityscapes_classes_are_separable_by_colour(tmp_path):
-    root = Path(mmd.make_cityscapes(tmp_path / 'cs', num_train=4, num_val=0, seed=0))
+    root = Path(make_cityscapes(tmp_path / 'cs', num_train=4, num_val=0, seed=0))
     sums, counts = {}, {}
     for lab_path in _label_files(root):
         img_path = Path(str(lab_path).replace('gtFine', 'leftImg8bit', 1)

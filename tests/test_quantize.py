@@ -1,5 +1,6 @@
-"""The QARepVGG block through the tools, and tools/quantize.py: INT8 files calibrated on
-the config's data and scored by tools/test.py --backend.
+"""The QARepVGG block through the tools, and tools/quantize.py (apis.deploy.quantize):
+INT8 files calibrated on the config's data and scored by tools/test.py --backend
+(apis.test).
 
 RepVGG-A0 PSPNets after one training iteration on the mini data, in-process, with the
 fixtures and helpers of tests/test_tools.py and tests/test_deploy.py.
@@ -14,16 +15,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from mmrepvgg import apis
+from mmrepvgg.apis.config import load_config
+from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.deploy import load_backend
 from mmrepvgg.deploy.quantize import calibration_inputs, sqnr_db
-from mmrepvgg.engine.cli import load_config
 from test_deploy import _export, _no_temporary_files, _plain_graph
-from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN,
-                        _convert_quiet, _cwd, _log_text, _run, _seg_maps, _test_tool,
+from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN, _convert, _cwd,
+                        _log_text, _options, _run, _seg_maps, _test_tool,
                         assert_same_segmentation)
-from tools.quantize import REPO, parse_args
-from tools.quantize import main as quantize_main
-from tools.train import main as train_main
 
 QA_MODEL = SEG_MODEL + ['model.backbone.block=qa']
 
@@ -32,16 +32,19 @@ QA_MODEL = SEG_MODEL + ['model.backbone.block=qa']
 def qa_seg(mini_root, tmp_path_factory):
     """A QARepVGG-A0 PSPNet after one iteration, and its fp32 ONNX export."""
     work = tmp_path_factory.mktemp('qa_train')
-    _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work], TRAIN + QA_MODEL)
+    _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
+         options=TRAIN + QA_MODEL)
     fixture = SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
     fixture.onnx = work / 'pspnet.onnx'
     _export(fixture, SEG_CONFIG, fixture.ckpt, fixture.onnx, QA_MODEL)
     return fixture
 
 
-def _quantize(fixture, model, output, *extra, model_args=QA_MODEL):
-    return _run(quantize_main, fixture.root,
-                [SEG_CONFIG, model, output, '--mini', *extra], model_args)
+def _quantize(fixture, model, output, model_args=QA_MODEL, **kwargs):
+    """apis.deploy.quantize (tools/quantize.py) on mini data, ``kwargs`` its further
+    arguments (calib, method, per_channel, ...): the report."""
+    return _run(quantize, fixture.root, SEG_CONFIG, model, output, mini=True,
+                options=model_args, **kwargs)
 
 
 def _metadata(path):
@@ -50,23 +53,23 @@ def _metadata(path):
 
 # ------------------------------------------------------------- QA block through the tools
 def test_qa_pspnet_deploys_converts_and_exports_as_plain_convs(qa_seg, tmp_path):
-    def test(ckpt, name, *extra):
+    def test(ckpt, name, **kwargs):
         return _test_tool(qa_seg, SEG_CONFIG, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', QA_MODEL, *extra)
+                          tmp_path / f'{name}_maps', QA_MODEL, **kwargs)
 
     plain, _ = test(qa_seg.ckpt, 'plain')
-    deploy, deploy_work = test(qa_seg.ckpt, 'deploy', '--deploy')
+    deploy, deploy_work = test(qa_seg.ckpt, 'deploy', deploy=True)
     assert 'ReparamHook: fused 22 blocks' in _log_text(deploy_work)
     fused = tmp_path / 'fused.pth'
-    _convert_quiet(qa_seg.root, [SEG_CONFIG, qa_seg.ckpt, fused, '--cfg-options', *QA_MODEL])
-    converted, _ = test(fused, 'converted', '--deploy')
+    _convert(qa_seg.root, SEG_CONFIG, qa_seg.ckpt, fused, QA_MODEL)
+    converted, _ = test(fused, 'converted', deploy=True)
     reference = _seg_maps(tmp_path / 'plain_maps')
     assert_same_segmentation(reference, _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
     assert_same_segmentation(reference, _seg_maps(tmp_path / 'converted_maps'), plain,
                              converted)
 
     report = _export(qa_seg, SEG_CONFIG, qa_seg.ckpt, tmp_path / 'backbone.onnx', QA_MODEL,
-                     '--part', 'backbone')
+                     part='backbone')
     assert report['node_types'] == {'Conv': 22, 'Relu': 22}
     _plain_graph(report['node_types'])
     assert report['parity']['within']
@@ -75,7 +78,7 @@ def test_qa_pspnet_deploys_converts_and_exports_as_plain_convs(qa_seg, tmp_path)
 # ------------------------------------------------------------------------- quantization
 def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, tmp_path):
     out = tmp_path / 'pspnet_int8.onnx'
-    report = _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2')
+    report = _quantize(qa_seg, qa_seg.onnx, out, calib=2)
     _no_temporary_files(tmp_path)
     assert report['calibration_images'] == 2
     assert report['quantized_ops']['QuantizeLinear'] > 0
@@ -104,9 +107,8 @@ def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, t
     # 8-bit quantization of ~30 stacked layers keeps tens of dB.
     assert report['sqnr_db'] > 12, report['sqnr_db']
     with _cwd(qa_seg.root):  # the mini data's paths are relative
-        args = parse_args([SEG_CONFIG, 'in.onnx', 'out.onnx', '--mini', '--cfg-options',
-                           *QA_MODEL])
-        cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
+        # the config as tools/quantize.py CONFIG ... --mini --cfg-options QA_MODEL reads it
+        cfg = load_config(SEG_CONFIG, cfg_options=_options(QA_MODEL), mini=True)
         images = calibration_inputs(cfg, 2)
         # training images read through the test pipeline: the exported shape, not crops
         train = calibration_inputs(cfg, 3, 'train')
@@ -119,8 +121,7 @@ def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, t
 
     for backend in ('onnxruntime', 'openvino'):
         metrics, work = _test_tool(qa_seg, SEG_CONFIG, out, tmp_path / backend,
-                                   tmp_path / f'{backend}_maps', QA_MODEL, '--backend',
-                                   backend)
+                                   tmp_path / f'{backend}_maps', QA_MODEL, backend=backend)
         assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics) and metrics['aAcc'] > 0
         assert 'testing the INT8 (QDQ) model' in _log_text(work)
 
@@ -136,7 +137,7 @@ def test_calibration_methods_and_per_tensor_weights(qa_seg, tmp_path):
     scales = {}
     for method in ('minmax', 'percentile', 'entropy'):
         out = tmp_path / f'{method}.onnx'
-        report = _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2', '--method', method)
+        report = _quantize(qa_seg, qa_seg.onnx, out, calib=2, method=method)
         assert json.loads(_metadata(out)['mmrepvgg.quantization'])['method'] == method
         assert np.isfinite(report['sqnr_db'])
         scales[method] = _activation_scales(out)
@@ -148,7 +149,7 @@ def test_calibration_methods_and_per_tensor_weights(qa_seg, tmp_path):
         assert sum(scales[method]) < sum(scales['minmax'])
 
     out = tmp_path / 'per_tensor.onnx'
-    _quantize(qa_seg, qa_seg.onnx, out, '--calib', '2', '--per-tensor')
+    _quantize(qa_seg, qa_seg.onnx, out, calib=2, per_channel=False)  # --per-tensor
     proto = onnx.load(str(out))
     init = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     weight_scales = [init[n.input[1]] for n in proto.graph.node
@@ -160,42 +161,42 @@ def test_calibration_methods_and_per_tensor_weights(qa_seg, tmp_path):
 def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     out = tmp_path / 'int8.onnx'
 
-    def refused(model, *extra, model_args=QA_MODEL):
+    def refused(model, model_args=QA_MODEL, **kwargs):
         with pytest.raises(SystemExit) as err:
-            _quantize(qa_seg, model, out, *extra, model_args=model_args)
+            _quantize(qa_seg, model, out, model_args, **kwargs)
         assert not out.exists()
         _no_temporary_files(tmp_path)
         return str(err.value)
 
     # a calibration set larger than the data
-    msg = refused(qa_seg.onnx, '--calib', '3')
+    msg = refused(qa_seg.onnx, calib=3)
     assert 'asked for 3 calibration images' in msg and 'holds only 2' in msg
     # data the config cannot load
-    msg = refused(qa_seg.onnx, '--calib', '1', model_args=QA_MODEL + [
+    msg = refused(qa_seg.onnx, calib=1, model_args=QA_MODEL + [
         'test_dataloader.dataset.data_root=nowhere/mini_cityscapes'])
     assert 'cannot load the calibration data from test_dataloader' in msg and 'nowhere' in msg
     # an already quantized file
     int8 = tmp_path / 'done' / 'int8.onnx'
-    _quantize(qa_seg, qa_seg.onnx, int8, '--calib', '1')
-    msg = refused(int8, '--calib', '1')
+    _quantize(qa_seg, qa_seg.onnx, int8, calib=1)
+    msg = refused(int8, calib=1)
     assert 'already quantized' in msg and 'QuantizeLinear' in msg
     # an ONNX file that tools/export.py did not write
     foreign = tmp_path / 'foreign.onnx'
     proto = onnx.load(str(qa_seg.onnx))
     del proto.metadata_props[:]
     onnx.save(proto, str(foreign))
-    assert 'was not written by tools/export.py' in refused(foreign, '--calib', '1')
+    assert 'was not written by tools/export.py' in refused(foreign, calib=1)
     foreign.unlink()
     # not ONNX at all, and outputs that would overwrite the input or are not .onnx
     junk = tmp_path / 'junk.onnx'
     junk.write_bytes(b'not a model')
-    assert 'is not an ONNX model' in refused(junk, '--calib', '1')
+    assert 'is not an ONNX model' in refused(junk, calib=1)
     with pytest.raises(SystemExit, match='OUTPUT is the input file'):
-        _run(quantize_main, qa_seg.root, [SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, '--mini',
-                                          '--calib', '1'], QA_MODEL)
+        _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, mini=True, calib=1,
+             options=QA_MODEL)
     with pytest.raises(SystemExit, match='must end with .onnx'):
-        _run(quantize_main, qa_seg.root, [SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth',
-                                          '--mini', '--calib', '1'], QA_MODEL)
+        _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth', mini=True,
+             calib=1, options=QA_MODEL)
     assert not (tmp_path / 'int8.pth').exists()
 
 
@@ -204,8 +205,8 @@ def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # n
     images differ) beside the output, quantizes it and keeps only the INT8 file and the
     RoI head's weights."""
     out = tmp_path / 'frcnn_int8.onnx'
-    report = _run(quantize_main, det.root, [DET_CONFIG, det.ckpt, out, '--mini', '--calib',
-                                            '2'], DET_MODEL)
+    report = _run(quantize, det.root, DET_CONFIG, det.ckpt, out, mini=True, calib=2,
+                  options=DET_MODEL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['frcnn_int8.onnx',
                                                           'frcnn_int8.torch.pth']
     assert report['torch_part'] == str(tmp_path / 'frcnn_int8.torch.pth')
@@ -213,16 +214,16 @@ def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # n
     assert meta['mmrepvgg.torch_part'] == 'frcnn_int8.torch.pth'
     assert json.loads(meta['mmrepvgg.input_shape']) == [None, 3, None, None]
     metrics, _ = _test_tool(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
-                            DET_MODEL, '--backend', 'onnxruntime')
+                            DET_MODEL, backend='onnxruntime')
     assert 'coco/bbox_mAP' in metrics
 
 
 def test_quantization_report_scores_every_form(qa_seg, tmp_path):
-    from tools.quantization_report import main as report_main
-    with _cwd(qa_seg.root):
-        results = report_main([SEG_CONFIG, str(qa_seg.ckpt), '--work-dir', str(tmp_path),
-                               '--mini', '--calib', '2', '--methods', 'minmax',
-                               '--sqnr-images', '2', '--cfg-options', *QA_MODEL])
+    from mmrepvgg.apis.quantization_report import quantization_study
+    with _cwd(qa_seg.root):  # what tools/quantization_report.py runs
+        results = quantization_study(SEG_CONFIG, str(qa_seg.ckpt), str(tmp_path), calib=2,
+                                     methods=['minmax'], sqnr_images=2, mini=True,
+                                     cfg_options=_options(QA_MODEL))
     metrics = results['metrics']
     assert list(metrics) == ['torch fp32', 'torch fused fp32', 'onnxruntime fp32',
                              'onnxruntime int8 minmax']

@@ -10,7 +10,6 @@ weights-only) after ``import mmrepvgg``, by tools/test.py, and by
 (every scheduler state, EMA variants, the AMP loss scaler) are covered on a toy Runner
 in test_compat.py.
 """
-import os.path as osp
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,16 +20,13 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
 
-import mmrepvgg  # noqa: F401  what tools/test.py and tools/train.py import first
-from mmrepvgg.engine.cli import apply_amp, apply_mini
+from mmrepvgg import apis  # importing mmrepvgg first, as tools/test.py and train.py do
+from mmrepvgg.apis.config import apply_amp, apply_mini
 from mmrepvgg.engine.optim_wrapper import CPUAmpOptimWrapper
-from tools.test import main as tool_test_main
-from tools.train import main as train_main
-# the mini PSPNet settings and the in-process tool runner of the tools' own tests
-from test_tools import (DET_CONFIG, ROOT, SEG_CONFIG, SEG_MODEL, TEST, TRAIN,
-                        _cwd, _fingerprint, _log_text, _run)
+# the mini PSPNet settings and the in-process runner of the tools' own tests
+from test_tools import (DET_CONFIG, SEG_CONFIG, SEG_MODEL, TEST, TRAIN, _cwd, _fingerprint,
+                        _log_text, _run)
 
-MINI_DIR = osp.join(ROOT, 'configs', '_base_', 'mini')
 # Heads of 16 channels instead of 512: the checkpoint's contents are what matters here.
 MODEL = SEG_MODEL + ['model.decode_head.channels=16', 'model.auxiliary_head.channels=16']
 # Two iterations, a checkpoint after each, validation (and the best checkpoint) after 2.
@@ -71,21 +67,21 @@ def runs(mini_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp('runner_ckpts')
     # fp32, validated after iteration 2 with save_best
     plain = _config(folder, 'plain', [dict(type='SaveInitialCheckpointHook')])
-    _run(train_main, mini_root, [plain, '--mini', '--work-dir', folder / 'plain'],
-         MODEL + TRAIN_VAL)
+    _run(apis.train, mini_root, plain, mini=True, work_dir=folder / 'plain',
+         options=MODEL + TRAIN_VAL)
     # EMAHook and --amp: one iteration, no validation
     ema = _config(folder, 'ema_amp', [dict(type='EMAHook')])
-    _run(train_main, mini_root, [ema, '--mini', '--amp', '--work-dir', folder / 'ema_amp'],
-         TRAIN + MODEL)
+    _run(apis.train, mini_root, ema, mini=True, amp=True, work_dir=folder / 'ema_amp',
+         options=TRAIN + MODEL)
     return SimpleNamespace(root=mini_root, ema=ema, work=folder)
 
 
-# name: (run, file, iteration it holds, extra tools/train.py arguments for resuming)
+# name: (run, file, iteration it holds, further apis.train arguments for resuming)
 CHECKPOINTS = {
-    'iteration_0': ('plain', 'iter_0.pth', 0, []),
-    'mid_training': ('plain', 'iter_1.pth', 1, []),
-    'after_validation': ('plain', 'best_mIoU_iter_2.pth', 2, []),
-    'ema_amp': ('ema_amp', 'iter_1.pth', 1, ['--amp']),
+    'iteration_0': ('plain', 'iter_0.pth', 0, {}),
+    'mid_training': ('plain', 'iter_1.pth', 1, {}),
+    'after_validation': ('plain', 'best_mIoU_iter_2.pth', 2, {}),
+    'ema_amp': ('ema_amp', 'iter_1.pth', 1, dict(amp=True)),
 }
 
 
@@ -129,8 +125,8 @@ def test_plain_torch_load(runs, name):
 def test_tools_test_loads_it(runs, name, tmp_path):
     path, config, _, _ = _checkpoint(runs, name)
     work = tmp_path / 'test'
-    metrics = _run(tool_test_main, runs.root, [config, path, '--mini', '--work-dir', work],
-                   TEST + MODEL)
+    metrics = _run(apis.test, runs.root, config, path, mini=True, work_dir=work,
+                   options=TEST + MODEL)
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics)
     assert f'Load checkpoint from {path}' in _log_text(work)
 
@@ -140,9 +136,8 @@ def test_tools_train_resumes_from_it(runs, name, tmp_path):
     path, config, iteration, resume_args = _checkpoint(runs, name)
     before = _fingerprint(path)
     work = tmp_path / 'resume'
-    _run(train_main, runs.root,
-         [config, '--mini', '--work-dir', work, '--resume', path, *resume_args],
-         TRAIN + MODEL + [f'train_cfg.max_iters={iteration + 1}'])
+    _run(apis.train, runs.root, config, mini=True, work_dir=work, resume=path, **resume_args,
+         options=TRAIN + MODEL + [f'train_cfg.max_iters={iteration + 1}'])
     log = _log_text(work)
     assert f'resumed epoch: 0, iter: {iteration}' in log
     # only the one remaining iteration ran, and its checkpoint loads too
@@ -161,7 +156,7 @@ def test_mmdet_dataset_meta_loads(mini_root, tmp_path):
     from mmdet.registry import DATASETS as DET_DATASETS
     from mmseg.registry import DATASETS as SEG_DATASETS
     cfg = Config.fromfile(DET_CONFIG)
-    apply_mini(cfg, MINI_DIR)
+    apply_mini(cfg)
     with _cwd(mini_root):  # the metainfo is all that is used: no pipeline
         coco = DET_DATASETS.build(dict(cfg.train_dataloader.dataset, pipeline=[]))
     metas = {'mini_coco': coco.metainfo}

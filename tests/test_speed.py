@@ -1,39 +1,43 @@
-"""Behaviour of the inference recipes, the benchmark harness and tools/benchmark.py
-(never their timings)."""
-import argparse
+"""Behaviour of the inference recipes, the benchmark harness, the benchmark run of
+mmrepvgg.apis and the command line tools/benchmark.py (never their timings)."""
 import copy
-import importlib.util
 import json
 import os.path as osp
+import subprocess
 import sys
 
 import pytest
 import torch
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.deploy.inference import MODES, optimize_for_inference
-from mmrepvgg.deploy.winograd import convert_to_winograd
-from mmrepvgg.reparam import (assert_fusion_exact, fusion_errors, output_error,
-                              rounding_bound, rounding_errors)
-from tools.benchmark_harness import (Candidate, benchmark_interleaved, count_conv_flops,
+from mmrepvgg.apis import benchmark_models
+from mmrepvgg.apis.benchmark import (Candidate, benchmark_interleaved, count_conv_flops,
                                      peak_memory, summarize)
+from mmrepvgg.apis.benchmark_models import repvgg_specs
+from mmrepvgg.apis.benchmark_report import format_report
+from mmrepvgg.apis.benchmark_run import (BenchmarkOptions, make_candidates,
+                                         openvino_bf16_note, run_benchmark)
+from mmrepvgg.numerics import output_error
+from mmrepvgg.ops.inference import MODES, optimize_for_inference
+from mmrepvgg.ops.winograd import convert_to_winograd
+from mmrepvgg.reparam import (assert_fusion_exact, fusion_errors, rounding_bound,
+                              rounding_errors)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25, 0.25, 0.25, 0.25),
             groups={2: 2})
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'benchmark_tool', osp.join(ROOT, 'tools', 'benchmark.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_tool(*argv):
+    """tools/benchmark.py run as a command, from the repository root."""
+    return subprocess.run([sys.executable, 'tools/benchmark.py', *argv], cwd=ROOT,
+                          capture_output=True, text=True)
 
 
-@pytest.fixture(scope='module')
-def tool():
-    return _load_tool()
+@pytest.fixture
+def tiny_a0(monkeypatch):
+    """The benchmark's A0 built as TINY, to keep exports and packages short."""
+    monkeypatch.setattr(benchmark_models, 'RepVGG', lambda arch: RepVGG(arch=TINY))
 
 
 @pytest.fixture
@@ -166,20 +170,22 @@ def test_interleaved_benchmark_keeps_going_after_a_failure():
     assert len(cands[1].times) == 3 and len(calls) == 4 and cands[1].error is None
 
 
-def test_tool_end_to_end(tool, tmp_path, capsys):
+def test_tool_end_to_end(tmp_path):
     out_json, out_png = tmp_path / 'r.json', tmp_path / 'r.png'
-    # on the CPU, where the fusion bound below is measured
-    result = tool.main(['--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
-                        '--input-size', '32', '32', '--repeats', '1', '--warmup', '0',
-                        '--modes', 'eager', '--no-flush-denormal', '--json', str(out_json),
-                        '--plot', str(out_png), '--device', 'cpu', '--seed', '0'])
-    stdout = capsys.readouterr().out
+    # on the CPU, where the fusion bound below is measured; one --input-size value: square
+    proc = run_tool('--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
+                    '--input-size', '32', '--repeats', '1', '--warmup', '0',
+                    '--modes', 'eager', '--no-flush-denormal', '--json', str(out_json),
+                    '--plot', str(out_png), '--device', 'cpu', '--seed', '0')
+    assert proc.returncode == 0, proc.stderr
+    stdout = proc.stdout
     data = json.loads(out_json.read_text())
+    assert data['args']['input_size'] == [32, 32]
     names = [c['name'] for c in data['candidates']]
     assert names == ['RepVGG-A0/train @eager', 'RepVGG-A0/fused @eager']
     # The tool's model and input (seed 0): a correct fusion, whose fp32 output can differ
     # from the training form's by at most the two forms' fp32 errors against fp64.
-    train = tool.repvgg_specs(['A0'], ['train'], seed=0)[0].model
+    train = repvgg_specs(['A0'], ['train'], seed=0)[0].model
     inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fusion = fusion_errors(train, inputs)
     assert_fusion_exact(fusion)
@@ -191,29 +197,27 @@ def test_tool_end_to_end(tool, tmp_path, capsys):
     assert data['comparisons']['same_treatment'][0]['model'] == 'RepVGG-A0'
     assert out_png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert 'RepVGG-A0/fused @eager' in stdout and 'Best of each' in stdout
-    assert result['baseline'] == 'RepVGG-A0/train @eager'
+    assert data['baseline'] == 'RepVGG-A0/train @eager'
 
 
-def test_tool_times_the_exported_backends(tool, monkeypatch):
-    # The tool's A0 built as TINY, to keep its four exports short; openvino-bf16 stands for
-    # both OpenVINO modes (it computes in fp32 where the CPU has no bf16 arithmetic).
-    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
+def test_benchmark_times_the_exported_backends(tiny_a0):
+    # A0 built as TINY, to keep its four exports short; openvino-bf16 stands for both
+    # OpenVINO modes (it computes in fp32 where the CPU has no bf16 arithmetic).
     modes = ['eager', 'onnxruntime', 'openvino-bf16', 'onnxruntime-int8']
-    result = tool.main(['--archs', 'A0', '--resnets', 'none', '--batch-size', '1',
-                        '--input-size', '32', '32', '--repeats', '2', '--warmup', '0',
-                        '--modes', ','.join(modes), '--no-memory', '--no-flush-denormal',
-                        '--device', 'cpu', '--seed', '0'])
+    result = run_benchmark(BenchmarkOptions(
+        archs=['A0'], resnets=[], batch_size=1, input_size=[32, 32], repeats=2, warmup=0,
+        modes=modes, no_memory=True, no_flush_denormal=True, device='cpu', seed=0))
     rows = {c['name']: c for c in result['candidates']}
     assert list(rows) == [f'RepVGG-A0/{form} @{mode}' for mode in modes
                           for form in ('train', 'fused')]
-    train = tool.repvgg_specs(['A0'], ['train'], seed=0)[0].model
+    train = repvgg_specs(['A0'], ['train'], seed=0)[0].model
     inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fusion = fusion_errors(train, inputs)
     scale = fusion['output_scale']
     models = {'train': train, 'fused': reparameterize(train)}
     own_error = {'train': fusion['train_fp32_abs'], 'fused': fusion['fused_fp32_abs']}
-    # OpenVINO computes in fp32 where the CPU has no bf16 arithmetic (the tool says so)
-    bf16_math = tool.openvino_bf16_note() is None
+    # OpenVINO computes in fp32 where the CPU has no bf16 arithmetic (the report says so)
+    bf16_math = openvino_bf16_note() is None
     for form, model in models.items():
         # a backend's fp32 error is held to rounding_bound of torch's own for the same
         # network, as the export's parity check holds it; bf16 products as in the tf32
@@ -240,16 +244,15 @@ def test_tool_times_the_exported_backends(tool, monkeypatch):
     assert result['environment']['backends'].keys() == {'onnxruntime', 'openvino'}
 
 
-def test_tool_times_aoti_packages_with_their_load_time(tool, monkeypatch):
+def test_benchmark_times_aoti_packages_with_their_load_time(tiny_a0):
     # compiled into a package (set-up time, load time in its own column), then timed; the
     # Winograd package at tile 4 (the tiny model's convs are too narrow for 'auto')
-    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
-    result = tool.main(['--archs', 'A0', '--forms', 'fused', '--resnets', 'none',
-                        '--batch-size', '1', '--input-size', '32', '32', '--repeats', '2',
-                        '--warmup', '0', '--modes', 'eager,aoti,winograd-aoti',
-                        '--winograd-tile', '4', '--no-memory', '--device', 'cpu'])
+    result = run_benchmark(BenchmarkOptions(
+        archs=['A0'], forms=['fused'], resnets=[], batch_size=1, input_size=[32, 32],
+        repeats=2, warmup=0, modes=['eager', 'aoti', 'winograd-aoti'], winograd_tile=4,
+        no_memory=True, device='cpu'))
     rows = {c['name']: c for c in result['candidates']}
-    train = tool.repvgg_specs(['A0'], ['train'], seed=0)[0].model
+    train = repvgg_specs(['A0'], ['train'], seed=0)[0].model
     inputs = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     fusion = fusion_errors(train, inputs)
     # as for the ONNX rows: within rounding_bound of torch's own fp32 error, plus the
@@ -270,13 +273,12 @@ def test_tool_times_aoti_packages_with_their_load_time(tool, monkeypatch):
     assert result['environment']['backends'] == {'aoti': torch.__version__}
 
 
-def test_tool_marks_backend_rows_skipped_off_the_cpu(tool, monkeypatch):
+def test_benchmark_marks_backend_rows_skipped_off_the_cpu(tiny_a0):
     # one row per model for a backend mode (it sets its own precision), none timed on CUDA
-    monkeypatch.setattr(tool, 'RepVGG', lambda arch: RepVGG(arch=TINY))
-    specs = tool.repvgg_specs(['A0'], ['fused'], seed=0)
-    args = argparse.Namespace(device=torch.device('cuda'))
-    candidates = tool.make_candidates(specs, ['eager', 'onnxruntime', 'openvino-bf16'],
-                                      ['fp32', 'amp'], torch.zeros(1, 3, 32, 32), args)
+    specs = repvgg_specs(['A0'], ['fused'], seed=0)
+    candidates = make_candidates(specs, ['eager', 'onnxruntime', 'openvino-bf16'],
+                                 ['fp32', 'amp'], torch.zeros(1, 3, 32, 32),
+                                 torch.device('cuda'))
     assert [c.name for c in candidates] == [
         'RepVGG-A0/fused @eager fp32', 'RepVGG-A0/fused @onnxruntime fp32',
         'RepVGG-A0/fused @openvino-bf16 bf16', 'RepVGG-A0/fused @eager amp']
@@ -284,18 +286,18 @@ def test_tool_marks_backend_rows_skipped_off_the_cpu(tool, monkeypatch):
         assert cand.setup is None and 'CPU only' in cand.info['skipped']
 
 
-def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
+def test_benchmark_skips_resnet_rows_without_mmdet(monkeypatch):
     # sys.modules[name] = None makes any import of mmdet fail, as if it were missing
     for name in [n for n in sys.modules if n == 'mmdet' or n.startswith('mmdet.')]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, 'mmdet', None)
-    result = tool.main(['--archs', 'A0', '--forms', 'fused', '--resnets', '50',
-                        '--batch-size', '1', '--input-size', '32', '--repeats', '1',
-                        '--warmup', '0', '--modes', 'eager', '--no-memory',
-                        '--no-flush-denormal'])
+    result = run_benchmark(BenchmarkOptions(
+        archs=['A0'], forms=['fused'], resnets=[50], batch_size=1, input_size=[32, 32],
+        repeats=1, warmup=0, modes=['eager'], no_memory=True, no_flush_denormal=True))
     assert [c['name'] for c in result['candidates']] == ['RepVGG-A0/fused @eager']
     assert 'skipped ResNet-50: mmdet is not importable' in result['skipped'][0]
-    assert 'skipped ResNet-50' in capsys.readouterr().out
+    # and the printed report says so
+    assert 'skipped ResNet-50' in format_report(result)
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -306,8 +308,7 @@ def test_tool_skips_resnet_rows_without_mmdet(tool, monkeypatch, capsys):
                               'all'),
     (['--resnets', '42'], '--resnets takes depths'),
 ])
-def test_tool_bad_arguments(tool, capsys, argv, message):
-    with pytest.raises(SystemExit) as exc:
-        tool.main(argv)
-    assert exc.value.code == 2
-    assert message in capsys.readouterr().err
+def test_tool_bad_arguments(argv, message):
+    proc = run_tool(*argv)
+    assert proc.returncode == 2
+    assert message in proc.stderr

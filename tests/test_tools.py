@@ -1,12 +1,14 @@
-"""tools/train.py, tools/test.py (--deploy) and tools/convert.py on the mini datasets.
+"""mmrepvgg.apis.train and test (tools/train.py, tools/test.py, --deploy) and
+mmrepvgg.checkpoint.convert (tools/convert.py) on the mini datasets.
 
 Everything runs in-process at RepVGG-A0 size (1 training iteration, 2 val images), with
-the session's mini data folder as the working directory, as `--mini` expects.
+the session's mini data folder as the working directory, as `--mini` expects; the tools
+themselves run as processes only where their command line is what is tested.
 """
+import argparse
 import contextlib
 import glob
 import hashlib
-import io
 import os
 import os.path as osp
 import pickle
@@ -20,17 +22,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config
+from mmengine.config import Config, DictAction
 from PIL import Image
 
-from mmrepvgg import load_file
-from mmrepvgg.convert import build_model_from_config
+from mmrepvgg import apis, load_file
+from mmrepvgg.checkpoint.convert import build_model_from_config, convert_release, fuse_checkpoint
 from mmrepvgg.models import RepVGG
-from mmrepvgg.reparam import assert_fusion_exact, fusion_errors, reparameterize
-from tools.convert import main as convert_main
-from tools.test import main as tool_test_main
-from tools.train import main as train_main
-from tools.train import parse_args as train_parse_args
+from mmrepvgg.reparam import (assert_fusion_exact, format_report, fusion_errors,
+                              reparameterize)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEG_CONFIG = osp.join(ROOT, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
@@ -46,7 +45,7 @@ DET_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,1280]'
              # instead of 1000 keep the CPU NMS fast
              'model.test_cfg.rcnn.score_thr=0.0', 'model.test_cfg.rpn.max_per_img=100']
 TEST = ['test_dataloader.dataset.indices=2']
-# One iteration, batch 2, no validation at the end (the tests run tools/test.py).
+# One iteration, batch 2, no validation at the end (the tests run the test entry point).
 TRAIN = ['train_cfg.max_iters=1', 'train_dataloader.batch_size=2', 'randomness.seed=0',
          'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None']
 
@@ -61,27 +60,69 @@ def _cwd(path):
         os.chdir(old)
 
 
-def _run(main, root, argv, options=()):
-    """A tool's main() with `root` as cwd and a unique experiment name (runners built
-    in the same second would otherwise share mmengine's logger instance)."""
-    argv = [str(a) for a in argv]
-    argv += ['--cfg-options', f'experiment_name=t{uuid.uuid4().hex[:8]}', *options]
+def _options(pairs):
+    """'key=value' strings (SEG_MODEL, TRAIN, ...) as the cfg_options dict the tools'
+    --cfg-options makes of them (mmengine's DictAction parses them)."""
+    namespace = argparse.Namespace()
+    DictAction(option_strings=[], dest='options')(None, namespace, [str(p) for p in pairs])
+    return namespace.options
+
+
+def _str(value):
+    return str(value) if isinstance(value, os.PathLike) else value
+
+
+def _run(fn, root, *args, options=(), **kwargs):
+    """A package entry point (``apis.train``, ``apis.test``, ``export``, ``quantize``)
+    with `root` as cwd. ``options`` ('key=value' strings) are merged over ``cfg_options``
+    (a dict), after a unique experiment name (runners built in the same second would
+    otherwise share mmengine's logger instance). Paths may be given as Path objects."""
+    cfg_options = dict(kwargs.pop('cfg_options', None) or {})
+    cfg_options.update(_options([f'experiment_name=t{uuid.uuid4().hex[:8]}', *options]))
+    args = [_str(a) for a in args]
+    kwargs = {k: _str(v) for k, v in kwargs.items()}
     with _cwd(root):
-        return main(argv)
+        return fn(*args, cfg_options=cfg_options, **kwargs)
+
+
+def _convert(root, config, checkpoint, output, options=(), probe=True):
+    """What tools/convert.py CONFIG CHECKPOINT OUTPUT does, with `root` as cwd: the
+    fusion report (tools/convert.py prints its format_report)."""
+    with _cwd(root):
+        return fuse_checkpoint(str(config), str(checkpoint), str(output), probe=probe,
+                               cfg_options=_options(options) or None)
+
+
+def _convert_release(root, checkpoint, output):
+    """What tools/convert.py --release RELEASE OUTPUT does, with `root` as cwd."""
+    with _cwd(root):
+        return convert_release(str(checkpoint), str(output))
+
+
+def run_tools(*commands, cwd=ROOT, env=None, timeout=300):
+    """tools/NAME.py ARGS... for each (NAME, *ARGS) of ``commands``, as processes started
+    side by side (each spends seconds importing): their (returncode, stdout, stderr)."""
+    procs = [subprocess.Popen([sys.executable, osp.join(ROOT, 'tools', f'{name}.py'),
+                               *map(str, args)], cwd=str(cwd), env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, *args in commands]
+    results = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        results.append(SimpleNamespace(returncode=proc.returncode, stdout=stdout,
+                                       stderr=stderr))
+    return results
 
 
 def _log_text(work_dir):
     files = glob.glob(osp.join(str(work_dir), '*', '*.log'))
     assert files, f'no log file under {work_dir}'
     return '\n'.join(open(f).read() for f in files)
-
-
-def _convert_quiet(root, argv):
-    """tools/convert.py main with `root` as cwd; returns what it printed."""
-    out = io.StringIO()
-    with _cwd(root), contextlib.redirect_stdout(out):
-        convert_main([str(a) for a in argv])
-    return out.getvalue()
 
 
 def _fingerprint(path):
@@ -100,22 +141,21 @@ def train_seg(mini_root, tmp_path_factory):
     """PSPNet RepVGG-A0 after one training iteration, and its fused conversion (the
     session's ``seg`` fixture, tests/conftest.py)."""
     work = tmp_path_factory.mktemp('seg_train')
-    _run(train_main, mini_root, [SEG_CONFIG, '--mini', '--work-dir', work],
-         TRAIN + SEG_MODEL)
+    _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
+         options=TRAIN + SEG_MODEL)
     ckpt = work / 'iter_1.pth'
     out_dir = tmp_path_factory.mktemp('seg_fused')
     fused = out_dir / 'fused.pth'
-    printed = _convert_quiet(mini_root, [SEG_CONFIG, ckpt, fused, '--cfg-options',
-                                         *SEG_MODEL])
+    report = _convert(mini_root, SEG_CONFIG, ckpt, fused, SEG_MODEL)
     return SimpleNamespace(root=mini_root, work=work, ckpt=ckpt, fused=fused,
-                           out_dir=out_dir, printed=printed)
+                           out_dir=out_dir, report=report)
 
 
 def train_det(mini_root, tmp_path_factory):
     """Faster R-CNN RepVGG-A0 after one training iteration (the session's ``det``)."""
     work = tmp_path_factory.mktemp('det_train')
-    _run(train_main, mini_root, [DET_CONFIG, '--mini', '--work-dir', work],
-         TRAIN + DET_MODEL)
+    _run(apis.train, mini_root, DET_CONFIG, mini=True, work_dir=work,
+         options=TRAIN + DET_MODEL)
     return SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
 
 
@@ -147,22 +187,22 @@ def assert_same_segmentation(ref_maps, maps, ref_metrics, metrics):
             assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 0.05, key
 
 
-def _test_tool(fixture, config, ckpt, work, out, model_args, *extra):
-    """tools/test.py on mini data: (metrics, work dir)."""
-    metrics = _run(tool_test_main, fixture.root,
-                   [config, ckpt, '--mini', '--work-dir', work, '--out', out, *extra],
-                   TEST + model_args)
+def _test_tool(fixture, config, ckpt, work, out, model_args, **kwargs):
+    """apis.test (tools/test.py) on mini data, ``kwargs`` its further arguments
+    (deploy, backend, precision): (metrics, work dir)."""
+    metrics = _run(apis.test, fixture.root, config, ckpt, mini=True, work_dir=work, out=out,
+                   options=TEST + model_args, **kwargs)
     return metrics, work
 
 
 def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
-    def test(ckpt, name, *extra):
+    def test(ckpt, name, **kwargs):
         return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', SEG_MODEL, *extra)
+                          tmp_path / f'{name}_maps', SEG_MODEL, **kwargs)
 
     plain, _ = test(seg.ckpt, 'plain')
-    deploy, deploy_work = test(seg.ckpt, 'deploy', '--deploy')
-    fused, fused_work = test(seg.fused, 'fused', '--deploy')
+    deploy, deploy_work = test(seg.ckpt, 'deploy', deploy=True)
+    fused, fused_work = test(seg.fused, 'fused', deploy=True)
 
     assert isinstance(plain, dict) and {'aAcc', 'mIoU', 'mAcc'} <= set(plain)
     print(f'\nPSPNet RepVGG-A0, 2 mini val images: training form {plain}; --deploy '
@@ -191,17 +231,16 @@ def _det_results(path):
 
 def test_detector_deploy_predictions_and_map_equal_training_form(det, tmp_path):
     fused_ckpt = tmp_path / 'fused.pth'
-    printed = _convert_quiet(det.root, [DET_CONFIG, det.ckpt, fused_ckpt,
-                                        '--cfg-options', *DET_MODEL[:2]])
-    assert f'fused {A0_BLOCKS} blocks' in printed
+    report = _convert(det.root, DET_CONFIG, det.ckpt, fused_ckpt, DET_MODEL[:2])
+    assert f'fused {A0_BLOCKS} blocks' in format_report(report)
 
-    def test(ckpt, name, *extra):
+    def test(ckpt, name, **kwargs):
         return _test_tool(det, DET_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}.pkl',
-                          DET_MODEL, *extra)
+                          DET_MODEL, **kwargs)
 
     plain, _ = test(det.ckpt, 'plain')
-    deploy, deploy_work = test(det.ckpt, 'deploy', '--deploy')
-    fused, _ = test(fused_ckpt, 'fused', '--deploy')
+    deploy, deploy_work = test(det.ckpt, 'deploy', deploy=True)
+    fused, _ = test(fused_ckpt, 'fused', deploy=True)
     print(f'\nFaster R-CNN RepVGG-A0, 2 mini val images: training form {plain}; '
           f'--deploy {deploy}; converted checkpoint --deploy {fused}')
     assert 'coco/bbox_mAP' in plain
@@ -246,18 +285,22 @@ def assert_same_detections(ref, got, score_tol=1e-5, box_tol=1e-2):
 
 
 # ---------------------------------------------------------------------- tools/convert.py
+# The report of a fusion as format_report words it (tools/convert.py prints it, then
+# '; wrote OUTPUT'): blocks, parameters before -> after, the verified probe difference
+# and its verdict (measured against a float64 copy, mmrepvgg.reparam), not a fixed
+# tolerance.
+FUSED_LINE = (r'fused (\d+) blocks; parameters ([\d,]+) -> ([\d,]+); max output '
+              r'difference on a probe input (\S+), within fp32 rounding .*')
+
+
 def test_convert_writes_deploy_checkpoint_atomically_with_meta(seg):
     assert os.listdir(seg.out_dir) == ['fused.pth'], 'temporary files left behind'
-    # Printed: blocks, parameters before -> after, the verified probe difference and its
-    # verdict (measured against a float64 copy, mmrepvgg.reparam), not a fixed tolerance.
-    found = re.search(r'fused (\d+) blocks; parameters ([\d,]+) -> ([\d,]+); max output '
-                      r'difference on a probe input (\S+), within fp32 rounding .*; '
-                      r'wrote (\S+)', seg.printed)
-    assert found, seg.printed
+    found = re.search(FUSED_LINE, format_report(seg.report))
+    assert found, seg.report
     before, after = (int(found.group(i).replace(',', '')) for i in (2, 3))
+    assert (before, after) == (seg.report['params_before'], seg.report['params_after'])
     assert int(found.group(1)) == A0_BLOCKS and after < before
     assert float(found.group(4)) > 0  # a real fp32 comparison was made
-    assert found.group(5) == str(seg.fused)
 
     source, fused = _state(seg.ckpt), _state(seg.fused)
     for key, value in source['meta'].items():  # meta kept...
@@ -304,14 +347,39 @@ def test_convert_refuses_output_equal_to_checkpoint(seg, tmp_path):
     link.symlink_to(seg.ckpt)
     spellings = [seg.ckpt, osp.join(seg.work, '..', seg.work.name, 'iter_1.pth'), link]
     for output in spellings:
-        with pytest.raises(SystemExit) as err:
-            _convert_quiet(seg.root, [SEG_CONFIG, seg.ckpt, output,
-                                      '--cfg-options', *SEG_MODEL])
-        assert 'is the input checkpoint' in str(err.value.code)
+        with pytest.raises(ValueError) as err:  # tools/convert.py: its exit message
+            _convert(seg.root, SEG_CONFIG, seg.ckpt, output, SEG_MODEL)
+        assert 'is the input checkpoint' in str(err.value)
         assert _fingerprint(seg.ckpt) == before
         assert sorted(os.listdir(seg.work)) == listing
-    with pytest.raises(SystemExit, match='is the input checkpoint'):
-        _convert_quiet(seg.root, ['--release', seg.ckpt, seg.ckpt])
+    with pytest.raises(ValueError, match='is the input checkpoint'):
+        _convert_release(seg.root, seg.ckpt, seg.ckpt)
+    assert _fingerprint(seg.ckpt) == before
+
+
+def test_convert_tool_prints_what_it_wrote_and_exits_with_the_error(seg, tmp_path):
+    """tools/convert.py's command line, in processes of its own: the fusion report and
+    the file written on stdout; a refused request as a one-line message, exit status 1."""
+    out = tmp_path / 'fused.pth'
+    before = _fingerprint(seg.ckpt)
+    fused, refused = run_tools(
+        ('convert', SEG_CONFIG, seg.ckpt, out, '--cfg-options', *SEG_MODEL),
+        ('convert', '--release', seg.ckpt, seg.ckpt), cwd=seg.root)
+    assert fused.returncode == 0, (fused.stdout + fused.stderr)[-5000:]
+    found = re.search(FUSED_LINE + r'; wrote (\S+)', fused.stdout)
+    assert found, fused.stdout
+    assert int(found.group(1)) == A0_BLOCKS and found.group(5) == str(out)
+    assert os.listdir(tmp_path) == ['fused.pth']
+    # what the package wrote for the same request (the seg fixture's)
+    got, ref = _state(out)['state_dict'], _state(seg.fused)['state_dict']
+    assert got.keys() == ref.keys()
+    for key, value in ref.items():
+        assert torch.equal(got[key], value), key
+
+    assert refused.returncode == 1, (refused.stdout + refused.stderr)[-5000:]
+    assert refused.stderr.startswith(f'error: output {seg.ckpt} is the input checkpoint'), \
+        refused.stderr
+    assert 'Traceback' not in refused.stderr
     assert _fingerprint(seg.ckpt) == before
 
 
@@ -353,8 +421,9 @@ def test_convert_release_official_layout(tmp_path):
     src, out = tmp_path / 'RepVGG-A0-train.pth', tmp_path / 'converted' / 'a0.pth'
     torch.save(release, src)
 
-    printed = _convert_quiet(tmp_path, ['--release', src, out])
-    assert 'official layout, training form; dropped 2 head keys' in printed
+    info = _convert_release(tmp_path, src, out)
+    # tools/convert.py prints 'official layout, training form; dropped 2 head keys'
+    assert (info['layout'], info['deploy'], len(info['dropped'])) == ('official', False, 2)
     assert os.listdir(out.parent) == ['a0.pth']
     assert _state(out)['meta']['source_layout'] == 'official'
 
@@ -379,13 +448,13 @@ def _resume_source(seg, tmp_path):
 def test_train_resume_continues_from_the_checkpoint(seg, tmp_path, explicit):
     if explicit:
         work = tmp_path / 'fresh'
-        resume = ['--resume', seg.ckpt]
+        resume = seg.ckpt
     else:
         work = _resume_source(seg, tmp_path)
-        resume = ['--resume']
+        resume = 'auto'  # tools/train.py --resume without a path
     before = _fingerprint(seg.ckpt)
-    _run(train_main, seg.root, [SEG_CONFIG, '--mini', '--work-dir', work, *resume],
-         TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=resume,
+         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
     assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
     log = _log_text(work)
     assert 'resumed epoch: 0, iter: 1' in log
@@ -396,7 +465,7 @@ def test_train_resume_continues_from_the_checkpoint(seg, tmp_path, explicit):
 def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
     import mmengine.device
 
-    import tools.train as train_tool
+    from mmrepvgg.apis import runner
     seen = []
 
     class FakeRunner:
@@ -406,19 +475,23 @@ def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
         def train(self):
             pass
 
-    monkeypatch.setattr(train_tool, 'build_runner', FakeRunner)
-    base = [SEG_CONFIG, '--mini', '--work-dir', 'w', '--cfg-options',
-            'model.backbone.arch=A0', 'train_dataloader.batch_size=2']
+    monkeypatch.setattr(runner, 'build_runner', FakeRunner)
+    options = ['model.backbone.arch=A0', 'train_dataloader.batch_size=2']
+
+    def train(*more_options, **kwargs):
+        apis.train(SEG_CONFIG, mini=True, work_dir='w',
+                   cfg_options=_options(options + list(more_options)), **kwargs)
+
     with _cwd(mini_root):
         for device in ('cpu', 'cuda'):  # --amp depends on where the Runner will train
             with monkeypatch.context() as patch:
                 patch.setattr(mmengine.device, 'get_device', lambda: device)
-                train_tool.main(base + ['--amp'])
+                train(amp=True)
                 with pytest.raises(SystemExit, match="not 'ApexOptimWrapper'"):
-                    train_tool.main(base + ['optim_wrapper.type=ApexOptimWrapper', '--amp'])
-        train_tool.main(base)
-        train_tool.main(base + ['--resume'])
-        train_tool.main(base + ['--resume', 'w/iter_3.pth'])
+                    train('optim_wrapper.type=ApexOptimWrapper', amp=True)
+        train()
+        train(resume='auto')
+        train(resume='w/iter_3.pth')
     amp_cpu, amp_cuda, plain, auto, path = seen
     # CPU: bfloat16 autocast, no loss scale; CUDA: mmengine's float16 AMP, dynamic scale
     assert amp_cpu.optim_wrapper.type == 'mmrepvgg.CPUAmpOptimWrapper'
@@ -435,8 +508,7 @@ def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
     assert not plain.get('resume', False)
     assert auto.resume is True and auto.load_from is None
     assert path.resume is True and path.load_from == 'w/iter_3.pth'
-    args = train_parse_args([SEG_CONFIG, '--resume'])
-    assert args.resume == 'auto'
+    # tools/train.py's --resume without a path is resume='auto': see the next test
 
 
 PLUGINLESS_CONFIG = """\
@@ -452,19 +524,25 @@ model = dict(
 
 
 def test_train_config_without_custom_imports(mini_root, tmp_path):
+    """tools/train.py in a fresh interpreter, where nothing but the tool itself imports
+    mmrepvgg; its --resume given without a path resumes from the work dir's latest
+    checkpoint (none in a new work dir: the run starts afresh)."""
     config = tmp_path / 'pspnet_repvgg_a0_no_imports.py'
     config.write_text(PLUGINLESS_CONFIG)
     assert 'custom_imports' not in Config.fromfile(str(config))
     work = tmp_path / 'work'
-    # A fresh interpreter: nothing but the tool itself imports mmrepvgg.
     proc = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'train.py'), str(config), '--mini',
-         '--work-dir', str(work), '--cfg-options', *TRAIN],
+         '--work-dir', str(work), '--resume', '--cfg-options', *TRAIN],
         cwd=str(mini_root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     state = _state(work / 'iter_1.pth')['state_dict']
     assert 'backbone.stage1.0.dense.conv.weight' in state
     assert state['backbone.stage4.0.dense.conv.weight'].shape[0] == 1280
+    # --resume alone parsed as 'auto': resume from the work dir, no checkpoint named
+    dumped = Config.fromfile(str(work / config.name))
+    assert dumped.resume is True and dumped.load_from is None
+    assert 'Auto resumed from the latest checkpoint None' in _log_text(work)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -476,34 +554,34 @@ def test_test_missing_and_corrupt_checkpoints(seg, tmp_path):
     work = tmp_path / 'work'
     missing = tmp_path / 'missing.pth'
     with pytest.raises(SystemExit, match='not found'):
-        _run(tool_test_main, seg.root,
-             [SEG_CONFIG, missing, '--mini', '--work-dir', work, '--deploy'], SEG_MODEL)
+        _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work, deploy=True,
+             options=SEG_MODEL)
     _assert_untouched(work)
     assert not missing.exists()
 
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     before = _fingerprint(corrupt)
-    for extra in ([], ['--deploy']):
+    for deploy in (False, True):
         with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
-            _run(tool_test_main, seg.root,
-                 [SEG_CONFIG, corrupt, '--mini', '--work-dir', work, *extra], SEG_MODEL)
+            _run(apis.test, seg.root, SEG_CONFIG, corrupt, mini=True, work_dir=work,
+                 deploy=deploy, options=SEG_MODEL)
         _assert_untouched(work)
     assert _fingerprint(corrupt) == before
 
 
 def test_convert_missing_and_corrupt_checkpoints(seg, tmp_path):
     out = tmp_path / 'out' / 'fused.pth'
-    with pytest.raises(SystemExit, match='not found'):
-        _convert_quiet(seg.root, [SEG_CONFIG, tmp_path / 'missing.pth', out,
-                                  '--cfg-options', *SEG_MODEL])
+    # tools/convert.py ends with these errors' messages
+    with pytest.raises(FileNotFoundError, match='not found'):
+        _convert(seg.root, SEG_CONFIG, tmp_path / 'missing.pth', out, SEG_MODEL)
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(np.random.default_rng(1).bytes(4096))
     before = _fingerprint(corrupt)
-    with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
-        _convert_quiet(seg.root, [SEG_CONFIG, corrupt, out, '--cfg-options', *SEG_MODEL])
-    with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
-        _convert_quiet(seg.root, ['--release', corrupt, out])
+    with pytest.raises(ValueError, match='not a valid PyTorch checkpoint'):
+        _convert(seg.root, SEG_CONFIG, corrupt, out, SEG_MODEL)
+    with pytest.raises(ValueError, match='not a valid PyTorch checkpoint'):
+        _convert_release(seg.root, corrupt, out)
     assert _fingerprint(corrupt) == before
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ['corrupt.pth']
 
@@ -512,8 +590,8 @@ def test_deploy_checkpoint_without_deploy_flag_is_refused(seg, tmp_path):
     work = tmp_path / 'work'
     before = _fingerprint(seg.fused)
     with pytest.raises(SystemExit) as err:
-        _run(tool_test_main, seg.root,
-             [SEG_CONFIG, seg.fused, '--mini', '--work-dir', work], TEST + SEG_MODEL)
+        _run(apis.test, seg.root, SEG_CONFIG, seg.fused, mini=True, work_dir=work,
+             options=TEST + SEG_MODEL)
     assert '--deploy' in str(err.value.code)
     _assert_untouched(work)
     assert _fingerprint(seg.fused) == before
@@ -528,16 +606,15 @@ def test_deploy_with_nothing_to_fuse_warns(mini_root, tmp_path):
                ckpt)
     del model
     work = tmp_path / 'work'
-    metrics = _run(tool_test_main, mini_root,
-                   [R50_CONFIG, ckpt, '--mini', '--work-dir', work, '--deploy'],
-                   ['test_dataloader.dataset.indices=1'])
+    metrics = _run(apis.test, mini_root, R50_CONFIG, ckpt, mini=True, work_dir=work,
+                   deploy=True, options=['test_dataloader.dataset.indices=1'])
     assert 'aAcc' in metrics and 'mIoU' in metrics
     log = _log_text(work)
     assert 'WARNING - ReparamHook: nothing to fuse' in log
 
     out = tmp_path / 'r50_fused.pth'
-    with pytest.raises(SystemExit, match='nothing to fuse'):
-        _convert_quiet(mini_root, [R50_CONFIG, ckpt, out, '--no-probe'])
+    with pytest.raises(ValueError, match='nothing to fuse'):  # tools/convert.py: its exit
+        _convert(mini_root, R50_CONFIG, ckpt, out, probe=False)
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
 
@@ -550,20 +627,20 @@ def test_deploy_scores_the_fused_ema_weights_of_a_pspnet(mini_root, tmp_path):
     config = tmp_path / 'pspnet_ema.py'
     config.write_text(f'_base_ = {SEG_CONFIG!r}\n'
                       "custom_hooks = [dict(type='EMAHook', momentum=0.5)]\n")
-    _run(train_main, mini_root, [config, '--mini', '--work-dir', work],
-         TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    _run(apis.train, mini_root, config, mini=True, work_dir=work,
+         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
     ckpt = work / 'iter_2.pth'
     assert 'ema_state_dict' in _state(ckpt)
 
-    def test(name, options=(), *extra):
+    def test(name, options=(), **kwargs):
         return _test_tool(SimpleNamespace(root=mini_root), config, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', SEG_MODEL + list(options), *extra)[0]
+                          tmp_path / f'{name}_maps', SEG_MODEL + list(options), **kwargs)[0]
 
     plain = test('plain')
     reference = _seg_maps(tmp_path / 'plain_maps')
     for priority in ('HIGHEST', 'NORMAL', 'LOW'):
         name = f'deploy_{priority}'
-        deploy = test(name, [f'custom_hooks.0.priority={priority}'], '--deploy')
+        deploy = test(name, [f'custom_hooks.0.priority={priority}'], deploy=True)
         assert_same_segmentation(reference, _seg_maps(tmp_path / f'{name}_maps'),
                                  plain, deploy)
         assert 'ReparamHook: fused the EMA model too' in _log_text(tmp_path / name)
@@ -579,9 +656,8 @@ def test_show_dir_draws_every_test_image(kind, request, tmp_path):
                      if kind == 'seg' else (DET_CONFIG, DET_MODEL))
     model = model + [f'visualizer.name=vis_{uuid.uuid4().hex[:8]}']
     work, show = tmp_path / 'work', tmp_path / 'drawn'
-    _run(tool_test_main, fixture.root,
-         [config, fixture.ckpt, '--mini', '--deploy', '--work-dir', work,
-          '--show-dir', show], TEST + model)
+    _run(apis.test, fixture.root, config, fixture.ckpt, mini=True, deploy=True,
+         work_dir=work, show_dir=show, options=TEST + model)
     # mmdet draws into work_dir/<timestamp>/<show-dir>, mmseg into <show-dir>/vis_data.
     drawn = glob.glob(str(tmp_path / '**' / '*.png'), recursive=True) + glob.glob(
         str(tmp_path / '**' / '*.jpg'), recursive=True)

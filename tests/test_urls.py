@@ -1,7 +1,8 @@
 """Checkpoints given as URLs, served by a loopback HTTP server the tests start.
 
-tools/test.py (with and without --deploy), tools/convert.py (fuse and --release),
-tools/train.py --resume and the backbone's Pretrained init each take a URL, download it
+What tools/test.py (with and without --deploy), tools/convert.py (fuse and --release),
+tools/train.py --resume (mmrepvgg.apis, mmrepvgg.checkpoint.convert) and the backbone's
+Pretrained init run each take a URL, download it
 once (the server counts the GET requests) and read it with weights_only loading; a
 missing URL or an unsupported scheme is a clear error. Every test points TORCH_HOME
 (torch's and mmengine's download cache) and MMENGINE_HOME at its own tmp folders, so
@@ -24,17 +25,17 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from mmrepvgg import apis
+from mmrepvgg.apis.config import apply_mini
+from mmrepvgg.apis.deploy import export
 from mmrepvgg.checkpoint import imagenet_checkpoint
-from mmrepvgg.fetch import CheckpointDownloadError, load_file
-from mmrepvgg.engine.cli import apply_mini
+from mmrepvgg.checkpoint.fetch import CheckpointDownloadError, load_file
 from mmrepvgg.models import RepVGG
+from mmrepvgg.reparam import format_report
 from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_model
-from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert_quiet,
-                        _log_text, _run, _seg_maps, _state, _test_tool,
+from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert,
+                        _convert_release, _log_text, _run, _seg_maps, _state, _test_tool,
                         assert_same_segmentation)
-from tools.export import main as export_main
-from tools.test import main as tool_test_main
-from tools.train import main as train_main
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -124,9 +125,9 @@ def release(randomize, tmp_path):
 def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeypatch):
     url = server.serve(seg.ckpt, 'iter_1.pth')
 
-    def test(ckpt, name, *extra):
+    def test(ckpt, name, **kwargs):
         return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
-                          SEG_MODEL, *extra)
+                          SEG_MODEL, **kwargs)
 
     plain, plain_work = test(url, 'plain')
     # one download serves both the form check and the runner, which reads the cached
@@ -138,7 +139,7 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
     assert plain['aAcc'] > 0
 
     server.cache = _fresh_cache(monkeypatch, tmp_path / 'torch_home_deploy')
-    deploy, deploy_work = test(url, 'deploy', '--deploy')
+    deploy, deploy_work = test(url, 'deploy', deploy=True)
     assert server.gets == ['/iter_1.pth'] * 2  # once more, into the fresh cache
     log = _log_text(deploy_work)
     assert f'Load checkpoint from {server.cache / "iter_1.pth"}' in log
@@ -150,8 +151,8 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
 def test_export_by_url_reads_the_file_once(seg, server, tmp_path):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     out = tmp_path / 'backbone.onnx'
-    report = _run(export_main, seg.root, [SEG_CONFIG, url, out, '--mini', '--part',
-                                          'backbone'], SEG_MODEL)
+    report = _run(export, seg.root, SEG_CONFIG, url, out, mini=True, part='backbone',
+                  options=SEG_MODEL)
     assert server.gets == ['/iter_1.pth'] and out.is_file()
     assert report['fusion']['blocks'] == A0_BLOCKS and report['parity']['within']
 
@@ -167,8 +168,7 @@ def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path)
         load_file(url)
     work = tmp_path / 'work'
     with pytest.raises(SystemExit, match='refusing to load'):
-        _run(tool_test_main, seg.root, [SEG_CONFIG, url, '--mini', '--work-dir', work],
-             SEG_MODEL)
+        _run(apis.test, seg.root, SEG_CONFIG, url, mini=True, work_dir=work, options=SEG_MODEL)
     assert not work.exists()
 
 
@@ -176,8 +176,8 @@ def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path)
 def test_convert_by_url(seg, server, release, tmp_path):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     fused = tmp_path / 'fused.pth'
-    printed = _convert_quiet(seg.root, [SEG_CONFIG, url, fused, '--cfg-options', *SEG_MODEL])
-    assert f'fused {A0_BLOCKS} blocks' in printed
+    report = _convert(seg.root, SEG_CONFIG, url, fused, SEG_MODEL)
+    assert f'fused {A0_BLOCKS} blocks' in format_report(report)  # what tools/convert.py prints
     assert server.gets == ['/iter_1.pth']
     got, ref = _state(fused), _state(seg.fused)  # seg.fused: converted from the local file
     assert got['meta']['source_checkpoint'] == url
@@ -188,8 +188,9 @@ def test_convert_by_url(seg, server, release, tmp_path):
     source, path = release
     release_url = server.serve(path, path.name)
     out = tmp_path / 'converted.pth'
-    printed = _convert_quiet(tmp_path, ['--release', release_url, out])
-    assert 'mmpretrain layout, training form; dropped 2 head keys' in printed
+    info = _convert_release(tmp_path, release_url, out)
+    # tools/convert.py prints 'mmpretrain layout, training form; dropped 2 head keys'
+    assert (info['layout'], info['deploy'], len(info['dropped'])) == ('mmpretrain', False, 2)
     assert server.gets == ['/iter_1.pth', f'/{path.name}']
     state = _state(out)['state_dict']
     assert state.keys() == source.state_dict().keys()
@@ -225,8 +226,8 @@ def test_pretrained_init_by_url_and_model_zoo_name(server, release):
 def test_resume_by_url(seg, server, tmp_path):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     work = tmp_path / 'work'
-    _run(train_main, seg.root, [SEG_CONFIG, '--mini', '--work-dir', work, '--resume', url],
-         TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=url,
+         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
     assert server.gets == ['/iter_1.pth']
     assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
     log = _log_text(work)
@@ -241,21 +242,22 @@ def test_resume_by_url(seg, server, tmp_path):
 def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
     missing = server.url('missing/iter_4.pth')
     work = tmp_path / 'work'
-    for extra in ([], ['--deploy']):
+    for deploy in (False, True):
         with pytest.raises(SystemExit) as err:
-            _run(tool_test_main, seg.root,
-                 [SEG_CONFIG, missing, '--mini', '--work-dir', work, *extra], SEG_MODEL)
+            _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
+                 deploy=deploy, options=SEG_MODEL)
         message = str(err.value.code)
         assert missing in message and 'HTTP 404' in message, message
         assert 'Traceback' not in message
-    with pytest.raises(SystemExit, match=r'could not download .*missing/iter_4\.pth.*404'):
-        _convert_quiet(seg.root, [SEG_CONFIG, missing, tmp_path / 'out.pth',
-                                  '--cfg-options', *SEG_MODEL])
+    # what tools/convert.py exits with
+    with pytest.raises(CheckpointDownloadError,
+                       match=r'could not download .*missing/iter_4\.pth.*404'):
+        _convert(seg.root, SEG_CONFIG, missing, tmp_path / 'out.pth', SEG_MODEL)
+    with pytest.raises(CheckpointDownloadError, match='HTTP 404'):
+        _convert_release(seg.root, missing, tmp_path / 'out.pth')
     with pytest.raises(SystemExit, match='HTTP 404'):
-        _convert_quiet(seg.root, ['--release', missing, tmp_path / 'out.pth'])
-    with pytest.raises(SystemExit, match='HTTP 404'):
-        _run(train_main, seg.root,
-             [SEG_CONFIG, '--mini', '--work-dir', work, '--resume', missing], SEG_MODEL)
+        _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=missing,
+             options=SEG_MODEL)
 
     model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=missing))
     with pytest.raises(CheckpointDownloadError) as err:
@@ -267,8 +269,8 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
     for bad, expected in [('ftp://127.0.0.1/iter_1.pth', 'unsupported checkpoint location'),
                           ('open-mmlab://no_such_model', 'unknown model name')]:
         with pytest.raises(SystemExit, match=expected) as err:
-            _run(tool_test_main, seg.root,
-                 [SEG_CONFIG, bad, '--mini', '--work-dir', work], SEG_MODEL)
+            _run(apis.test, seg.root, SEG_CONFIG, bad, mini=True, work_dir=work,
+                 options=SEG_MODEL)
         assert bad in str(err.value.code)
 
     assert len(server.gets) == 6 and set(server.gets) == {'/missing/iter_4.pth'}
@@ -286,7 +288,7 @@ def test_bundled_configs_start_from_hosted_weights_but_mini_downloads_nothing(co
     cfg = Config.fromfile(config)
     backbone = cfg.model.backbone
     assert backbone.init_cfg.checkpoint == imagenet_checkpoint(backbone.arch)
-    apply_mini(cfg, osp.join(ROOT, 'configs', '_base_', 'mini'))
+    apply_mini(cfg)
     assert cfg.model.backbone.init_cfg is None
 
 
@@ -391,7 +393,7 @@ def test_processes_sharing_a_cache_download_once(server, tmp_path):
     state = _weights_file(tmp_path / 'w.pth', megabytes=1)
     url = server.serve(tmp_path / 'w.pth', 'weights.pth')
     server.delay = 2.0
-    env = dict(os.environ, PYTHONPATH=ROOT)  # TORCH_HOME: the test's own cache
+    env = dict(os.environ)  # TORCH_HOME: the test's own cache
     procs = [subprocess.Popen([sys.executable, '-c', LOAD_IN_A_PROCESS, url], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(2)]

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.deploy import winograd_kernel
-from mmrepvgg.deploy.gemm_conv import GemmConv2d
+from mmrepvgg.ops import winograd_kernel
+from mmrepvgg.ops.gemm_conv import GemmConv2d
+from mmrepvgg.ops.winograd import (MIN_CHANNELS_PER_GROUP, TILES, WinogradConv2d, auto_tile,
+                                   convert_to_winograd, tile_products, transform_matrices,
+                                   winograd_pays, winograd_unsupported_reason)
 from mmrepvgg.reparam import rounding_errors
-from mmrepvgg.deploy.winograd import (MIN_CHANNELS_PER_GROUP, TILES, WinogradConv2d,
-                                      auto_tile, convert_to_winograd, tile_products,
-                                      transform_matrices, winograd_pays,
-                                      winograd_unsupported_reason)
+from test_tools import run_tools
 
 
 def error_growth(tile):
@@ -215,20 +215,21 @@ def test_matches_functional_conv_on_odd_channel_counts():
     assert torch.allclose(WinogradConv2d(conv, 4)(x), expected, atol=1e-10)
 
 
-def test_check_tool_reports_each_tile_against_the_direct_convs(capsys):
-    from tools.check_winograd import main
-    assert main(['--archs', 'A0', '--tiles', '2', '6', 'auto', '--batch', '1',
-                 '--size', '32']) == 0
-    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines()[2:]]
+def test_check_tool_reports_each_tile_against_the_direct_convs():
+    """tools/check_winograd.py (its check lives in the tool), in processes of its own."""
+    small = ['--archs', 'A0', '--batch', '1', '--size', '32']
+    passed, failed = run_tools(('check_winograd', *small, '--tiles', '2', '6', 'auto'),
+                               ('check_winograd', *small, '--tiles', '6', '--limit', '1e-12'))
+    assert passed.returncode == 0, (passed.stdout + passed.stderr)[-5000:]
+    rows = [line.split(' | ') for line in passed.stdout.splitlines()[2:]]
     assert [(r[1], r[2]) for r in rows] == [('2', '17'), ('6', '17'), ('auto', '17')]
     # within the default limit 1e-4 of the direct convs; not 0: other arithmetic
     assert all(0 < float(r[3]) <= 1e-4 for r in rows)
-    assert main(['--archs', 'A0', '--tiles', '6', '--batch', '1', '--size', '32',
-                 '--limit', '1e-12']) == 1
-    assert 'A0 tile 6' in capsys.readouterr().err
+    assert failed.returncode == 1, (failed.stdout + failed.stderr)[-5000:]
+    assert 'A0 tile 6' in failed.stderr
 
 
-# -- the C++ kernel (mmrepvgg.deploy.winograd_kernel): what WinogradConv2d calls on CPU
+# -- the C++ kernel (mmrepvgg.ops.winograd_kernel): what WinogradConv2d calls on CPU
 # float32. Built for this machine by the bootstrap; the tests need it built.
 def _kernel_module(in_channels, out_channels, tile, groups=1, bias=True, relu=False):
     module = WinogradConv2d(_conv(in_channels, out_channels, groups, bias,
@@ -308,8 +309,8 @@ def test_conversion_moves_a_blocks_relu_into_its_conv(randomize):
 FALLBACK = """
 import sys, torch
 from torch import nn
-from mmrepvgg.deploy import winograd_kernel
-from mmrepvgg.deploy.winograd import WinogradConv2d
+from mmrepvgg.ops import winograd_kernel
+from mmrepvgg.ops.winograd import WinogradConv2d
 torch.manual_seed(0)
 conv = nn.Conv2d(8, 8, 3, padding=1).eval()
 module = WinogradConv2d(conv, 4)

@@ -141,7 +141,7 @@ fi
 # Built for this CPU (-march=native) into torch's extension cache; rebuilt when its source
 # changes. Without a C++ compiler Winograd convs fall back to torch ops (slower).
 step "build the C++ Winograd kernel"
-"$VENV/bin/python" -c 'import sys; from mmrepvgg.deploy.winograd_kernel import main; sys.exit(main())' \
+"$VENV/bin/python" -c 'import sys; from mmrepvgg.ops.winograd_kernel import main; sys.exit(main())' \
   || echo "[bootstrap] warning: the Winograd kernel did not build; Winograd convs will use torch ops" >&2
 
 step "check the stack imports"

@@ -18,16 +18,13 @@ its largest output (``mmrepvgg.reparam.fusion_errors``):
 Exits with status 1 if a variant fails the check.
 """
 import argparse
-import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from mmrepvgg import RepVGG  # noqa: E402
-from mmrepvgg.models import ARCH_SETTINGS, BLOCKS  # noqa: E402
-from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact,  # noqa: E402
+from mmrepvgg import RepVGG
+from mmrepvgg.models import ARCH_SETTINGS, BLOCKS
+from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact,
                               count_parameters, fusion_errors, randomize_norm_stats)
 
 

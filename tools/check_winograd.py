@@ -6,7 +6,7 @@ Winograd convs is from the same network with direct convs.
 
 The network is the fused backbone (batch norms with random statistics first, all four
 stages' outputs); every conv Winograd can compute is replaced (``auto``: those where it
-pays, each with its own tile; see ``mmrepvgg.deploy.winograd``). Columns, each the
+pays, each with its own tile; see ``mmrepvgg.ops.winograd``). Columns, each the
 largest absolute difference over the largest output:
 
 * vs direct: against the direct-conv fused network in fp32 (what a user compares);
@@ -19,18 +19,15 @@ the direct convs.
 """
 import argparse
 import copy
-import os.path as osp
 import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+import torch
 
-import torch  # noqa: E402
-
-from mmrepvgg import RepVGG, reparameterize  # noqa: E402
-from mmrepvgg.deploy.export import relative_difference  # noqa: E402
-from mmrepvgg.deploy.winograd import TILES, convert_to_winograd  # noqa: E402
-from mmrepvgg.models import ARCH_SETTINGS  # noqa: E402
-from mmrepvgg.reparam import flatten_outputs, randomize_norm_stats  # noqa: E402
+from mmrepvgg import RepVGG, reparameterize
+from mmrepvgg.numerics import flatten_outputs, output_error
+from mmrepvgg.ops.winograd import TILES, convert_to_winograd
+from mmrepvgg.models import ARCH_SETTINGS
+from mmrepvgg.reparam import randomize_norm_stats
 
 
 @torch.no_grad()
@@ -39,14 +36,14 @@ def check(arch, tiles, x, seed):
     model = reparameterize(randomize_norm_stats(RepVGG(arch), seed).eval())
     direct = flatten_outputs(model(x))
     reference = flatten_outputs(copy.deepcopy(model).double()(x.double()))
-    direct_error = relative_difference(direct, reference)
+    direct_error = output_error(direct, reference).relative
     rows = []
     for tile in tiles:
         winograd = copy.deepcopy(model)
         replaced = convert_to_winograd(winograd, tile, x)
         out = flatten_outputs(winograd(x))
-        rows.append((tile, replaced, relative_difference(out, direct),
-                     relative_difference(out, reference), direct_error))
+        rows.append((tile, replaced, output_error(out, direct).relative,
+                     output_error(out, reference).relative, direct_error))
     return rows
 
 

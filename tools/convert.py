@@ -7,16 +7,11 @@
 CHECKPOINT and RELEASE may be URLs (downloaded once into torch's cache, as mmengine does).
 """
 import argparse
-import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout
+from mmengine.config import DictAction
 
-import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
-from mmengine.config import DictAction  # noqa: E402
-
-from mmrepvgg.convert import convert_release, fuse_checkpoint  # noqa: E402
-from mmrepvgg.engine.hooks import format_report  # noqa: E402
+from mmrepvgg.checkpoint.convert import convert_release, fuse_checkpoint
+from mmrepvgg.reparam import format_report
 
 
 def parse_args(argv=None):

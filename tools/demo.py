@@ -18,8 +18,6 @@ import sys
 import time
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
-
 CONFIG = osp.join(REPO, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
 DATA = osp.join('data', 'mini_cityscapes')
 RUNNER_TYPE = 'RepVGGDemoRunner'
@@ -95,19 +93,19 @@ def phase(title: str, demo_log: str):
     print(f'{out["result"]} in {out["seconds"]:.0f} s', flush=True)
 
 
-def runner_options(seed: int) -> list:
-    return [f'runner_type={RUNNER_TYPE}', f'randomness.seed={seed}']
+def runner_options(seed: int) -> dict:
+    return {'runner_type': RUNNER_TYPE, 'randomness.seed': seed}
 
 
 def evaluate(name: str, checkpoint: str, work_dir: str, seed: int,
              deploy: bool = False) -> dict:
     from mmengine.logging import MessageHub
 
-    from tools import test as test_tool
+    from mmrepvgg.apis import test
     # A name of its own keeps each run's message hub (and its timings) apart.
-    argv = [CONFIG, checkpoint, '--mini', '--work-dir', work_dir,
-            '--cfg-options', f'experiment_name=demo_{name}'] + runner_options(seed)
-    metrics = test_tool.main(argv + (['--deploy'] if deploy else []))
+    options = dict(runner_options(seed), experiment_name=f'demo_{name}')
+    metrics = test(CONFIG, checkpoint, deploy=deploy, work_dir=work_dir,
+                   cfg_options=options, mini=True)
     # IterTimerHook's per-image (batch 1) test times, first one dropped as warm-up.
     times = MessageHub.get_current_instance().get_scalar('test/time').data[0][1:]
     metrics['ms_per_image'] = 1000 * float(times.mean()) if len(times) else float('nan')
@@ -146,10 +144,10 @@ def main(argv=None):
     from mmengine.logging import MessageHub, MMLogger
     from mmengine.runner import set_random_seed
 
-    from mmrepvgg.convert import build_model_from_config
+    from mmrepvgg.apis import train
+    from mmrepvgg.checkpoint.convert import build_model_from_config
     from mmrepvgg.fileio import save_atomic
-    from tools import train as train_tool
-    from tools.make_mini_data import make_cityscapes
+    from mmrepvgg.testing import make_cityscapes
     register_runner()
     # the current logger until the first runner starts (init_weights writes its report there)
     quiet_console(MMLogger.get_instance('mmrepvgg_demo', log_level='INFO')).addHandler(
@@ -170,12 +168,11 @@ def main(argv=None):
         model.init_weights()
         save_atomic(dict(state_dict=model.state_dict()), untrained)
 
-    schedule = [f'train_cfg.max_iters={args.iters}', f'train_cfg.val_interval={args.iters}',
-                f'param_scheduler.0.end={args.iters}',
-                f'default_hooks.checkpoint.interval={args.iters}']
+    schedule = {'train_cfg.max_iters': args.iters, 'train_cfg.val_interval': args.iters,
+                'param_scheduler.0.end': args.iters,
+                'default_hooks.checkpoint.interval': args.iters}
     with phase(f'training {args.iters} iterations (seed {args.seed})', demo_log) as training:
-        train_tool.main([CONFIG, '--mini', '--work-dir', args.work_dir, '--cfg-options']
-                        + schedule + runner_options(args.seed))
+        train(CONFIG, args.work_dir, dict(schedule, **runner_options(args.seed)), mini=True)
         loss = MessageHub.get_current_instance().get_scalar('train/loss').current()
         training['result'] = f'final loss {loss:.3f}, done'
     trained = osp.join(args.work_dir, f'iter_{args.iters}.pth')

@@ -19,19 +19,13 @@ the same torch loads in seconds (tools/test.py CONFIG OUTPUT.pt2 --backend aoti)
 takes exactly the --batch/--shape it was compiled for.
 """
 import argparse
-import os.path as osp
-import sys
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
+from mmengine.config import DictAction
 
-import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
-from mmrepvgg.deploy import (DEFAULT_OPSET, FORMATS, PARTS, ExportFailure,  # noqa: E402
-                             config_input_shape, export_model)
-from mmrepvgg.deploy.winograd import MIN_CHANNELS_PER_GROUP, TILES  # noqa: E402
-from mmengine.config import DictAction  # noqa: E402
-from mmrepvgg.engine.cli import load_config  # noqa: E402
-from mmrepvgg.engine.hooks import format_report  # noqa: E402
+from mmrepvgg.apis.deploy import export
+from mmrepvgg.deploy import DEFAULT_OPSET, FORMATS, PARTS
+from mmrepvgg.ops.winograd import MIN_CHANNELS_PER_GROUP, TILES
+from mmrepvgg.reparam import format_report
 
 
 def parse_args(argv=None):
@@ -65,33 +59,15 @@ def parse_args(argv=None):
                         help='override config entries, as in tools/test.py')
     parser.add_argument('--mini', action='store_true',
                         help='take the default --shape from the mini-data test pipeline')
-    parser.set_defaults(launcher='none', work_dir=None, local_rank=0)  # for load_config
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    suffix = FORMATS[args.format]
-    if not args.output.endswith(suffix):
-        raise SystemExit(f'OUTPUT of --format {args.format} must end with {suffix}, got '
-                         f'{args.output}')
-    winograd = args.winograd
-    if winograd is not None and winograd != 'auto':
-        if not winograd.isdigit() or int(winograd) not in TILES:
-            raise SystemExit(f'--winograd takes a tile of {", ".join(map(str, TILES))} or '
-                             f'auto, got {winograd!r}')
-        winograd = int(winograd)
-    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
-    shape = args.shape or config_input_shape(cfg)
-    if shape is None:
-        raise SystemExit('the config\'s test pipeline gives no image size: pass --shape H W')
-    try:
-        report = export_model(args.config, args.checkpoint, args.output, shape, args.batch,
-                              args.dynamic, args.opset, args.part, args.cfg_options,
-                              check=not args.no_check, format=args.format,
-                              winograd=winograd)
-    except (OSError, ValueError, KeyError, ExportFailure) as err:
-        raise SystemExit(f'error: {err}')
+    report = export(args.config, args.checkpoint, args.output, args.format, args.winograd,
+                    args.shape, args.batch, args.dynamic, args.opset, args.part,
+                    not args.no_check, args.cfg_options, args.mini)
+    shape = report['shape']
     if report['fusion'] is not None:
         print(f'[export] {format_report(report["fusion"])}')
     shown = 'x'.join('N' if d is None and i == 0 else ('?' if d is None else str(d))

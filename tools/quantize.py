@@ -16,19 +16,12 @@ Evaluate the result like any exported model:
   python tools/test.py CONFIG OUTPUT.onnx --backend onnxruntime   (or openvino)
 """
 import argparse
-import os.path as osp
-import sys
-import tempfile
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
+from mmengine.config import DictAction
 
-import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
-from mmengine.config import DictAction  # noqa: E402
-from mmrepvgg.deploy import (PARTS, ExportFailure, config_input_shape,  # noqa: E402
-                             export_model)
-from mmrepvgg.deploy.quantize import METHODS, calibration_inputs, quantize_onnx  # noqa: E402
-from mmrepvgg.engine.cli import load_config, scope_of  # noqa: E402
+from mmrepvgg.apis.deploy import quantize
+from mmrepvgg.deploy import PARTS
+from mmrepvgg.deploy.quantize import METHODS
 
 
 def parse_args(argv=None):
@@ -60,42 +53,16 @@ def parse_args(argv=None):
                         help='override config entries, as in tools/test.py')
     parser.add_argument('--mini', action='store_true',
                         help='calibrate on the synthetic mini dataset (as tools/test.py)')
-    parser.set_defaults(launcher='none', work_dir=None, local_rank=0)  # for load_config
     return parser.parse_args(argv)
-
-
-def quantize(args, onnx_file, images):
-    return quantize_onnx(onnx_file, args.output, images, args.method,
-                         per_channel=not args.per_tensor, reduce_range=args.reduce_range,
-                         info=dict(config=osp.basename(args.config), split=args.split))
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
-    try:
-        images = calibration_inputs(cfg, args.calib, args.split)
-        if args.model.endswith('.onnx'):
-            report = quantize(args, args.model, images)
-        else:  # a checkpoint: exported beside the output, removed once quantized
-            shape = args.shape or config_input_shape(cfg)
-            if shape is None:
-                raise SystemExit('the config\'s test pipeline gives no image size: pass '
-                                 '--shape H W')
-            with tempfile.TemporaryDirectory(dir=osp.dirname(osp.abspath(args.output)),
-                                             prefix='.export-') as folder:
-                onnx_file = osp.join(folder, 'fp32.onnx')
-                # a detector's test images differ in size: its export takes any size
-                dynamic = args.dynamic or scope_of(cfg) == 'mmdet'
-                export_model(args.config, args.model, onnx_file, shape, 1, dynamic,
-                             part=args.part, cfg_options=args.cfg_options)
-                print(f'[quantize] exported {args.model} ({args.part}, input 1x3x{shape[0]}x'
-                      f'{shape[1]}{", dynamic" if dynamic else ""}) to quantize it')
-                report = quantize(args, onnx_file, images)
-    except (OSError, ValueError, ExportFailure) as err:
-        raise SystemExit(f'error: {err}')
-    shape = 'x'.join(map(str, images[0].shape[1:]))
-    print(f'[quantize] calibrated on {len(images)} {args.split} images ({shape}), '
+    report = quantize(args.config, args.model, args.output, args.calib, args.method,
+                      args.split, not args.per_tensor, args.reduce_range, args.part,
+                      args.dynamic, args.shape, args.cfg_options, args.mini)
+    images = report['images']
+    print(f'[quantize] calibrated on {images["count"]} {args.split} images ({images["size"]}), '
           f'{args.method}; weights {report["settings"]["weights"]}, activations uint8 per '
           f'tensor')
     print('[quantize] quantized ops: ' + ', '.join(f'{k} {v}' for k, v in

@@ -1,14 +1,8 @@
 """Train any mmdet/mmseg config; the plugin is imported, so mmrepvgg types resolve."""
 import argparse
-import os.path as osp
-import sys
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout
-
-import mmrepvgg  # noqa: E402,F401  registers the plugin's modules
-from mmrepvgg.engine.cli import (add_common_args, apply_train_args,  # noqa: E402
-                                 build_runner, finish_distributed, load_config)
+from mmrepvgg.apis import train
+from mmrepvgg.apis.config import add_runner_args
 
 
 def parse_args(argv=None):
@@ -21,16 +15,14 @@ def parse_args(argv=None):
         '--resume', nargs='?', const='auto', metavar='CHECKPOINT',
         help='resume from CHECKPOINT, or from the latest checkpoint in the work dir '
              'when no path is given')
-    add_common_args(parser)
+    add_runner_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args, osp.join(REPO, 'configs', '_base_', 'mini'))
-    cfg = apply_train_args(cfg, args.amp, args.resume)
-    build_runner(cfg).train()
-    finish_distributed()
+    train(args.config, args.work_dir, args.cfg_options, args.launcher, args.mini,
+          args.amp, args.resume, args.local_rank)
 
 
 if __name__ == '__main__':

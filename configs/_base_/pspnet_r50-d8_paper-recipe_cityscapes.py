@@ -10,6 +10,8 @@ max_iters = -(-epochs * images // batch)  # ceil(7437.5) = 7438
 epoch_iters = -(-images // batch)  # 186
 
 train_dataloader = dict(batch_size=2)  # per GPU: 8 GPUs x 2 = 16
+# the batch the recipe's learning rate is for (tools/reproduce.py --scale-lr scales it)
+auto_scale_lr = dict(enable=False, base_batch_size=batch)
 optim_wrapper = dict(optimizer=dict(lr=0.01, momentum=0.9, weight_decay=1e-4))
 param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=max_iters,
                         by_epoch=False)]

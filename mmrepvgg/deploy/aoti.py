@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .winograd_kernel import OP_NAME, load_error, load_kernel
+from ..ops.winograd_kernel import OP_NAME, load_error, load_kernel
 
 __all__ = ['PACKAGE_SUFFIX', 'package_module', 'read_package_metadata', 'PackageRunner']
 
@@ -34,7 +34,7 @@ PACKAGE_SUFFIX = '.pt2'
 TORCH_KEY = 'mmrepvgg.torch_version'
 SHAPE_KEY = 'mmrepvgg.input_shape'
 #: Set when the compiled code calls the C++ Winograd kernel, which a loading process
-#: must then have loaded (``mmrepvgg.deploy.winograd_kernel``).
+#: must then have loaded (``mmrepvgg.ops.winograd_kernel``).
 KERNEL_KEY = 'mmrepvgg.winograd_kernel'
 # Written by AOTInductor itself: the vector instruction set its kernels were built for.
 _ISA_KEY = 'AOTI_CPU_ISA'

@@ -24,7 +24,7 @@ def _load_torch_part(model: nn.Module, runner) -> None:
     name = runner.metadata.get('mmrepvgg.torch_part')
     if not name:
         return
-    from ..fetch import load_file
+    from ..checkpoint.fetch import load_file
     from ..fileio import sha256_file
     path = osp.join(osp.dirname(osp.abspath(runner.path)), name)
     if not osp.isfile(path):

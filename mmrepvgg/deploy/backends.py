@@ -13,7 +13,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-__all__ = ['BACKENDS', 'ONNX_BACKENDS', 'PRECISIONS', 'BackendRunner', 'load_backend', 'read_onnx']
+__all__ = ['BACKENDS', 'ONNX_BACKENDS', 'BACKEND_PRECISIONS', 'BackendRunner', 'load_backend',
+           'read_onnx']
 
 #: Backend names as the tools take them.
 BACKENDS = ('onnxruntime', 'openvino', 'aoti')
@@ -22,7 +23,7 @@ ONNX_BACKENDS = ('onnxruntime', 'openvino')
 #: Arithmetic each backend can be asked for. ``bf16`` is OpenVINO's inference precision
 #: hint: weights and activations in bfloat16 on CPUs with AVX512-BF16 or AMX, fp32 where
 #: the CPU has neither.
-PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16'), 'aoti': ('fp32',)}
+BACKEND_PRECISIONS = {'onnxruntime': ('fp32',), 'openvino': ('fp32', 'bf16'), 'aoti': ('fp32',)}
 _OPENVINO_PRECISION = {'fp32': 'f32', 'bf16': 'bf16'}
 #: Metadata key tools/quantize.py records its settings under (JSON).
 QUANTIZATION_KEY = 'mmrepvgg.quantization'
@@ -64,8 +65,8 @@ class BackendRunner:
         if backend not in ONNX_BACKENDS:
             raise ValueError(f'unknown ONNX backend {backend!r}; valid: '
                              f'{", ".join(ONNX_BACKENDS)}')
-        if precision not in PRECISIONS[backend]:
-            raise ValueError(f'{backend} runs {", ".join(PRECISIONS[backend])}, not '
+        if precision not in BACKEND_PRECISIONS[backend]:
+            raise ValueError(f'{backend} runs {", ".join(BACKEND_PRECISIONS[backend])}, not '
                              f'{precision!r}')
         proto = read_onnx(path)
         inputs = [i for i in proto.graph.input

@@ -4,9 +4,8 @@
   to the part ``mmrepvgg.deploy.parts`` cuts out, as an ONNX file
   (``mmrepvgg.deploy.onnx_export``) or compiled into an AOTInductor package
   (``mmrepvgg.deploy.aoti``), optionally with Winograd convs
-  (``mmrepvgg.deploy.winograd``); what stays in Python and has weights (a two-stage
+  (``mmrepvgg.ops.winograd``); what stays in Python and has weights (a two-stage
   detector's RoI head) goes beside it.
-* :func:`runner_parity`: an exported file's runner against the torch module on a probe.
 
 Nothing half-written is ever left at the output path: files are written to temporary
 names beside it and renamed once they passed the check.
@@ -17,21 +16,20 @@ from collections import Counter
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor, nn
 
-from ..convert import load_fused_model
+from ..checkpoint.convert import load_fused_model
 from ..fileio import save_atomic, sha256_file, staged_files
-from ..precision import ieee_fp32
-from ..reparam import FUSION_MARGIN, copy_module, flatten_outputs, rounding_errors
+from ..numerics import flatten_outputs, output_error
+from ..ops.gemm_conv import GemmConv2d
+from ..ops.winograd import TileChoice, WinogradConv2d, convert_to_winograd
+from ..reparam import FUSION_MARGIN
 from . import onnx_export
 from .aoti import PACKAGE_SUFFIX, PackageRunner, package_module
 from .backends import load_backend
-from .gemm_conv import GemmConv2d
+from .parity import runner_parity
 from .parts import ExportedPart
-from .winograd import TileChoice, WinogradConv2d, convert_to_winograd
 
-__all__ = ['FORMATS', 'export_model', 'runner_parity', 'relative_difference',
-           'torch_part_path', 'config_input_shape']
+__all__ = ['FORMATS', 'export_model', 'torch_part_path', 'config_input_shape']
 
 #: What ``tools/export.py --format`` writes, and the suffix its output must have.
 FORMATS = {'onnx': '.onnx', 'aoti': PACKAGE_SUFFIX}
@@ -60,40 +58,6 @@ def torch_part_path(path: str) -> str:
         if path.endswith(suffix):
             return path[:-len(suffix)] + '.torch.pth'
     return path + '.torch.pth'
-
-
-@torch.no_grad()
-def runner_parity(module: nn.Module, runner, probe: Tensor,
-                  factor: float = FUSION_MARGIN) -> dict:
-    """Run ``runner`` (a loaded ONNX file or package) on ``probe`` against ``module``.
-
-    The reference is a float64 copy of ``module``; the runner's error against it must
-    stay within ``factor`` times torch fp32's own error (at least a few fp32 epsilons of
-    the output scale), as for fusion. Returns ``rounding_errors``' dict plus ``max_abs``
-    and ``max_rel`` (runner vs torch fp32, absolute and over the output scale).
-    """
-    module.eval()  # not chained: some modules' train() returns None (mmdet's ResNet)
-    with ieee_fp32(module):  # the fp32 baseline, not TF32
-        torch_out = flatten_outputs(module(probe))
-    reference = flatten_outputs(copy_module(module).double()(probe.double()))
-    candidate = runner(probe)
-    if len(candidate) != len(torch_out):
-        raise ValueError(f'{runner.path} gives {len(candidate)} outputs, the module '
-                         f'{len(torch_out)}')
-    errors = rounding_errors(candidate, torch_out, reference, factor)
-    errors['max_abs'] = max((a.double() - b.double()).abs().max().item()
-                            for a, b in zip(candidate, torch_out))
-    errors['max_rel'] = errors['max_abs'] / errors['output_scale'] \
-        if errors['output_scale'] else 0.0
-    return errors
-
-
-def relative_difference(outputs: Sequence[Tensor], reference: Sequence[Tensor]) -> float:
-    """max |a - b| over the largest |b|, across all outputs."""
-    scale = max(b.abs().max().item() for b in reference)
-    diff = max((a.double() - b.double()).abs().max().item()
-               for a, b in zip(outputs, reference))
-    return diff / scale if scale else 0.0
 
 
 def _shape_hint(shape: Sequence[int]) -> str:
@@ -196,7 +160,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
             runner = PackageRunner(tmp)
             report['load_s'] = runner.load_seconds
             if winograd is not None:
-                report['winograd_vs_direct'] = relative_difference(runner(probe), direct_out)
+                report['winograd_vs_direct'] = output_error(runner(probe), direct_out).relative
         report['parity'] = None
         if check:
             parity = report['parity'] = runner_parity(exported, runner, probe)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..fileio import temporary_beside
 from ..reparam import FUSION_MARGIN
+from .parity import runner_parity
 
 __all__ = ['DEFAULT_OPSET', 'export_module', 'onnx_parity', 'ExportFailure']
 
@@ -120,8 +121,7 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
 def onnx_parity(module: nn.Module, onnx_path: str, probe: Tensor,
                 factor: float = FUSION_MARGIN) -> dict:
     """Run ``onnx_path`` in ONNX Runtime on ``probe`` and compare it with ``module``
-    (``mmrepvgg.deploy.export.runner_parity``: within ``factor`` times torch fp32's own
+    (``mmrepvgg.deploy.parity.runner_parity``: within ``factor`` times torch fp32's own
     error against float64)."""
     from .backends import load_backend
-    from .export import runner_parity
     return runner_parity(module, load_backend(onnx_path, 'onnxruntime'), probe, factor)

@@ -1,3 +1,5 @@
+"""When to fuse inside a runner (ReparamHook), and the bfloat16 autocast wrapper of
+``--amp`` on CPU."""
 from .hooks import ReparamHook
 from .optim_wrapper import CPUAmpOptimWrapper
 

@@ -1,68 +1,11 @@
 """ReparamHook: evaluate the fused (deploy) form of a RepVGG model inside a runner."""
 from typing import List, Optional
 
-import torch
 from mmengine.hooks import Hook
 from mmengine.model import BaseAveragedModel, is_model_wrapper
-from torch import nn
 
 from ..registry import HOOKS
-from ..reparam import (copy_module, count_parameters, count_unfused, fused_weight_errors,
-                       max_output_difference, reparameterize)
-
-
-def _probe_target(model: nn.Module) -> nn.Module:
-    """The part of a detector/segmentor/classifier whose outputs we compare on a probe."""
-    return getattr(model, 'backbone', model)
-
-
-def _probe_input(module: nn.Module, size: int, seed: int = 0) -> Optional[torch.Tensor]:
-    first_conv = next((m for m in module.modules() if isinstance(m, nn.Conv2d)), None)
-    if first_conv is None:
-        return None
-    # A private generator: probing must not shift the run's own random stream (a
-    # validation with fuse_val=True would otherwise change the next training batches).
-    gen = torch.Generator().manual_seed(seed)
-    probe = torch.randn(1, first_conv.in_channels, size, size, generator=gen)
-    return probe.to(device=first_conv.weight.device, dtype=first_conv.weight.dtype)
-
-
-def fuse_and_report(model: nn.Module, probe: bool = True, probe_size: int = 64) -> dict:
-    """Fuse ``model`` in place (after switching it to eval) and say what changed.
-
-    With ``probe``, the backbone's outputs on a random input are compared before and
-    after: ``max_diff`` between the two fp32 forms, and (``fused_weight_errors``)
-    whether the fused weights stay within fp32 rounding of a float64 reference.
-    """
-    model.eval()
-    report = dict(blocks=count_unfused(model), params_before=count_parameters(model))
-    target = _probe_target(model)
-    reference = copy_module(target) if probe and report['blocks'] else None
-    # Drawn before fusing: a fused block registers its conv last (after e.g. SE's), so
-    # only the training form's first conv reliably reads the input.
-    x = _probe_input(reference, probe_size) if reference is not None else None
-    reparameterize(model, inplace=True)
-    report['params_after'] = count_parameters(model)
-    if x is not None:
-        errors = fused_weight_errors(reference, target, x)
-        report.update(max_diff=max_output_difference(reference, target, x),
-                      fused_weights_error=errors['fused_weights_abs'],
-                      own_error=errors['train_fp32_abs'], within_rounding=errors['within'])
-    return report
-
-
-def format_report(report: dict) -> str:
-    if not report['blocks']:
-        return 'nothing to fuse: the model has no re-parameterizable block in training form'
-    text = (f"fused {report['blocks']} blocks; parameters {report['params_before']:,} -> "
-            f"{report['params_after']:,}")
-    if 'max_diff' in report:
-        verdict = ('within fp32 rounding' if report['within_rounding'] else
-                   'MORE than fp32 rounding explains')
-        text += (f"; max output difference on a probe input {report['max_diff']:.3g}, "
-                 f"{verdict} (from a float64 reference: fused weights "
-                 f"{report['fused_weights_error']:.3g}, 3-branch fp32 {report['own_error']:.3g})")
-    return text
+from ..reparam import copy_module, format_report, fuse_and_report, reparameterize
 
 
 def _averaged_models(runner) -> List[BaseAveragedModel]:

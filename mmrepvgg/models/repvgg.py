@@ -207,8 +207,8 @@ class RepVGG(BaseModule):
         # Release files come in several key layouts; map them instead of letting
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
-            from ..checkpoint import load_backbone_checkpoint
-            from ..fetch import CheckpointDownloadError, is_remote_checkpoint
+            from ..checkpoint.backbone import load_backbone_checkpoint
+            from ..checkpoint.fetch import CheckpointDownloadError, is_remote_checkpoint
             path = self.init_cfg['checkpoint']
             # Never fall back to a silent random init: say what failed and what to do.
             instead = 'or set model.backbone.init_cfg=None to train from scratch.'

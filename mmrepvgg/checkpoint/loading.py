@@ -183,15 +183,3 @@ def torch_load_safely(path: str, label: str, map_location: Any = 'cpu') -> Any:
             f'{label} is not a valid PyTorch checkpoint (unreadable or '
             f'corrupt): {type(err).__name__}: {reason[:300]}') from err
 
-
-_MOVED_TO_FETCH = ('load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
-                   'CheckpointDownloadError')
-
-
-def __getattr__(name: str) -> Any:
-    # The loaders live in mmrepvgg.fetch (which builds on this module); imports of them
-    # from here keep working.
-    if name in _MOVED_TO_FETCH:
-        from . import fetch
-        return getattr(fetch, name)
-    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -16,7 +16,6 @@ mmpretrain (``backbone.stage_1.0.branch_3x3...``), timm's byobnet
 (``stages.0.0.conv_kxk...``) and our own (bare, or inside a whole-model runner
 checkpoint). Everything is driven by the one table :data:`LAYOUTS`.
 """
-import os
 import re
 from collections.abc import Mapping
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -24,45 +23,8 @@ from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .fetch import load_file
-
-__all__ = ['LAYOUTS', 'extract_state_dict', 'detect_layout', 'to_mmrepvgg',
-           'load_backbone_checkpoint', 'fused_form', 'CheckpointInfo', 'describe_checkpoint',
-           'whole_model_needed', 'IMAGENET_WEIGHTS', 'imagenet_checkpoint']
-
-# ImageNet-1k weights OpenMMLab hosts for mmpretrain's RepVGG (mmpretrain layout,
-# training form), by arch; the bundled configs start from these. B2g2 and B3g2 have
-# none (their weights exist only as the official release files).
-OPENMMLAB_REPVGG = 'https://download.openmmlab.com/mmclassification/v0/repvgg/'
-IMAGENET_WEIGHTS: Dict[str, str] = {
-    'A0': 'repvgg-A0_8xb32_in1k_20221213-60ae8e23.pth',
-    'A1': 'repvgg-A1_8xb32_in1k_20221213-f81bf3df.pth',
-    'A2': 'repvgg-A2_8xb32_in1k_20221213-a8767caf.pth',
-    'B0': 'repvgg-B0_8xb32_in1k_20221213-5091ecc7.pth',
-    'B1': 'repvgg-B1_8xb32_in1k_20221213-d17c45e7.pth',
-    'B1g2': 'repvgg-B1g2_8xb32_in1k_20221213-ae6428fd.pth',
-    'B1g4': 'repvgg-B1g4_8xb32_in1k_20221213-a7a4aaea.pth',
-    'B2': 'repvgg-B2_8xb32_in1k_20221213-d8b420ef.pth',
-    'B2g4': 'repvgg-B2g4_8xb32_in1k_20221213-0c1990eb.pth',
-    'B3': 'repvgg-B3_8xb32_in1k_20221213-927a329a.pth',
-    'B3g4': 'repvgg-B3g4_8xb32_in1k_20221213-e01cb280.pth',
-    'D2se': ('repvgg-D2se_3rdparty_4xb64-autoaug-lbs-mixup-coslr-200e_in1k_'
-             '20210909-cf3139b7.pth'),
-}
-
-
-def imagenet_checkpoint(arch: str) -> str:
-    """URL of the ImageNet weights OpenMMLab hosts for ``arch`` (downloaded and cached
-    by the backbone's Pretrained init on first use)."""
-    if arch not in IMAGENET_WEIGHTS:
-        raise ValueError(
-            f'OpenMMLab hosts no ImageNet weights for RepVGG {arch!r} (it does for '
-            f'{", ".join(IMAGENET_WEIGHTS)}); use the official release file instead, '
-            "e.g. init_cfg=dict(type='Pretrained', "
-            f"checkpoint='checkpoints/RepVGG-{arch}-train.pth'), or init_cfg=None to train "
-            'from scratch')
-    return OPENMMLAB_REPVGG + IMAGENET_WEIGHTS[arch]
-
+__all__ = ['LAYOUTS', 'extract_state_dict', 'detect_layout', 'to_mmrepvgg', 'fused_form',
+           'CheckpointInfo', 'describe_checkpoint', 'whole_model_needed']
 
 # Per layout: how a block is addressed (regex with optional groups ``s`` =
 # stage and ``i`` = block index, plus the offset from its stage numbering to
@@ -117,7 +79,7 @@ _DEPLOY_BRANCH = 'fused.'
 _OUR_BLOCK = re.compile(r'^(stem|stage[1-4]\.\d+)\.(?P<branch>[a-z]+\.)')
 
 
-def _examples(keys: Iterable[str], limit: int = 10) -> str:
+def list_examples(keys: Iterable[str], limit: int = 10) -> str:
     keys = list(keys)
     shown = ', '.join(keys[:limit])
     return shown + (f', ... (+{len(keys) - limit} more)' if len(keys) > limit else '')
@@ -141,7 +103,7 @@ def _unwrap(obj: Any) -> Dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError('no weights found in the checkpoint; its top-level keys '
-                         f'are: {_examples(map(str, obj.keys()))}')
+                         f'are: {list_examples(map(str, obj.keys()))}')
     # DataParallel / DistributedDataParallel prefix every key with 'module.'.
     if all(k.startswith('module.') for k in tensors):
         tensors = {k[len('module.'):]: v for k, v in tensors.items()}
@@ -192,7 +154,7 @@ def _is_head(layout: Dict[str, Any], key: str) -> bool:
     return layout['head'] is not None and re.match(layout['head'], key) is not None
 
 
-def _form(keys: Iterable[str]) -> Tuple[List[str], List[str]]:
+def split_by_form(keys: Iterable[str]) -> Tuple[List[str], List[str]]:
     """Split our-named keys into (deploy-form keys, training-form keys)."""
     deploy, training = [], []
     for key in keys:
@@ -207,7 +169,7 @@ def _form(keys: Iterable[str]) -> Tuple[List[str], List[str]]:
     return deploy, training
 
 
-def _convert(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, str]]:
+def map_state_dict(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[str, str]]:
     """Map to our names. Returns (state dict, info, our name -> source name)."""
     state_dict, ignored = _extract(obj)
     keys = list(state_dict)
@@ -223,7 +185,7 @@ def _convert(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[st
     if best_name is None or best_hits * 2 < len(body):
         raise ValueError(
             'unrecognised checkpoint layout; keys seen: '
-            f'{_examples(keys, 8)}. Supported layouts: {", ".join(LAYOUTS)} '
+            f'{list_examples(keys, 8)}. Supported layouts: {", ".join(LAYOUTS)} '
             '(official RepVGG release, mmpretrain, timm byobnet, mmrepvgg).')
 
     mapped: Dict[str, torch.Tensor] = {}
@@ -244,7 +206,7 @@ def _convert(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[st
         mapped[ours] = state_dict[key]
         origin[ours] = key
 
-    deploy, training = _form(mapped)
+    deploy, training = split_by_form(mapped)
     if deploy and training:
         raise ValueError(
             'checkpoint mixes deploy-form (fused) and training-form blocks, e.g. '
@@ -252,7 +214,7 @@ def _convert(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any], Dict[st
             'blocks consistently.')
     if not deploy and not training:
         raise ValueError('checkpoint has no RepVGG conv branches; keys seen: '
-                         f'{_examples(keys, 8)}')
+                         f'{list_examples(keys, 8)}')
     info = dict(layout=best_name, deploy=bool(deploy), dropped=dropped,
                 unmapped=unmapped)
     return mapped, info, origin
@@ -263,7 +225,7 @@ def detect_layout(state_dict: Any) -> Tuple[str, bool]:
 
     Raises ValueError for an unknown layout, listing some of the keys seen.
     """
-    info = _convert(state_dict)[1]
+    info = map_state_dict(state_dict)[1]
     return info['layout'], info['deploy']
 
 
@@ -312,7 +274,7 @@ def describe_checkpoint(obj: Any) -> CheckpointInfo:
     holds = 'model' if (len(outside) < len(tensors) and not all(
         k.startswith(_CLASSIFIER_PARTS) for k in outside)) else 'backbone'
     try:
-        _, info, _ = _convert(tensors)
+        _, info, _ = map_state_dict(tensors)
     except ValueError:  # no RepVGG backbone (a ResNet, an unknown layout)
         return CheckpointInfo(holds, None, None, None)
     head = next((k for k in info['dropped'] if not k.startswith(('neck.',
@@ -338,85 +300,5 @@ def to_mmrepvgg(state_dict: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any
     non-backbone) keys left out; ``unmapped`` are keys kept under their own
     name because no rule matched them.
     """
-    mapped, info, _ = _convert(state_dict)
+    mapped, info, _ = map_state_dict(state_dict)
     return mapped, info
-
-
-def _named(keys: Iterable[str], origin: Dict[str, str]) -> List[str]:
-    return [k if origin.get(k, k) == k else f'{k} (file: {origin[k]})' for k in keys]
-
-
-def load_backbone_checkpoint(model: nn.Module, checkpoint: Any, logger: Any = None,
-                             source: Optional[str] = None) -> Dict[str, Any]:
-    """Load a RepVGG checkpoint of any supported layout into ``model``.
-
-    ``model`` is any module whose state dict uses our naming (the backbone).
-    ``checkpoint`` is a path, a URL (see :func:`mmrepvgg.load_file`) or an
-    already-loaded object (``source`` then names it in messages). Every weight of the
-    model must come from the file, except ``num_batches_tracked``, which
-    official releases lack (the model's own value is kept).
-
-    Returns the info dict of :func:`to_mmrepvgg` plus ``source``, ``loaded``
-    (number of tensors) and ``kept_from_model``.
-    """
-    if isinstance(checkpoint, (str, os.PathLike)):
-        source = os.fspath(checkpoint)
-        checkpoint = load_file(source)
-    elif source is None:
-        source = 'the given checkpoint object'
-    mapped, info, origin = _convert(checkpoint)
-    target = model.state_dict()
-
-    file_deploy, file_training = _form(mapped)
-    model_deploy, model_training = _form(target)
-    if file_deploy and model_training and not model_deploy:
-        raise ValueError(
-            f'{source} holds a deployed (re-parameterized) RepVGG, e.g. '
-            f'{_examples(_named(file_deploy, origin), 3)}, but the model is in '
-            f'training form, e.g. {_examples(model_training, 3)}. Build the '
-            'backbone with deploy=True to load it (fused weights cannot be '
-            'split back into training branches).')
-    if file_training and model_deploy and not model_training:
-        raise ValueError(
-            f'{source} holds a training-form RepVGG, e.g. '
-            f'{_examples(_named(file_training, origin), 3)}, but the model is '
-            f'deployed (fused), e.g. {_examples(model_deploy, 3)}. Build the '
-            'backbone with deploy=False, load the checkpoint and re-parameterize '
-            'afterwards, or convert the checkpoint to deploy form first.')
-
-    missing = [k for k in target if k not in mapped]
-    kept = [k for k in missing if k.endswith('num_batches_tracked')]
-    missing = [k for k in missing if k not in kept]
-    unexpected = [k for k in mapped if k not in target]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f'{len(missing)} missing key(s): {_examples(missing)}')
-        if unexpected:
-            parts.append(f'{len(unexpected)} unexpected key(s): '
-                         f'{_examples(_named(unexpected, origin))}')
-        raise ValueError(
-            f'{source} ({info["layout"]} layout) does not match the model: '
-            + '; '.join(parts) + '. Is it for a different RepVGG arch '
-            "(depths, SE) or block (block='repvgg' vs 'qa') than the one built?")
-
-    mismatched = [f'{k}: file {tuple(mapped[k].shape)} vs model {tuple(v.shape)}'
-                  for k, v in target.items()
-                  if k in mapped and mapped[k].shape != v.shape]
-    if mismatched:
-        raise ValueError(
-            f'{source} ({info["layout"]} layout) has {len(mismatched)} tensor(s) '
-            f'whose shape differs from the model: {_examples(mismatched)}. '
-            'Is it for a different RepVGG arch (width multipliers, groups)?')
-
-    full = dict(mapped)
-    full.update({k: target[k] for k in kept})
-    model.load_state_dict(full, strict=True)
-
-    info.update(source=source, loaded=len(mapped), kept_from_model=kept)
-    from mmengine.logging import print_log
-    print_log(f'loaded {len(mapped)} tensors from {source} ({info["layout"]} '
-              f'layout, {"deploy" if info["deploy"] else "training"} form; '
-              f'{len(info["dropped"])} non-backbone/head keys dropped)',
-              logger=logger if logger is not None else 'current')
-    return info

@@ -9,10 +9,11 @@ from typing import Optional
 
 from mmengine.config import Config
 
-from .checkpoint import to_mmrepvgg
+from ..fileio import save_atomic
+from ..reparam import format_report, fuse_and_report
+from .backbone import load_backbone_checkpoint
 from .fetch import fetch_checkpoint, is_remote_checkpoint, load_file
-from .engine.hooks import format_report, fuse_and_report
-from .fileio import save_atomic, staged_files, temporary_beside  # noqa: F401  (their old home)
+from .layouts import describe_checkpoint, to_mmrepvgg, whole_model_needed
 
 
 def _fetch_and_check(checkpoint: str, dst: str) -> str:
@@ -56,7 +57,6 @@ def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
     """
     from mmengine.runner import load_state_dict
 
-    from .checkpoint import describe_checkpoint, load_backbone_checkpoint, whole_model_needed
     source = load_file(_fetch_and_check(checkpoint, avoid) if avoid else
                        fetch_checkpoint(checkpoint))
     if not isinstance(source, dict):

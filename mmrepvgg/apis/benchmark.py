@@ -1,5 +1,6 @@
-"""The measuring harness of ``tools/benchmark.py``: MAC counts, peak memory of one call,
-interleaved timing and what a report states about the machine.
+"""The measuring harness of the benchmark (``mmrepvgg.apis.benchmark_run``,
+``tools/benchmark.py``): MAC counts, peak memory of one call, interleaved timing, what a
+report states about the machine, and the progress messages on stderr.
 
 * ``count_conv_flops`` counts the multiply-accumulates of every conv and linear layer with
   forward hooks (the paper's "FLOPs" are these MACs; FLOP/s figures use 2 x MACs).
@@ -23,7 +24,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from mmrepvgg.deploy.inference import describe_error, fp32_math, fp32_math_flags, synchronize
+from ..numerics import fp32_math, fp32_math_flags
+from ..ops.inference import describe_error, synchronize
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -225,6 +227,11 @@ def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats:
                 peaks = [peak_memory(cand.fn, device) for _ in range(max(1, memory_repeats))]
                 cand.peak_memory = int(statistics.median(p for p, _ in peaks))
                 cand.memory_method = peaks[0][1]
+
+
+def log(msg: str) -> None:
+    """A progress message of the benchmark, on stderr (stdout holds the report)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:

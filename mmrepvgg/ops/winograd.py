@@ -165,7 +165,7 @@ class WinogradConv2d(nn.Module):
     with Winograd F(tile x tile, 3 x 3), then the ReLU when ``relu``. Works on NCHW tensors
     of any memory format and returns a channels_last one.
 
-    On CPU float32 it calls the C++ kernel (``mmrepvgg.deploy.winograd_kernel``; one op,
+    On CPU float32 it calls the C++ kernel (``mmrepvgg.ops.winograd_kernel``; one op,
     which ``torch.export`` and AOTInductor keep as a call); where that kernel cannot be
     built, and on other devices and dtypes, it computes the same with torch ops, which are
     fast only under ``torch.compile``. ``uses_kernel`` says which.

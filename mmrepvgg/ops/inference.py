@@ -3,7 +3,6 @@
 * ``optimize_for_inference(model, example_input, ...)`` turns an eval-mode model (a fused
   RepVGG, a training-form one, a ResNet, a whole detector/segmentor forward) into a fast
   callable with one of the recipes in ``MODES``; ``InferenceRunner`` is what it returns.
-* ``fp32_math`` scopes the arithmetic of fp32 tensors (IEEE, or TF32 / bf16 products).
 
 Only torch is needed here (no mmcv.ops, mmdet or mmseg). ``tools/benchmark.py`` times
 these recipes against each other and against the exported backends.
@@ -16,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..precision import fp32_math, fp32_math_flags  # noqa: F401  (re-exported)
+from ..numerics import PRECISIONS, fp32_math
 from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 
 #: Recipes, from plain to most optimised:
@@ -28,18 +27,12 @@ from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
 #: ``compile``        channels_last + ``torch.compile`` (inductor) with inductor's
 #:                    ``freezing``: on CPU, pre-packed oneDNN convs with the ReLU fused in.
 #: ``winograd``       ``compile`` after replacing every 3x3 stride-1 conv by a Winograd
-#:                    one (``mmrepvgg.deploy.winograd``; on CPU a call of its C++ op),
+#:                    one (``mmrepvgg.ops.winograd``; on CPU a call of its C++ op),
 #:                    and with tile ``auto`` strided convs with many channels on small
 #:                    maps by one matmul: fewer multiplications, seconds of compiling
 #:                    (``tools/export.py --format aoti --winograd`` compiles it once
 #:                    into a package).
 MODES = ('eager', 'channels_last', 'jit_freeze', 'compile', 'winograd')
-#: ``fp32``: fp32 tensors and IEEE fp32 arithmetic (TF32 is switched off on CUDA, where
-#: PyTorch enables it for convs by default). ``tf32``: fp32 tensors, convs and matmuls
-#: multiplying in reduced precision: TF32 on CUDA, bf16 on CPU (oneDNN's fpmath mode, AMX
-#: where the CPU has it). ``fp16`` / ``bf16`` cast model and input. ``amp`` is autocast
-#: (fp16 on CUDA, bf16 on CPU) with fp32 weights.
-PRECISIONS = ('fp32', 'tf32', 'fp16', 'bf16', 'amp')
 #: What ``mode='auto'`` picks, per device type. CPU: ``compile`` was the fastest recipe
 #: for every RepVGG variant (training and fused form) and both ResNets in fp32 with
 #: tools/benchmark.py (docs/benchmark.md: B1g2 fused 1.12x faster than eager, ResNet-101
@@ -157,7 +150,7 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
         winograd_tile: output tile of ``mode='winograd'``: ``'auto'`` (per conv, from its
             feature-map size on ``example_input``; it also computes strided convs with
             many channels on small maps as one matmul), 2, 4, 6 or 7 (F(2x2,3x3) is as
-            accurate as a direct conv); see ``mmrepvgg.deploy.winograd``.
+            accurate as a direct conv); see ``mmrepvgg.ops.winograd``.
 
     Returns:
         An ``InferenceRunner``; ``runner(x)`` gives the model's output for ``x``. The first

@@ -4,7 +4,7 @@ switches can be set and read on a machine without a GPU, so both devices are che
 import pytest
 import torch
 
-from mmrepvgg.precision import fp32_math, fp32_math_flags, ieee_fp32
+from mmrepvgg.numerics import fp32_math, fp32_math_flags, ieee_fp32
 from mmrepvgg.reparam import max_output_difference
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.backends.mkldnn, 'conv'),

@@ -26,8 +26,8 @@ from typing import Any, Optional, Tuple, Union
 
 import torch
 
-from .compat import UnsafeCheckpointError, torch_load_safely
-from .fileio import staged_files
+from ..fileio import staged_files
+from .loading import UnsafeCheckpointError, torch_load_safely
 
 __all__ = ['load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
            'CheckpointDownloadError']
@@ -78,7 +78,7 @@ def _zoo_target(name: str) -> Optional[str]:
         mm._get_mmengine_home(), target)
 
 
-def _resolve(name: str) -> Tuple[str, Optional[str], str]:
+def resolve_location(name: str) -> Tuple[str, Optional[str], str]:
     """``(where to read, URL to download or None, how to name it in messages)``."""
     if not is_remote_checkpoint(name):
         return name, None, name
@@ -228,7 +228,7 @@ def _fetch(name: Union[str, os.PathLike], map_location: Any = 'cpu') -> Tuple[st
     """``(local file or backend name, the loaded checkpoint or None)``: the checkpoint
     comes back whenever verifying a download loaded it already."""
     name = os.fspath(name)
-    local, url, what = _resolve(name)
+    local, url, what = resolve_location(name)
     if url is None:
         return local, None
     from mmengine.logging import print_log
@@ -284,7 +284,7 @@ def load_file(path: Union[str, os.PathLike], map_location: Any = 'cpu') -> Any:
     if is_remote_checkpoint(local):  # pavi://, s3://: read by mmengine's backend, whose
         # loaders call torch.load with its default, weights_only=True
         from mmengine.runner import CheckpointLoader
-        from .compat import allow_mmengine_checkpoint_types
+        from .loading import allow_mmengine_checkpoint_types
         allow_mmengine_checkpoint_types()
         return CheckpointLoader.load_checkpoint(local, map_location)
     if not os.path.isfile(local):
@@ -295,7 +295,7 @@ def load_file(path: Union[str, os.PathLike], map_location: Any = 'cpu') -> Any:
     except UnsafeCheckpointError:
         raise
     except ValueError as err:
-        _, url, what = _resolve(name)
+        _, url, what = resolve_location(name)
         if url is None:
             raise
         _drop_cached(local, what, str(err))  # e.g. a legacy-format file cut short

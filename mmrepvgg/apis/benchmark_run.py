@@ -1,0 +1,313 @@
+"""A benchmark run: every (model, mode, precision) made a candidate (a copy of the model
+prepared by ``optimize_for_inference``, or exported to ONNX / an AOTInductor package /
+INT8 and loaded by ``load_backend``), all timed in one process, interleaved round-robin,
+and the result (the rows, comparisons and environment ``tools/benchmark.py`` prints and
+writes as JSON) returned.
+
+:func:`run_benchmark` does all of it from :class:`BenchmarkOptions`; the steps are
+callable on their own (:func:`make_candidates`, :func:`find_baseline`, ...).
+"""
+import copy
+import datetime
+import importlib
+import os.path as osp
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..deploy import export_module, load_backend, package_module, quantize_onnx
+from ..numerics import output_error
+from ..ops.inference import optimize_for_inference, resolve_device
+from ..ops.winograd import FASTEST_TILE, convert_to_winograd
+from .benchmark import (MEMORY_METHODS, Candidate, benchmark_interleaved, environment, log,
+                        matmul_peak, ratio)
+from .benchmark_models import (BACKEND_MODES, ModelSpec, config_specs, prepare_specs,
+                               repvgg_specs, resnet_specs)
+from .benchmark_report import comparisons, result_rows
+
+__all__ = ['BenchmarkOptions', 'run_benchmark', 'make_candidates', 'find_baseline',
+           'backend_versions', 'openvino_bf16_note']
+
+
+@dataclass
+class BenchmarkOptions:
+    """What to time and how: the options of ``tools/benchmark.py``, already checked and
+    resolved (``modes`` are names of ``mmrepvgg.ops.MODES`` or ``BACKEND_MODES``; the tool
+    turns its 'auto' and 'all' into these). The fields are the keys of the result's
+    ``args``; ``json`` and ``plot`` are only recorded there (the caller writes them)."""
+    archs: Sequence[str] = ('B1g2',)
+    forms: Sequence[str] = ('train', 'fused')
+    resnets: Sequence[int] = (50, 101)
+    config: Sequence[str] = ()
+    cfg_options: Optional[dict] = None  # merged over every config
+    forward: str = 'auto'
+    device: Any = None           # resolved: cuda when available, else cpu
+    modes: Sequence[str] = ('eager',)
+    precision: Sequence[str] = ('fp32',)
+    batch_size: int = 4
+    input_size: Sequence[int] = (224, 224)
+    repeats: int = 20
+    warmup: int = 3
+    threads: Optional[int] = None
+    baseline: Optional[str] = None
+    winograd_tile: Union[str, int] = FASTEST_TILE
+    compile_mode: Optional[str] = None
+    no_cudnn_benchmark: bool = False
+    no_flush_denormal: bool = False
+    no_memory: bool = False
+    no_check: bool = False
+    seed: int = 0
+    json: Optional[str] = None
+    plot: Optional[str] = None
+
+    def __post_init__(self):
+        self.device = resolve_device(self.device)
+
+
+def _max_abs_error(output: Any, reference: Any) -> Optional[float]:
+    """max |output - reference|; None where the two hold no comparable tensors."""
+    try:
+        return output_error(output, reference).max_abs
+    except ValueError:
+        return None
+
+
+def _torch_setup(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor,
+                 recipe: Dict[str, Any]) -> Callable[[], Callable[[], Any]]:
+    """A copy of the spec's model prepared by ``optimize_for_inference(**recipe)``."""
+    def setup():
+        runner = optimize_for_inference(
+            copy.deepcopy(spec.model), inputs, method=spec.method,
+            extra_args=spec.extra_args(inputs.shape[0]), **recipe)
+        cand.info['first_call_s'] = round(runner.prep_seconds, 3)
+        if runner.note:
+            cand.info['note'] = runner.note
+        prepared = runner.prepare_input(inputs)
+        ref = spec.reference or spec
+        if ref.output is not None:
+            cand.info['max_abs_diff'] = _max_abs_error(runner.run(prepared), ref.output)
+        return lambda: runner.run(prepared)
+    return setup
+
+
+def _package_setup(cand: Candidate, network: nn.Module, inputs: torch.Tensor,
+                   winograd, folder: str):
+    """``network`` compiled into an AOTInductor package in ``folder`` and loaded back."""
+    start = time.perf_counter()
+    if winograd is not None:
+        convert_to_winograd(network, winograd, inputs)
+    path = osp.join(folder, 'network.pt2')
+    times = package_module(network, inputs, path, metadata={'mmrepvgg.part': 'benchmark'})
+    runner = load_backend(path, 'aoti', threads=torch.get_num_threads())
+    cand.info.update(export_s=round(times['export_s'], 3),
+                     compile_s=round(times['compile_s'], 3),
+                     load_s=round(runner.load_seconds, 3),
+                     prep_total_s=round(time.perf_counter() - start, 3))
+    return runner
+
+
+def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: str,
+                   inputs: torch.Tensor, winograd=None) -> Callable[[], Callable[[], Any]]:
+    """The spec's network exported to a temporary ONNX file and compiled by ``backend``,
+    or compiled into an AOTInductor package and loaded (all set-up time); what is timed is
+    the runner's call alone."""
+    def setup():
+        if spec.export_error:
+            raise ValueError(spec.export_error)
+        network = spec.exported_network(copy.deepcopy(spec.model))
+        with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as folder:
+            if backend == 'aoti':
+                runner = _package_setup(cand, network, inputs, winograd, folder)
+                return _checked_call(cand, spec, runner, inputs)
+            path = osp.join(folder, 'network.onnx')
+            start = time.perf_counter()
+            export_module(network, inputs, path, dynamic=False,
+                          metadata={'mmrepvgg.part': spec.kind})
+            exported = ready = time.perf_counter()
+            run_precision = precision
+            if precision == 'int8':
+                int8 = osp.join(folder, 'network_int8.onnx')
+                quantize_onnx(path, int8, list(inputs.split(1)))
+                ready = time.perf_counter()
+                cand.info['quantize_s'] = round(ready - exported, 3)
+                path, run_precision = int8, 'fp32'
+            runner = load_backend(path, backend, run_precision,
+                                  threads=torch.get_num_threads())
+            cand.info.update(export_s=round(exported - start, 3),
+                             compile_s=round(time.perf_counter() - ready, 3))
+        return _checked_call(cand, spec, runner, inputs)
+    return setup
+
+
+def _checked_call(cand: Candidate, spec: ModelSpec, runner, inputs: torch.Tensor):
+    """The timed call of a loaded file, after recording how far its output is from the
+    eager fp32 one of its reference."""
+    output = runner(inputs)
+    ref = spec.reference or spec
+    if ref.exported_output is not None:
+        cand.info['max_abs_diff'] = _max_abs_error(output, ref.exported_output)
+    return lambda: runner(inputs)
+
+
+def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
+                    precisions: Sequence[str], inputs: torch.Tensor, device: Any,
+                    compile_mode: Optional[str] = None, cudnn_benchmark: bool = True,
+                    winograd_tile: Union[str, int] = FASTEST_TILE) -> List[Candidate]:
+    """Every (model, mode, precision) to time. A backend mode sets its own precision, so
+    it gives one row per model; off the CPU its rows are marked ``skipped``.
+    ``compile_mode``, ``cudnn_benchmark`` and ``winograd_tile`` go to
+    ``optimize_for_inference`` (the tile also to the winograd-aoti mode)."""
+    device = torch.device(device)
+    candidates = []
+    for precision in precisions:
+        for mode in modes:
+            backend = BACKEND_MODES.get(mode)
+            if backend and precision != precisions[0]:
+                continue
+            row_precision = backend[1] if backend else precision
+            for spec in specs:
+                name = f'{spec.key} @{mode}' + (
+                    f' {row_precision}' if len(precisions) > 1 else '')
+                cand = Candidate(name=name, setup=None, info=dict(
+                    model=spec.label, form=spec.form, kind=spec.kind, mode=mode,
+                    precision=row_precision, key=spec.key, **spec.info))
+                if not backend:
+                    cand.setup = _torch_setup(cand, spec, inputs, dict(
+                        device=device, mode=mode, precision=precision,
+                        compile_mode=compile_mode, cudnn_benchmark=cudnn_benchmark,
+                        winograd_tile=winograd_tile))
+                elif device.type != 'cpu':
+                    cand.info['skipped'] = f'{mode} runs on the CPU only'
+                else:
+                    cand.info.update(spec.exported_info)
+                    cand.setup = _backend_setup(
+                        cand, spec, *backend, inputs,
+                        winograd_tile if mode == 'winograd-aoti' else None)
+                candidates.append(cand)
+    return candidates
+
+
+def backend_versions(modes: Sequence[str]) -> Dict[str, str]:
+    """The version of each runtime the backend modes among ``modes`` use."""
+    versions = {}
+    for backend in dict.fromkeys(BACKEND_MODES[m][0] for m in modes if m in BACKEND_MODES):
+        try:
+            versions[backend] = (torch.__version__ if backend == 'aoti' else
+                                 importlib.import_module(backend).__version__)
+        except ImportError:
+            versions[backend] = 'not installed'
+    return versions
+
+
+def openvino_bf16_note() -> Optional[str]:
+    """What to say when OpenVINO cannot compute in bf16 on this CPU (it falls back to
+    fp32 then), or None."""
+    try:
+        import openvino
+        capabilities = openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    except Exception:  # noqa: BLE001  (not installed: the rows say so)
+        return None
+    if 'BF16' in capabilities:
+        return None
+    return (f'openvino-bf16: OpenVINO lists no BF16 among this CPU\'s capabilities '
+            f'({", ".join(capabilities)}), so these rows computed in fp32')
+
+
+def find_baseline(candidates: Sequence[Candidate], name: Optional[str]) -> Candidate:
+    """The candidate named ``name`` (or the only one it prefixes); by default the first
+    one timed. A name that matches none or several ends the run with the names."""
+    if name is None:
+        timed = [c for c in candidates if c.error is None and c.times]
+        return (timed or list(candidates))[0]
+    exact = [c for c in candidates if c.name == name]
+    if exact:
+        return exact[0]
+    prefix = [c for c in candidates if c.name.startswith(name)]
+    if len(prefix) == 1:
+        return prefix[0]
+    raise SystemExit(f'--baseline {name!r} matches {len(prefix)} candidates; names: '
+                     + ', '.join(repr(c.name) for c in candidates))
+
+
+def _configure_torch(options: BenchmarkOptions) -> None:
+    """The process-wide settings of a run: threads, denormals, dynamo's graph cache."""
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    if options.device.type == 'cpu' and not options.no_flush_denormal:
+        torch.set_flush_denormal(True)
+    # Many module instances share one forward code object; let dynamo keep a graph for each.
+    if 'compile' in options.modes:
+        import torch._dynamo.config as dynamo_config
+        limit = 'recompile_limit' if hasattr(dynamo_config, 'recompile_limit') \
+            else 'cache_size_limit'
+        setattr(dynamo_config, limit, max(getattr(dynamo_config, limit), 64))
+    warnings.filterwarnings('ignore', category=FutureWarning)
+
+
+def run_benchmark(options: BenchmarkOptions, command: str = '') -> Dict[str, Any]:
+    """Build the models, time every candidate and compare them (progress on stderr).
+
+    Returns the result ``tools/benchmark.py`` writes as JSON: ``command`` (as given),
+    ``environment``, ``args`` (the options), ``baseline`` (the name of the candidate the
+    speed-ups are relative to), ``memory_method``, ``candidates`` (one row each),
+    ``comparisons`` and ``skipped`` (the messages of the models left out).
+    """
+    _configure_torch(options)
+    device = options.device
+    env = environment()
+    env['date'] = datetime.datetime.now().isoformat(timespec='seconds')
+    env['device'] = str(device)
+    backend_modes = [m for m in options.modes if m in BACKEND_MODES]
+    on_cpu = device.type == 'cpu'
+    env['backends'] = backend_versions(backend_modes)
+
+    skipped: List[str] = []
+    log('building models...')
+    specs = repvgg_specs(options.archs, options.forms, options.seed)
+    specs += resnet_specs(options.resnets, options.seed, skipped)
+    specs += config_specs(options.config, options.forward, options.input_size, options.seed,
+                          skipped, options.forms, options.cfg_options)
+    if not specs:
+        raise SystemExit('nothing left to time: ' + '; '.join(skipped))
+    gen = torch.Generator().manual_seed(options.seed)
+    inputs = torch.randn(options.batch_size, 3, *options.input_size, generator=gen)
+    prepare_specs(specs, inputs, device, check=not options.no_check,
+                  exported=bool(backend_modes) and on_cpu)
+    candidates = make_candidates(specs, options.modes, options.precision, inputs, device,
+                                 compile_mode=options.compile_mode,
+                                 cudnn_benchmark=not options.no_cudnn_benchmark,
+                                 winograd_tile=options.winograd_tile)
+    if backend_modes and not on_cpu:
+        msg = (f'skipped the {", ".join(backend_modes)} rows: ONNX Runtime and OpenVINO run '
+               f'on the CPU here, this run is on {device} (time them with --device cpu)')
+        log(msg)
+        skipped.append(msg)
+    timed = [c for c in candidates if 'skipped' not in c.info]
+    log(f'setting up {len(timed)} candidates, then {options.warmup} warm-up and '
+        f'{options.repeats} timed rounds over all of them...')
+    benchmark_interleaved(timed, device, repeats=options.repeats, warmup=options.warmup,
+                          measure_memory=not options.no_memory, log=log)
+    env['loadavg_end'] = environment().get('loadavg')
+
+    baseline = find_baseline(candidates, options.baseline)
+    rows = result_rows(candidates, options.batch_size, baseline)
+    peak = env['matmul_peak'] = matmul_peak(device)
+    for row in rows:
+        row['x_peak'] = ratio(row['tflops'], peak['tflops'])
+    # the backend modes add the precisions they set (openvino-bf16: bf16)
+    precisions = list(dict.fromkeys(list(options.precision) + [r['precision'] for r in rows]))
+    comp = comparisons(rows, precisions, options.modes)
+    methods = sorted({r['memory_method'] for r in rows if r['memory_method']})
+    bf16_note = openvino_bf16_note() if 'openvino-bf16' in backend_modes and on_cpu else None
+    if bf16_note:
+        env['openvino_bf16'] = bf16_note
+    args = {f.name: getattr(options, f.name) for f in fields(options)}
+    return dict(command=command, environment=env, args={
+        k: (str(v) if isinstance(v, torch.device) else v) for k, v in args.items()},
+        baseline=baseline.name, memory_method={m: MEMORY_METHODS[m] for m in methods},
+        candidates=rows, comparisons=comp, skipped=skipped)

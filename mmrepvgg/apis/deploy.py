@@ -1,0 +1,89 @@
+"""Export and quantize a config's fused network as ``tools/export.py`` and
+``tools/quantize.py`` do: the input size taken from the config's test pipeline (the
+``--mini`` one with ``mini``), the request checked, tool errors as one message."""
+import os.path as osp
+import tempfile
+from typing import Optional, Sequence, Union
+
+from ..deploy.export import FORMATS, config_input_shape, export_model
+from ..deploy.onnx_export import DEFAULT_OPSET, ExportFailure
+from ..deploy.quantize import calibration_inputs, quantize_onnx
+from ..ops.winograd import TILES
+from .config import load_config, scope_of
+
+__all__ = ['export', 'quantize', 'winograd_tile']
+
+
+def winograd_tile(value: Optional[str]) -> Union[None, str, int]:
+    """``--winograd``'s value: None (direct convs), 'auto' or one of :data:`TILES`."""
+    if value is None or value == 'auto':
+        return value
+    if not str(value).isdigit() or int(value) not in TILES:
+        raise SystemExit(f'--winograd takes a tile of {", ".join(map(str, TILES))} or '
+                         f'auto, got {value!r}')
+    return int(value)
+
+
+def _input_shape(cfg, shape: Optional[Sequence[int]]) -> Sequence[int]:
+    shape = shape or config_input_shape(cfg)
+    if shape is None:
+        raise SystemExit('the config\'s test pipeline gives no image size: pass --shape H W')
+    return shape
+
+
+def export(config: str, checkpoint: str, output: str, format: str = 'onnx',
+           winograd: Optional[str] = None, shape: Optional[Sequence[int]] = None,
+           batch: int = 1, dynamic: bool = False, opset: int = DEFAULT_OPSET,
+           part: str = 'model', check: bool = True, cfg_options: Optional[dict] = None,
+           mini: bool = False) -> dict:
+    """Write ``output`` (see :func:`mmrepvgg.deploy.export_model`); returns its report,
+    with ``shape`` the input size used."""
+    suffix = FORMATS[format]
+    if not output.endswith(suffix):
+        raise SystemExit(f'OUTPUT of --format {format} must end with {suffix}, got {output}')
+    tile = winograd_tile(winograd)
+    shape = _input_shape(load_config(config, cfg_options=cfg_options, mini=mini), shape)
+    try:
+        report = export_model(config, checkpoint, output, shape, batch, dynamic, opset, part,
+                              cfg_options, check=check, format=format, winograd=tile)
+    except (OSError, ValueError, KeyError, ExportFailure) as err:
+        raise SystemExit(f'error: {err}')
+    report['shape'] = list(shape)
+    return report
+
+
+def quantize(config: str, model: str, output: str, calib: int = 32, method: str = 'minmax',
+             split: str = 'test', per_channel: bool = True, reduce_range: bool = False,
+             part: str = 'model', dynamic: bool = False,
+             shape: Optional[Sequence[int]] = None, cfg_options: Optional[dict] = None,
+             mini: bool = False, log=print) -> dict:
+    """Quantize ``model`` (an fp32 ONNX file, or a checkpoint exported first to a
+    temporary folder beside ``output``; a detector always with dynamic sizes) to a
+    static INT8 ``output`` calibrated on ``calib`` images of ``split``. Returns the
+    report of :func:`mmrepvgg.deploy.quantize_onnx` plus ``images`` (how many, their
+    size)."""
+    cfg = load_config(config, cfg_options=cfg_options, mini=mini)
+    info = dict(config=osp.basename(config), split=split)
+    try:
+        images = calibration_inputs(cfg, calib, split)
+        if model.endswith('.onnx'):
+            report = quantize_onnx(model, output, images, method, per_channel=per_channel,
+                                   reduce_range=reduce_range, info=info)
+        else:
+            shape = _input_shape(cfg, shape)
+            with tempfile.TemporaryDirectory(dir=osp.dirname(osp.abspath(output)),
+                                             prefix='.export-') as folder:
+                onnx_file = osp.join(folder, 'fp32.onnx')
+                # a detector's test images differ in size: its export takes any size
+                dynamic = dynamic or scope_of(cfg) == 'mmdet'
+                export_model(config, model, onnx_file, shape, 1, dynamic, part=part,
+                             cfg_options=cfg_options)
+                log(f'[quantize] exported {model} ({part}, input 1x3x{shape[0]}x{shape[1]}'
+                    f'{", dynamic" if dynamic else ""}) to quantize it')
+                report = quantize_onnx(onnx_file, output, images, method,
+                                       per_channel=per_channel, reduce_range=reduce_range,
+                                       info=info)
+    except (OSError, ValueError, ExportFailure) as err:
+        raise SystemExit(f'error: {err}')
+    report['images'] = dict(count=len(images), size='x'.join(map(str, images[0].shape[1:])))
+    return report

@@ -1,0 +1,84 @@
+"""How a trained model survives INT8 (``tools/quantization_report.py``): the metric of
+every form through the config's own evaluator, feature SQNR of the INT8 backbone, and the
+spread of each fused kernel."""
+import os
+import os.path as osp
+from typing import Optional, Sequence
+
+import torch
+
+from ..checkpoint.convert import load_fused_model
+from ..deploy.backends import load_backend
+from ..deploy.quantize import METHODS, calibration_inputs, quantize_onnx, sqnr_db
+from ..models.rep_block import RepVGGBlock
+from .config import load_config
+from .deploy import export
+from .runner import test
+
+__all__ = ['quantization_study', 'weight_ranges']
+
+
+def weight_ranges(backbone: torch.nn.Module) -> list:
+    """(block name, max |w| / std) of each fused conv kernel of a RepVGG backbone."""
+    rows = []
+    for name, block in backbone.named_modules():
+        if isinstance(block, RepVGGBlock) and block.fused is not None:
+            kernel = block.fused.weight.detach().double()
+            rows.append((name, float(kernel.abs().max() / kernel.std())))
+    return rows
+
+
+def quantization_study(config: str, checkpoint: str, work_dir: str, calib: int = 16,
+                       split: str = 'train', methods: Sequence[str] = METHODS,
+                       backends: Sequence[str] = ('onnxruntime',), sqnr_images: int = 8,
+                       mini: bool = False, cfg_options: Optional[dict] = None) -> dict:
+    """For one trained ``checkpoint``: the metric of the training form in torch, the fused
+    form (``--deploy``), the fused fp32 ONNX file and its INT8 forms (one per calibration
+    method and backend); the SQNR (dB) of the INT8 backbone's stage outputs against fp32
+    on ``sqnr_images`` test images; max |w| / std per fused backbone conv. Files and logs
+    go under ``work_dir``."""
+    os.makedirs(work_dir, exist_ok=True)
+    work = lambda *names: osp.join(work_dir, *names)  # noqa: E731
+
+    def evaluate(path, name, **kwargs):
+        metrics = test(config, path, work_dir=work('logs', name), cfg_options=cfg_options,
+                       mini=mini, **kwargs)
+        return {k: float(v) for k, v in metrics.items()}
+
+    results = dict(config=config, checkpoint=checkpoint, calib=calib, split=split,
+                   metrics={}, sqnr_db={}, weight_ranges=[])
+    metrics = results['metrics']
+    metrics['torch fp32'] = evaluate(checkpoint, 'torch')
+    metrics['torch fused fp32'] = evaluate(checkpoint, 'deploy', deploy=True)
+    export(config, checkpoint, work('model.onnx'), cfg_options=cfg_options, mini=mini)
+    export(config, checkpoint, work('backbone.onnx'), part='backbone',
+           cfg_options=cfg_options, mini=mini)
+    for backend in backends:
+        metrics[f'{backend} fp32'] = evaluate(work('model.onnx'), f'{backend}_fp32',
+                                              backend=backend)
+
+    cfg = load_config(config, cfg_options=cfg_options, mini=mini)
+    calib_images = calibration_inputs(cfg, calib, split)
+    probe = calibration_inputs(cfg, sqnr_images, 'test')
+    fp32_backbone = load_backend(work('backbone.onnx'))
+    reference = [fp32_backbone(x) for x in probe]
+    for method in methods:
+        int8_file = work(f'model_int8_{method}.onnx')
+        quantize_onnx(work('model.onnx'), int8_file, calib_images, method)
+        for backend in backends:
+            metrics[f'{backend} int8 {method}'] = evaluate(int8_file, f'{backend}_{method}',
+                                                           backend=backend)
+        backbone_file = work(f'backbone_int8_{method}.onnx')
+        quantize_onnx(work('backbone.onnx'), backbone_file, calib_images, method)
+        int8_backbone = load_backend(backbone_file)
+        quantized = [int8_backbone(x) for x in probe]
+        stages = len(reference[0])
+        results['sqnr_db'][method] = dict(
+            {f'stage {i + 1 + 4 - stages}': sqnr_db([r[i] for r in reference],
+                                                    [q[i] for q in quantized])
+             for i in range(stages)},
+            all=sqnr_db([t for r in reference for t in r], [t for q in quantized for t in q]))
+
+    _, model, _ = load_fused_model(config, checkpoint, cfg_options)
+    results['weight_ranges'] = weight_ranges(model.backbone)
+    return results
