@@ -1,0 +1,192 @@
+"""The tables of a reproduction (``DIR/results.md``, ``DIR/results.json``): per task, each
+experiment's metric unfused and fused beside the published number, the difference and
+whether it is within tolerance, the speeds, and each RepVGG - ResNet gap beside the
+paper's; plus what each experiment's ``result.json`` records about its environment."""
+import json
+import os.path as osp
+import statistics
+import subprocess
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..fileio import write_text_atomic
+from .experiments import PAIRS, reference_for
+
+__all__ = ['git_commit', 'environment_summary', 'metrics_line', 'write_results']
+
+_REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+_TITLES = {'mmseg': 'Segmentation', 'mmdet': 'Detection'}
+
+
+def git_commit() -> Optional[str]:
+    """The checkout's commit, '+dirty' with uncommitted changes; None outside a checkout."""
+    try:
+        commit = subprocess.run(['git', '-C', _REPO, 'rev-parse', 'HEAD'],
+                                capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(['git', '-C', _REPO, 'status', '--porcelain', '-uno'],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
+
+
+def environment_summary(plan) -> dict:
+    """What decides a result besides the code: software, hardware and the run's split."""
+    cfg = plan.cfg
+    randomness = cfg.get('randomness') or {}
+    cpu = None
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f
+                        if line.startswith('model name')), None)
+    except OSError:
+        pass
+    cuda = torch.cuda.is_available()
+    return dict(torch=torch.__version__, cuda=torch.version.cuda if cuda else None,
+                gpu=torch.cuda.get_device_name(0) if cuda else None,
+                cpu=cpu, gpus=plan.procs if plan.cuda else 0, processes=plan.procs,
+                launcher=plan.launcher, images_per_gpu=plan.per_gpu,
+                batch=plan.procs * plan.per_gpu, learning_rate=plan.learning_rate,
+                seed=randomness.get('seed'),
+                deterministic=bool(randomness.get('deterministic', False)),
+                cfg_options=plan.cfg_options)
+
+
+def metrics_line(metrics: Optional[Dict[str, float]]) -> str:
+    if not metrics:
+        return 'no metrics'
+    return ', '.join(f'{k} {v:.4g}' for k, v in list(metrics.items())[:3])
+
+
+def _values(results: Sequence[dict], step: str, metric: str, scale: float) -> List[float]:
+    return [r['metrics'][step][metric] * scale for r in results
+            if metric in (r.get('metrics', {}).get(step) or {})]
+
+
+def _mean(values: List[float]) -> Optional[float]:
+    return statistics.fmean(values) if values else None
+
+
+def _shown(values: List[float]) -> str:
+    if not values:
+        return '-'
+    if len(values) == 1:
+        return f'{values[0]:.2f}'
+    return f'{statistics.fmean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})'
+
+
+def _status(results: Sequence[dict]) -> str:
+    for r in results:
+        for step, entry in r.get('steps', {}).items():
+            if entry.get('status') in ('failed', 'blocked'):
+                return (f'{step} {entry["status"]}: '
+                        + (entry.get('log') or entry.get('reason', '')))
+    done = all(e.get('status') in ('done', 'skipped')
+               for r in results for e in r.get('steps', {}).values())
+    return 'done' if done and results and results[0].get('steps') else 'pending'
+
+
+def _speed(results: Sequence[dict]) -> Dict[str, float]:
+    """Median ms of the deployed form (fused RepVGG, or the network as it is) per part and
+    precision, from the first result that was timed."""
+    for r in results:
+        rows = (r.get('speed') or {}).get('rows') or []
+        if rows:
+            out = {}
+            for row in rows:
+                if row['ms'] is None or '/train' in row['name'] and any(
+                        '/fused' in o['name'] and o['part'] == row['part'] for o in rows):
+                    continue
+                out[f'{row["part"]} {row["precision"]}'] = row['ms']
+            return out
+    return {}
+
+
+def _row(stem: str, scope: str, results: Sequence[dict], tolerance: float) -> dict:
+    ref = reference_for(stem, scope)
+    test = _values(results, 'test', ref.metric, ref.scale)
+    deploy = _values(results, 'deploy', ref.metric, ref.scale)
+    mean = _mean(test)
+    diff = None if mean is None or ref.value is None else mean - ref.value
+    return dict(config=stem, task=scope, metric=ref.metric, pair=PAIRS.get(stem),
+                unfused=test, fused=deploy, mean_unfused=mean, mean_fused=_mean(deploy),
+                reference=ref.value, reference_source=ref.source, difference=diff,
+                within_tolerance=None if diff is None else abs(diff) <= tolerance,
+                speed_ms=_speed(results), status=_status(results))
+
+
+def _gaps(rows: Dict[str, dict]) -> List[dict]:
+    gaps = []
+    for stem, row in rows.items():
+        pair = rows.get(row['pair']) if row['pair'] else None
+        if pair is None:
+            continue
+        measured = (None if row['mean_unfused'] is None or pair['mean_unfused'] is None
+                    else row['mean_unfused'] - pair['mean_unfused'])
+        paper = (None if row['reference'] is None or pair['reference'] is None or
+                 row['reference_source'] != pair['reference_source']
+                 else row['reference'] - pair['reference'])
+        gaps.append(dict(repvgg=stem, resnet=row['pair'], reproduced=measured,
+                         published=paper))
+    return gaps
+
+
+def _fmt(value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return '-'
+    return f'{value:+.2f}' if signed else f'{value:.2f}'
+
+
+def _markdown(tables: Dict[str, dict], tolerance: float) -> str:
+    lines = ['# Reproduction results', '',
+             f'Unfused: `tools/test.py`; fused: the same checkpoint with `--deploy`. '
+             f'Difference: unfused - published; within tolerance: |difference| <= '
+             f'{tolerance}. Speed: median ms per batch of the deployed form (fused RepVGG), '
+             'from `tools/benchmark.py`.', '']
+    for scope, table in tables.items():
+        rows = table['rows']
+        parts = sorted({k for r in rows.values() for k in r['speed_ms']})
+        lines += [f'## {_TITLES.get(scope, scope)} ({scope})', '',
+                  '| config | metric | unfused | fused | published | difference | within '
+                  + ''.join(f'| {p} ms ' for p in parts) + '| status |',
+                  '|---' * (7 + len(parts)) + '|---|']
+        for stem, r in rows.items():
+            within = {True: 'yes', False: 'no', None: '-'}[r['within_tolerance']]
+            lines.append(
+                f'| {stem} | {r["metric"]} | {_shown(r["unfused"])} | {_shown(r["fused"])} | '
+                f'{_fmt(r["reference"])} | {_fmt(r["difference"], True)} | {within} '
+                + ''.join(f'| {_fmt(r["speed_ms"].get(p))} ' for p in parts)
+                + f'| {r["status"]} |')
+        sources = sorted({f'{r["config"]}: {r["reference_source"]}' for r in rows.values()})
+        lines += ['', 'Published numbers: ' + '; '.join(sources) + '.', '']
+        if table['gaps']:
+            lines += ['| RepVGG | ResNet | reproduced gap | published gap |',
+                      '|---|---|---|---|']
+            lines += [f'| {g["repvgg"]} | {g["resnet"]} | {_fmt(g["reproduced"], True)} | '
+                      f'{_fmt(g["published"], True)} |' for g in table['gaps']]
+            lines.append('')
+    return '\n'.join(lines)
+
+
+def write_results(work_dir: str, results: Sequence[dict], plans: Sequence,
+                  tolerance: float) -> dict:
+    """Rewrite ``results.md`` and ``results.json`` under ``work_dir`` from every
+    experiment's result (seeds of one config pooled: mean and spread)."""
+    by_stem: Dict[str, list] = {}
+    scopes: Dict[str, str] = {}
+    for result, plan in zip(results, plans):
+        by_stem.setdefault(plan.stem, []).append(result)
+        scopes[plan.stem] = plan.scope
+    tables: Dict[str, dict] = {}
+    for stem, group in by_stem.items():
+        table = tables.setdefault(scopes[stem], dict(rows={}, gaps=[]))
+        table['rows'][stem] = _row(stem, scopes[stem], group, tolerance)
+    for table in tables.values():
+        table['gaps'] = _gaps(table['rows'])
+    write_text_atomic(osp.join(work_dir, 'results.md'), _markdown(tables, tolerance))
+    write_text_atomic(osp.join(work_dir, 'results.json'),
+                      json.dumps(dict(tolerance=tolerance, tables=tables), indent=1))
+    return tables

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Usage: tools/slurm_train.sh PARTITION JOB_NAME CONFIG [train.py args...]
+# GPUS (default 8), GPUS_PER_NODE (default 8), CPUS_PER_TASK (default 5) and SRUN_ARGS
+# set the allocation; one task per GPU, each started with --launcher slurm.
+set -euo pipefail
+PARTITION=$1; JOB_NAME=$2; shift 2
+exec "$(dirname "$0")/slurm_run.sh" "$PARTITION" "$JOB_NAME" train.py "$@"
