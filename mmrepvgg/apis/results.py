@@ -105,6 +105,17 @@ def _speed(results: Sequence[dict]) -> Dict[str, float]:
     return {}
 
 
+def _speed_setting(results: Sequence[dict]) -> Optional[str]:
+    """Where and at what size the speeds were taken: 'device: part batch B HxW, ...'."""
+    for r in results:
+        speed = r.get('speed') or {}
+        if speed.get('rows'):
+            parts = {row['part']: f'{row["part"]} batch {row["batch"]} '
+                     f'{"x".join(map(str, row["input"]))}' for row in speed['rows']}
+            return f'{speed.get("device")}: {", ".join(parts.values())}'
+    return None
+
+
 def _row(stem: str, scope: str, results: Sequence[dict], tolerance: float) -> dict:
     ref = reference_for(stem, scope)
     test = _values(results, 'test', ref.metric, ref.scale)
@@ -115,7 +126,8 @@ def _row(stem: str, scope: str, results: Sequence[dict], tolerance: float) -> di
                 unfused=test, fused=deploy, mean_unfused=mean, mean_fused=_mean(deploy),
                 reference=ref.value, reference_source=ref.source, difference=diff,
                 within_tolerance=None if diff is None else abs(diff) <= tolerance,
-                speed_ms=_speed(results), status=_status(results))
+                speed_ms=_speed(results), speed_setting=_speed_setting(results),
+                status=_status(results))
 
 
 def _gaps(rows: Dict[str, dict]) -> List[dict]:
@@ -161,7 +173,9 @@ def _markdown(tables: Dict[str, dict], tolerance: float) -> str:
                 + ''.join(f'| {_fmt(r["speed_ms"].get(p))} ' for p in parts)
                 + f'| {r["status"]} |')
         sources = sorted({f'{r["config"]}: {r["reference_source"]}' for r in rows.values()})
+        settings = sorted({r['speed_setting'] for r in rows.values() if r['speed_setting']})
         lines += ['', 'Published numbers: ' + '; '.join(sources) + '.', '']
+        lines += ['Speeds measured on ' + '; '.join(settings) + '.', ''] if settings else []
         if table['gaps']:
             lines += ['| RepVGG | ResNet | reproduced gap | published gap |',
                       '|---|---|---|---|']
