@@ -171,6 +171,9 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
         assert re.search(rf'{re.escape(stem)}: train: .*dist_run\.sh 8 train\.py '
                          rf'{re.escape(config)} ', out), stem
         assert f'{stem}: test: ' in out and f'{stem}: speed: ' in out
+    # GPUs asked for: nccl as the configs say, timings on CUDA; no empty option lists
+    assert 'gloo' not in out and '--device cuda --precision fp32,fp16' in out
+    assert not any(line.rstrip().endswith('--cfg-options') for line in out.splitlines())
     # 2 nodes x 8 GPUs keep the batch of 16 with one image per GPU
     out, _ = _run(configs[:1], tmp_path, gpus=16, launcher='slurm', partition='gpu',
                   dry_run=True, cfg_options=['train_dataloader.batch_size=1'])
@@ -211,3 +214,11 @@ def test_table_sets_reproduced_gaps_beside_the_papers(tmp_path):
     text = open(tmp_path / 'results.md').read()
     assert '80.50 ± 0.71 (n=2)' in text and '| +2.30 | +2.06 |' in text
     assert json.load(open(tmp_path / 'results.json'))['tolerance'] == 0.5
+
+
+def test_each_seed_is_an_experiment_of_its_own(tmp_path):
+    plan = Plan(SEG_CONFIG, 1, ReproduceOptions(work_dir=str(tmp_path), mini=True))
+    assert plan.name == f'{SEG}@seed1'
+    assert plan.dir == osp.join(str(tmp_path), SEG, 'seed1')
+    assert 'randomness.seed=1' in plan.cfg_options and plan.cfg.randomness.seed == 1
+    assert plan.final_checkpoint == osp.join(plan.dir, 'train', 'iter_200.pth')

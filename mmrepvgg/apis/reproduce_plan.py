@@ -70,7 +70,9 @@ class Plan:
         if seed is not None:
             extra.append(f'randomness.seed={seed}')
         self.scope = scope_of(cfg)
-        self.cuda = torch.cuda.is_available() and not options.mini
+        # GPUs: this machine's, or those asked for (a slurm job's nodes, not the login node)
+        self.cuda = not options.mini and (torch.cuda.is_available() or bool(options.gpus)
+                                          or options.launcher == 'slurm')
         self.per_gpu = int(cfg.train_dataloader.batch_size)
         base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
         self.config_gpus = max(1, base // self.per_gpu) if base else None
@@ -79,7 +81,7 @@ class Plan:
         # SyncBN (the segmentation configs) needs a process group even on one GPU.
         self.launcher = options.launcher if options.launcher != 'none' else (
             'pytorch' if self.procs > 1 or (self.cuda and self.scope == 'mmseg') else 'none')
-        if self.launcher != 'none' and not torch.cuda.is_available():
+        if self.launcher != 'none' and not self.cuda:
             extra.append('env_cfg.dist_cfg.backend=gloo')  # nccl needs CUDA
         self.base_batch = base
         self.base_lr = cfg.optim_wrapper.get('optimizer', {}).get('lr')
@@ -137,11 +139,13 @@ class Plan:
                         CPUS_PER_TASK=str(self.options.cpus_per_task))
         return {}
 
+    def _options(self) -> List[str]:
+        return ['--cfg-options', *self.cfg_options] if self.cfg_options else []
+
     def train_command(self, resume: bool) -> List[str]:
         args = [self.config, '--work-dir', self.train_dir] + (['--resume'] if resume else [])
         args += ['--mini'] if self.options.mini else []
-        return self._launch('train', args + ['--cfg-options', *self.cfg_options],
-                            f'{self.stem}-train')
+        return self._launch('train', args + self._options(), f'{self.stem}-train')
 
     def test_dir(self, step: str) -> str:
         return osp.join(self.dir, step)
@@ -150,8 +154,7 @@ class Plan:
         args = [self.config, self.final_checkpoint, '--work-dir', self.test_dir(step)]
         args += ['--deploy'] if step == 'deploy' else []
         args += ['--mini'] if self.options.mini else []
-        return self._launch('test', args + ['--cfg-options', *self.cfg_options],
-                            f'{self.stem}-{step}')
+        return self._launch('test', args + self._options(), f'{self.stem}-{step}')
 
     def speed_commands(self) -> List[List[str]]:
         """Two runs of tools/benchmark.py: the backbone (RepVGG fused and not, or the
@@ -184,7 +187,7 @@ class Plan:
             '--archs', 'none', '--resnets', 'none', '--config', self.config,
             '--batch-size', '1', '--input-size', *map(str, shape), '--modes', 'eager',
             *timing, '--json', osp.join(self.dir, 'speed_model.json'),
-            *(['--cfg-options', *self.cfg_options] if self.cfg_options else [])]))
+            *self._options()]))
         if self.launcher == 'slurm':  # on a GPU node, one task
             srun = ['srun', '-p', self.options.partition or '', '--job-name',
                     f'{self.stem}-speed', '--gres=gpu:1', '--ntasks=1',
@@ -270,8 +273,8 @@ def preflight(plans: Sequence[Plan], options) -> List[str]:
             if 'train' in options.steps and not options.dry_run:
                 problems += [f'{plan.name}: {p}' for p in
                              weight_problems(weight_urls(plan.cfg), checked)]
-    if options.gpus and not options.mini:
-        problems += environment_problems(want_cuda=True)
+    if options.gpus and not options.mini and options.launcher != 'slurm':
+        problems += environment_problems(want_cuda=True)  # (srun runs on other nodes)
     if options.launcher == 'slurm' and not options.partition:
         problems.append('--launcher slurm needs --partition')
     if options.launcher == 'slurm' and shutil.which('srun') is None and not options.dry_run:
