@@ -307,6 +307,7 @@ def test_benchmark_skips_resnet_rows_without_mmdet(monkeypatch):
                               'onnxruntime-int8, openvino-int8, aoti, winograd-aoti, auto, '
                               'all'),
     (['--resnets', '42'], '--resnets takes depths'),
+    (['--recommend', 'a.py', 'b.pth', 'c'], '--recommend takes CONFIG [CHECKPOINT]'),
 ])
 def test_tool_bad_arguments(argv, message):
     proc = run_tool(*argv)

@@ -10,6 +10,8 @@ and whole models from config files, all timed in ONE process, interleaved round-
   # the models exported to ONNX, in ONNX Runtime and OpenVINO (CPU only), against torch
   python tools/benchmark.py --archs B1g2 --resnets 101 \\
       --modes eager,compile,onnxruntime,openvino,openvino-bf16
+  # which engine to deploy a config's fused model with on this machine
+  python tools/benchmark.py --recommend configs/pspnet_repvgg_b1g2_cityscapes.py CKPT
   # GPU: fp32 and AMP, results and a speed/accuracy plot
   python tools/benchmark.py --device cuda --batch-size 128 --precision fp32,amp \\
       --archs A0,A1,A2,B0,B1g4,B1g2,B1 --json out.json --plot out.png
@@ -34,6 +36,7 @@ from mmrepvgg.apis.benchmark_models import BACKEND_MODES, RESNET_DEPTHS
 from mmrepvgg.apis.benchmark_plot import write_plot
 from mmrepvgg.apis.benchmark_report import format_report, write_json
 from mmrepvgg.apis.benchmark_run import BenchmarkOptions, run_benchmark
+from mmrepvgg.apis.recommend import format_recommendation, recommend
 from mmrepvgg.models import ARCH_SETTINGS
 from mmrepvgg.numerics import PRECISIONS
 from mmrepvgg.ops.inference import AUTO_MODE, MODES, resolve_device
@@ -112,7 +115,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--json', default=None, metavar='PATH', help='write results as JSON')
     parser.add_argument('--plot', default=None, metavar='PATH',
                         help='write a PNG of backbone speed vs ImageNet top-1 (paper values)')
+    parser.add_argument('--recommend', nargs='+', metavar=('CONFIG', 'CHECKPOINT'),
+                        help='time every deployable form of CONFIG\'s fused model (random '
+                             'weights, or CHECKPOINT\'s) on this CPU at its test input size '
+                             'and name the fastest within --max-drop, with its commands')
+    parser.add_argument('--max-drop', type=float, default=1e-3,
+                        help='--recommend: the largest relative output difference from the '
+                             'fp32 model allowed (default 1e-3)')
+    parser.add_argument('--mini', action='store_true',
+                        help='--recommend: the input size of the --mini test pipeline')
     args = parser.parse_args(argv)
+    if args.recommend is not None:
+        if len(args.recommend) > 2:
+            parser.error(f'--recommend takes CONFIG [CHECKPOINT], got {args.recommend}')
+        if args.max_drop < 0:
+            parser.error(f'--max-drop must be >= 0, got {args.max_drop}')
+        return args
 
     archs = _csv(args.archs)
     if archs == ['all']:
@@ -169,7 +187,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     command = 'python tools/benchmark.py ' + ' '.join(
         sys.argv[1:] if argv is None else list(argv))
-    result = run_benchmark(BenchmarkOptions(**vars(args)), command)
+    if args.recommend is not None:
+        result = recommend(*args.recommend, cfg_options=args.cfg_options, mini=args.mini,
+                           max_drop=args.max_drop, repeats=min(args.repeats, 5),
+                           warmup=min(args.warmup, 1), command=command)
+        print(format_recommendation(result))
+        if args.json:
+            write_json(args.json, result)
+        return result
+    options = {k: v for k, v in vars(args).items()
+               if k not in ('recommend', 'max_drop', 'mini')}
+    result = run_benchmark(BenchmarkOptions(**options), command)
     print(format_report(result))
     if args.plot:
         left_out = write_plot(args.plot, result['candidates'], result['environment'],

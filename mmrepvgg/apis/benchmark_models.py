@@ -105,6 +105,20 @@ def resnet_specs(depths: Sequence[int], seed: int, skipped: List[str]) -> List[M
     return specs
 
 
+def _whole_model_weights(checkpoint: str, cfg) -> dict:
+    """The state dict of a whole-model checkpoint; a fused one makes the config build its
+    backbone in deploy form."""
+    from ..checkpoint.fetch import load_file
+    from ..checkpoint.layouts import describe_checkpoint, whole_model_needed
+    state = load_file(checkpoint)
+    info = describe_checkpoint(state)
+    if info.holds != 'model':
+        raise ValueError(whole_model_needed(checkpoint, info, 'timing the model'))
+    if info.deploy:
+        cfg.model.backbone.deploy = True
+    return state.get('state_dict', state) if isinstance(state, dict) else state
+
+
 def _load_config(path: str):
     from mmengine.config import Config
     if '::' in path and not osp.exists(path):
@@ -128,10 +142,13 @@ def _dummy_data_samples(scope: str, batch: int, height: int, width: int) -> Opti
 
 def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], seed: int,
                  skipped: List[str], forms: Sequence[str] = ('train', 'fused'),
-                 cfg_options: Optional[dict] = None) -> List[ModelSpec]:
+                 cfg_options: Optional[dict] = None, checkpoint: Optional[str] = None
+                 ) -> List[ModelSpec]:
     """The models of config files (a project path or ``scope::path``), timed through
     ``forward`` ('_forward', 'extract_feat' or 'auto'); fused and not where they hold
-    RepVGG blocks. A config whose model cannot be built or run is added to ``skipped``."""
+    RepVGG blocks. Random weights (batch norms with non-trivial statistics), or those of
+    ``checkpoint`` (a whole model's, training or fused form). A config whose model cannot
+    be built or run is added to ``skipped``."""
     specs = []
     height, width = input_size
     for path in paths:
@@ -144,10 +161,14 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
             cfg = _load_config(path)
             if cfg_options:
                 cfg.merge_from_dict(cfg_options)
+            state = _whole_model_weights(checkpoint, cfg) if checkpoint else None
             scope = cfg.get('default_scope', None) or 'mmdet'
             init_default_scope(scope)
             torch.manual_seed(seed)
             model = revert_sync_batchnorm(MODELS.build(cfg.model))
+            if state is not None:
+                from mmengine.runner import load_state_dict
+                load_state_dict(model, state, strict=True)
             model.eval()
         except Exception as exc:  # noqa: BLE001
             msg = (f'skipped {path}: could not build the model ({type(exc).__name__}: '
@@ -156,7 +177,8 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
             log(msg)
             skipped.append(msg)
             continue
-        randomize_norm_stats(model, seed)
+        if state is None:
+            randomize_norm_stats(model, seed)
         # What to time: the tensor forward, or backbone+neck when it needs more than tensors
         # (e.g. a two-stage detector's proposals) and cannot run on a dummy batch.
         choices = {'_forward': [('_forward', True)], 'extract_feat': [('extract_feat', False)],

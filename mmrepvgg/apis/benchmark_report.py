@@ -3,10 +3,9 @@ the table and notes ``tools/benchmark.py`` prints, the comparisons of each fused
 with its training form and with the plain models (same treatment, best of each,
 deployed vs as-is), and the JSON file."""
 import json
-import os
-import os.path as osp
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..fileio import write_text_atomic
 from .benchmark import Candidate, ratio
 from .benchmark_models import BACKEND_MODES
 
@@ -271,6 +270,4 @@ def format_report(result: Dict[str, Any]) -> str:
 
 def write_json(path: str, result: Dict[str, Any]) -> None:
     """``result`` as an indented JSON file (its folder made where missing)."""
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(path, json.dumps(result, indent=1))

@@ -45,6 +45,7 @@ class BenchmarkOptions:
     resnets: Sequence[int] = (50, 101)
     config: Sequence[str] = ()
     cfg_options: Optional[dict] = None  # merged over every config
+    checkpoint: Optional[str] = None    # weights of the (one) config's model, else random
     forward: str = 'auto'
     device: Any = None           # resolved: cuda when available, else cpu
     modes: Sequence[str] = ('eager',)
@@ -69,12 +70,15 @@ class BenchmarkOptions:
         self.device = resolve_device(self.device)
 
 
-def _max_abs_error(output: Any, reference: Any) -> Optional[float]:
-    """max |output - reference|; None where the two hold no comparable tensors."""
+def _record_error(info: Dict[str, Any], output: Any, reference: Any) -> None:
+    """``max_abs_diff`` (max |output - reference|) and ``rel_diff`` (over the reference's
+    largest value) into ``info``; None where the two hold no comparable tensors."""
     try:
-        return output_error(output, reference).max_abs
+        error = output_error(output, reference)
     except ValueError:
-        return None
+        info['max_abs_diff'] = info['rel_diff'] = None
+    else:
+        info['max_abs_diff'], info['rel_diff'] = error.max_abs, error.relative
 
 
 def _torch_setup(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor,
@@ -90,7 +94,7 @@ def _torch_setup(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor,
         prepared = runner.prepare_input(inputs)
         ref = spec.reference or spec
         if ref.output is not None:
-            cand.info['max_abs_diff'] = _max_abs_error(runner.run(prepared), ref.output)
+            _record_error(cand.info, runner.run(prepared), ref.output)
         return lambda: runner.run(prepared)
     return setup
 
@@ -150,7 +154,7 @@ def _checked_call(cand: Candidate, spec: ModelSpec, runner, inputs: torch.Tensor
     output = runner(inputs)
     ref = spec.reference or spec
     if ref.exported_output is not None:
-        cand.info['max_abs_diff'] = _max_abs_error(output, ref.exported_output)
+        _record_error(cand.info, output, ref.exported_output)
     return lambda: runner(inputs)
 
 
@@ -271,7 +275,7 @@ def run_benchmark(options: BenchmarkOptions, command: str = '') -> Dict[str, Any
     specs = repvgg_specs(options.archs, options.forms, options.seed)
     specs += resnet_specs(options.resnets, options.seed, skipped)
     specs += config_specs(options.config, options.forward, options.input_size, options.seed,
-                          skipped, options.forms, options.cfg_options)
+                          skipped, options.forms, options.cfg_options, options.checkpoint)
     if not specs:
         raise SystemExit('nothing left to time: ' + '; '.join(skipped))
     gen = torch.Generator().manual_seed(options.seed)
