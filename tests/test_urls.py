@@ -107,6 +107,21 @@ def server(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def unpickles(monkeypatch):
+    """The files the checkpoint loader unpickles (verifying downloads included)."""
+    from mmrepvgg.checkpoint import fetch
+    read = []
+
+    def counted(path, *args, **kwargs):
+        read.append(os.path.basename(path))
+        return loader(path, *args, **kwargs)
+
+    loader = fetch.torch_load_safely
+    monkeypatch.setattr(fetch, 'torch_load_safely', counted)
+    return read
+
+
+@pytest.fixture
 def release(randomize, tmp_path):
     """An mmpretrain-layout release file of RepVGG-A0 (backbone.stem.branch_3x3...,
     head.fc.*), renamed by hand from our model's state dict: (source model, path)."""
@@ -122,7 +137,8 @@ def release(randomize, tmp_path):
 
 
 # ------------------------------------------------------------------------ tools/test.py
-def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeypatch):
+def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeypatch,
+                                                  unpickles):
     url = server.serve(seg.ckpt, 'iter_1.pth')
 
     def test(ckpt, name, **kwargs):
@@ -131,8 +147,10 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
 
     plain, plain_work = test(url, 'plain')
     # one download serves both the form check and the runner, which reads the cached
-    # copy (byte for byte the served file) with weights_only loading, not the URL
+    # copy (byte for byte the served file) with weights_only loading, not the URL; the
+    # object verifying the download loaded is the one the model gets: one unpickling
     assert server.gets == ['/iter_1.pth']
+    assert len(unpickles) == 1, unpickles
     cached = server.cache / 'iter_1.pth'
     assert cached.read_bytes() == seg.ckpt.read_bytes()
     assert f'Load checkpoint from {cached}' in _log_text(plain_work)
@@ -148,12 +166,13 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
                              _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
 
 
-def test_export_by_url_reads_the_file_once(seg, server, tmp_path):
+def test_export_by_url_reads_the_file_once(seg, server, tmp_path, unpickles):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     out = tmp_path / 'backbone.onnx'
     report = _run(export, seg.root, SEG_CONFIG, url, out, mini=True, part='backbone',
                   options=SEG_MODEL)
     assert server.gets == ['/iter_1.pth'] and out.is_file()
+    assert len(unpickles) == 1, unpickles  # the download's verification read serves all
     assert report['fusion']['blocks'] == A0_BLOCKS and report['parity']['within']
 
 

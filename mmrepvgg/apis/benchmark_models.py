@@ -108,15 +108,11 @@ def resnet_specs(depths: Sequence[int], seed: int, skipped: List[str]) -> List[M
 def _whole_model_weights(checkpoint: str, cfg) -> dict:
     """The state dict of a whole-model checkpoint; a fused one makes the config build its
     backbone in deploy form."""
-    from ..checkpoint.fetch import load_file
-    from ..checkpoint.layouts import describe_checkpoint, whole_model_needed
-    state = load_file(checkpoint)
-    info = describe_checkpoint(state)
-    if info.holds != 'model':
-        raise ValueError(whole_model_needed(checkpoint, info, 'timing the model'))
+    from ..checkpoint.convert import read_model_checkpoint
+    state, info = read_model_checkpoint(checkpoint, request='timing the model')
     if info.deploy:
         cfg.model.backbone.deploy = True
-    return state.get('state_dict', state) if isinstance(state, dict) else state
+    return state.get('state_dict', state)
 
 
 def _load_config(path: str):

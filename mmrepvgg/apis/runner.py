@@ -7,7 +7,7 @@ from typing import Any, Optional
 from mmengine.config import Config
 from mmengine.hooks import Hook
 
-from ..checkpoint.fetch import fetch_checkpoint, load_file
+from ..checkpoint.fetch import fetch_and_load, fetch_checkpoint
 from ..checkpoint.layouts import describe_checkpoint
 from ..env import cuda_unusable_reason
 from .config import apply_deploy, apply_test_args, apply_train_args, load_config
@@ -50,12 +50,11 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
             raise SystemExit('--deploy fuses a checkpoint; an exported file is fused '
                              'already: drop --deploy')
     else:
-        source = resolve_checkpoint(checkpoint)
         try:
-            state = load_file(source)
+            source, state = fetch_and_load(checkpoint)
             info = describe_checkpoint(state)
-        except (OSError, ValueError, TypeError) as err:  # missing, corrupt, not ours
-            raise SystemExit(f'error: {err}')
+        except (OSError, ValueError, TypeError) as err:  # missing, failed download,
+            raise SystemExit(f'error: {err}')             # corrupt, not ours
         cfg = apply_deploy(cfg, source, info, deploy)
     cfg = apply_test_args(cfg, out, show, show_dir, wait_time)
     runner = build_runner(cfg)

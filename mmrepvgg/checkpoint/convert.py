@@ -12,22 +12,35 @@ from mmengine.config import Config
 from ..fileio import save_atomic
 from ..reparam import format_report, fuse_and_report
 from .backbone import load_backbone_checkpoint
-from .fetch import fetch_checkpoint, is_remote_checkpoint, load_file
+from .fetch import fetch_and_load, is_remote_checkpoint
 from .layouts import describe_checkpoint, to_mmrepvgg, whole_model_needed
 
 
-def _fetch_and_check(checkpoint: str, dst: str) -> str:
-    """The local file to read for ``checkpoint`` (a path, or a URL downloaded once into
-    torch's cache), after making sure ``dst`` is not that file."""
-    src = fetch_checkpoint(checkpoint)
-    if is_remote_checkpoint(src):  # pavi://, s3://: read by mmengine's backend
-        return src
-    if not osp.isfile(src):
-        raise FileNotFoundError(f'checkpoint not found: {src}')
-    if osp.abspath(src) == osp.abspath(dst) or (osp.exists(dst) and osp.samefile(src, dst)):
+def _read(checkpoint: str, dst: Optional[str] = None):
+    """``checkpoint`` (a path, or a URL downloaded once into torch's cache) read once,
+    after making sure the output ``dst`` is not that file."""
+    src, state = fetch_and_load(checkpoint)
+    if dst is not None and not is_remote_checkpoint(src) and (
+            osp.abspath(src) == osp.abspath(dst)
+            or (osp.exists(dst) and osp.samefile(src, dst))):
         raise ValueError(f'output {dst} is the input checkpoint; choose another path, the '
                          'input is never overwritten')
-    return src
+    return state
+
+
+def read_model_checkpoint(checkpoint: str, part: Optional[str] = 'model',
+                          request: str = 'the request', avoid: Optional[str] = None):
+    """``(state, CheckpointInfo)`` of ``checkpoint``. ``part``: 'model' needs a whole
+    model's weights (a backbone release is refused, naming ``request``); 'backbone' or
+    None also take a backbone file. ``avoid``: an output path that must not be the
+    checkpoint itself."""
+    source = _read(checkpoint, avoid)
+    if not isinstance(source, dict):
+        raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
+    info = describe_checkpoint(source)
+    if info.holds == 'backbone' and part == 'model':
+        raise ValueError(whole_model_needed(checkpoint, info, request))
+    return source, info
 
 
 def _source_name(checkpoint: str) -> str:
@@ -57,13 +70,7 @@ def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
     """
     from mmengine.runner import load_state_dict
 
-    source = load_file(_fetch_and_check(checkpoint, avoid) if avoid else
-                       fetch_checkpoint(checkpoint))
-    if not isinstance(source, dict):
-        raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
-    info = describe_checkpoint(source)
-    if info.holds == 'backbone' and part == 'model':
-        raise ValueError(whole_model_needed(checkpoint, info, request))
+    source, info = read_model_checkpoint(checkpoint, part, request, avoid)
     options = dict(cfg_options or {})
     if info.deploy:
         options['model.backbone.deploy'] = True  # load the fused weights as they are
@@ -120,7 +127,7 @@ def convert_release(checkpoint: str, output: str) -> dict:
     """Map a release file's keys (a path or a URL) onto this project's backbone layout,
     head dropped."""
     # the whole object, so a whole model's non-backbone keys count as dropped
-    state, info = to_mmrepvgg(load_file(_fetch_and_check(checkpoint, output)))
+    state, info = to_mmrepvgg(_read(checkpoint, output))
     save_atomic(dict(meta=dict(source_checkpoint=_source_name(checkpoint),
                                source_layout=info['layout'], mmrepvgg_deploy=info['deploy']),
                      state_dict=state), output)

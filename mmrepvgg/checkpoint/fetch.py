@@ -29,7 +29,7 @@ import torch
 from ..fileio import staged_files
 from .loading import UnsafeCheckpointError, torch_load_safely
 
-__all__ = ['load_file', 'fetch_checkpoint', 'is_remote_checkpoint',
+__all__ = ['load_file', 'fetch_and_load', 'fetch_checkpoint', 'is_remote_checkpoint',
            'CheckpointDownloadError']
 
 _HTTP = ('http://', 'https://')
@@ -263,7 +263,16 @@ def fetch_checkpoint(name: Union[str, os.PathLike]) -> str:
 
 
 def load_file(path: Union[str, os.PathLike], map_location: Any = 'cpu') -> Any:
-    """The checkpoint at ``path`` (a file, URL or model-zoo name), loaded weights-only.
+    """The checkpoint at ``path`` (a file, URL or model-zoo name), loaded weights-only
+    (see :func:`fetch_and_load`)."""
+    return fetch_and_load(path, map_location)[1]
+
+
+def fetch_and_load(path: Union[str, os.PathLike], map_location: Any = 'cpu'
+                   ) -> Tuple[str, Any]:
+    """``(where it was read, the checkpoint)`` for ``path`` (a file, URL or model-zoo
+    name), loaded weights-only: the file is resolved once and unpickled once, also on
+    the first download (whose verification already loads it).
 
     A remote checkpoint is downloaded once and verified (see :func:`fetch_checkpoint`),
     never read through ``torch.hub.load_state_dict_from_url`` (which mmengine's http
@@ -280,18 +289,18 @@ def load_file(path: Union[str, os.PathLike], map_location: Any = 'cpu') -> Any:
     name = os.fspath(path)
     local, checkpoint = _fetch(name, map_location)
     if checkpoint is not None:
-        return checkpoint
+        return local, checkpoint
     if is_remote_checkpoint(local):  # pavi://, s3://: read by mmengine's backend, whose
         # loaders call torch.load with its default, weights_only=True
         from mmengine.runner import CheckpointLoader
         from .loading import allow_mmengine_checkpoint_types
         allow_mmengine_checkpoint_types()
-        return CheckpointLoader.load_checkpoint(local, map_location)
+        return local, CheckpointLoader.load_checkpoint(local, map_location)
     if not os.path.isfile(local):
         raise FileNotFoundError(f'checkpoint file not found: {local}')
     label = name if local == name else f'{name} (local copy {local})'
     try:
-        return torch_load_safely(local, label, map_location)
+        return local, torch_load_safely(local, label, map_location)
     except UnsafeCheckpointError:
         raise
     except ValueError as err:
@@ -299,4 +308,4 @@ def load_file(path: Union[str, os.PathLike], map_location: Any = 'cpu') -> Any:
         if url is None:
             raise
         _drop_cached(local, what, str(err))  # e.g. a legacy-format file cut short
-        return _fetch(name, map_location)[1]
+        return _fetch(name, map_location)
