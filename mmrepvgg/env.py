@@ -4,12 +4,12 @@ the CPU silently on a machine whose GPU torch cannot use."""
 import os
 import re
 import subprocess
-from typing import List, NamedTuple, Optional
+from typing import FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
 __all__ = ['Check', 'environment_checks', 'gpu_present', 'driver_version',
-           'cuda_unusable_reason']
+           'cuda_unusable_reason', 'cpu_info']
 
 # The oldest NVIDIA driver (Linux) each CUDA major version's builds run on: CUDA 12 builds
 # run on any CUDA 12 driver (minor-version compatibility), CUDA 13 ones need a 580 driver.
@@ -20,6 +20,25 @@ class Check(NamedTuple):
     name: str
     ok: bool
     detail: str
+
+
+def cpu_info() -> Tuple[Optional[str], FrozenSet[str]]:
+    """This CPU's model name and feature flags (``avx2``, ``avx512f``, ``amx_tile``, ...)
+    from /proc/cpuinfo; None and no flags where it cannot be read."""
+    model, flags = None, frozenset()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name' and model is None:
+                    model = value.strip()
+                elif key.strip() == 'flags' and not flags:
+                    flags = frozenset(value.split())
+                if model is not None and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
 
 
 def gpu_hidden() -> bool:

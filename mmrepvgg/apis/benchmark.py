@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..env import cpu_info
 from ..numerics import fp32_math, fp32_math_flags
 from ..ops.inference import describe_error, synchronize
 
@@ -244,14 +245,9 @@ def environment() -> Dict[str, Any]:
     """What a benchmark report should state about the machine and software."""
     info = {'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'python': sys.version.split()[0], 'cpu_count': os.cpu_count()}
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    info['cpu'] = line.split(':', 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_info()[0]
+    if model is not None:
+        info['cpu'] = model
     if hasattr(os, 'getloadavg'):
         info['loadavg'] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..deploy.export import config_input_shape
+from ..env import cpu_info
 from .benchmark_run import BenchmarkOptions, run_benchmark
 from .config import load_config
 
@@ -30,13 +31,7 @@ _DEFAULT_BUDGET = 1e-3
 
 def cpu_class() -> str:
     """The widest vector/matrix extension of this CPU: AMX, AVX-512, AVX2 or older."""
-    flags = set()
-    try:
-        with open('/proc/cpuinfo') as f:
-            flags = set(next((line.split(':', 1)[1].split() for line in f
-                              if line.startswith('flags')), []))
-    except OSError:
-        pass
+    flags = cpu_info()[1]
     if {'amx_bf16', 'amx_tile'} & flags:
         return 'AMX'
     if 'avx512f' in flags:

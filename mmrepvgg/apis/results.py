@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..env import cpu_info
 from ..fileio import write_text_atomic
 from .experiments import PAIRS, reference_for
 
@@ -37,17 +38,10 @@ def environment_summary(plan) -> dict:
     """What decides a result besides the code: software, hardware and the run's split."""
     cfg = plan.cfg
     randomness = cfg.get('randomness') or {}
-    cpu = None
-    try:
-        with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f
-                        if line.startswith('model name')), None)
-    except OSError:
-        pass
     cuda = torch.cuda.is_available()
     return dict(torch=torch.__version__, cuda=torch.version.cuda if cuda else None,
                 gpu=torch.cuda.get_device_name(0) if cuda else None,
-                cpu=cpu, gpus=plan.procs if plan.cuda else 0, processes=plan.procs,
+                cpu=cpu_info()[0], gpus=plan.procs if plan.cuda else 0, processes=plan.procs,
                 launcher=plan.launcher, images_per_gpu=plan.per_gpu,
                 batch=plan.procs * plan.per_gpu, learning_rate=plan.learning_rate,
                 seed=randomness.get('seed'),
