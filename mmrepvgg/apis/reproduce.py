@@ -5,6 +5,7 @@ same command again skips what is done and resumes an interrupted training."""
 import json
 import os
 import os.path as osp
+import shlex
 import socket
 import subprocess
 import time
@@ -13,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..fileio import write_text_atomic
 from .experiments import DEFAULT_TOLERANCE
-from .reproduce_plan import Plan, plan_experiment
+from .reproduce_plan import Plan, plan_experiment, preflight
 from .results import environment_summary, git_commit, metrics_line, write_results
 
 __all__ = ['STEPS', 'ReproduceOptions', 'reproduce']
@@ -48,7 +49,6 @@ def _free_port() -> int:
 
 
 def _shell(argv: Sequence[str], env: Dict[str, str]) -> str:
-    import shlex
     return ' '.join([f'{k}={shlex.quote(v)}' for k, v in env.items()]
                     + [shlex.quote(str(a)) for a in argv])
 
@@ -56,10 +56,14 @@ def _shell(argv: Sequence[str], env: Dict[str, str]) -> str:
 class Run:
     """One experiment's steps, its ``result.json`` and its console lines."""
 
-    def __init__(self, plan: Plan, options: ReproduceOptions, say: Callable[[str], None]):
+    def __init__(self, plan: Plan, options: ReproduceOptions, say: Callable[[str], None],
+                 commit: Optional[str]):
         self.plan, self.options, self.say = plan, options, say
         self.path = osp.join(plan.dir, 'result.json')
         self.result = self._read()
+        # what this invocation runs with: recorded with every step it saves
+        self.facts = dict(config=plan.config, commit=commit,
+                          environment=environment_summary(plan))
         self.ran: List[str] = []  # steps run in this invocation
 
     def _read(self) -> dict:
@@ -72,8 +76,7 @@ class Run:
     def save(self) -> None:
         if self.options.dry_run:
             return
-        self.result.update(config=self.plan.config, commit=git_commit(),
-                           environment=environment_summary(self.plan))
+        self.result.update(self.facts)
         os.makedirs(self.plan.dir, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.result, indent=1, default=str))
 
@@ -104,9 +107,10 @@ class Run:
         """Run ``step`` unless done; False when it failed or could not start."""
         plan, say = self.plan, self.say
         if step == 'deploy' and not plan.fusable:
-            self.result['steps'][step] = dict(status='skipped', reason=(
-                'no RepVGG backbone: nothing to fuse, the test metrics stand'))
-            self.save()
+            if self.status(step) != 'skipped':
+                self.result['steps'][step] = dict(status='skipped', reason=(
+                    'no RepVGG backbone: nothing to fuse, the test metrics stand'))
+                self.save()
             say(f'{plan.name}: deploy skipped: no RepVGG backbone, nothing to fuse')
             return True
         if not self.needed(step):
@@ -183,11 +187,10 @@ class Run:
     def _collect(self, step: str, entry: dict) -> None:
         plan = self.plan
         if step == 'train':
-            from ..checkpoint.publish import publish_checkpoint
             if not osp.isfile(plan.final_checkpoint):
                 raise ValueError(f'training ended without {plan.final_checkpoint}')
             entry['outputs'] = dict(checkpoint=plan.final_checkpoint,
-                                    published=plan.publish(publish_checkpoint),
+                                    published=plan.publish(),
                                     learning_rate=plan.learning_rate)
         elif step in ('test', 'deploy'):
             work = plan.test_dir(step)
@@ -211,14 +214,14 @@ def reproduce(configs: Sequence[str], options: ReproduceOptions,
     if len(set(names)) != len(names):
         raise SystemExit('two experiments share a name (the config file stem): '
                          + ', '.join(sorted({n for n in names if names.count(n) > 1})))
-    from .reproduce_plan import preflight
     problems = preflight(plans, options)
     for problem in problems:
         shout(f'check failed: {problem}')
     if problems and not options.dry_run:
         raise SystemExit(f'{len(problems)} check(s) failed before any training; nothing '
                          'was run')
-    runs = [Run(plan, options, shout) for plan in plans]
+    commit = None if options.dry_run else git_commit()
+    runs = [Run(plan, options, shout, commit) for plan in plans]
     failed = set()
     for run in runs:
         for step in STEPS:

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from mmengine.config import Config, DictAction
 
+from ..checkpoint.publish import publish_checkpoint
 from ..deploy.export import config_input_shape
 from .config import load_config, scope_of
 from .experiments import config_stem
@@ -75,24 +76,23 @@ class Plan:
                                           or options.launcher == 'slurm')
         self.per_gpu = int(cfg.train_dataloader.batch_size)
         base = (cfg.get('auto_scale_lr') or {}).get('base_batch_size')
-        self.config_gpus = max(1, base // self.per_gpu) if base else None
-        self.procs = options.gpus or (self.config_gpus if self.cuda and self.config_gpus
-                                      else 1)
+        config_gpus = max(1, base // self.per_gpu) if base else None
+        self.procs = options.gpus or (config_gpus if self.cuda and config_gpus else 1)
         # SyncBN (the segmentation configs) needs a process group even on one GPU.
         self.launcher = options.launcher if options.launcher != 'none' else (
             'pytorch' if self.procs > 1 or (self.cuda and self.scope == 'mmseg') else 'none')
         if self.launcher != 'none' and not self.cuda:
             extra.append('env_cfg.dist_cfg.backend=gloo')  # nccl needs CUDA
-        self.base_batch = base
         self.base_lr = cfg.optim_wrapper.get('optimizer', {}).get('lr')
         self.learning_rate = self._check_batch(base)
         if options.scale_lr:
             extra.append('auto_scale_lr.enable=True')
         self.cfg_options = list(options.cfg_options) + extra
-        self.cfg = load_config(config, cfg_options=parse_cfg_options(self.cfg_options),
-                               mini=options.mini)
-        loop = self.cfg.train_cfg
-        backbone = self.cfg.model.get('backbone') or {}
+        if extra:  # over the user's options, as the tools merge them (config read once)
+            cfg.merge_from_dict(parse_cfg_options(extra))
+        self.cfg = cfg
+        loop = cfg.train_cfg
+        backbone = cfg.model.get('backbone') or {}
         self.fusable = 'RepVGG' in str(backbone.get('type', ''))
         self.final_checkpoint = osp.join(self.train_dir, f'iter_{loop.max_iters}.pth'
                                          if 'max_iters' in loop else
@@ -162,7 +162,7 @@ class Plan:
         CPU one, and the whole model at the config's test size, batch 1."""
         backbone = self.cfg.model.get('backbone', {})
         kind = str(backbone.get('type', ''))
-        if 'RepVGG' in kind and isinstance(backbone.get('arch'), str):
+        if self.fusable and isinstance(backbone.get('arch'), str):
             rows = ['--archs', backbone['arch'], '--resnets', 'none']
         elif 'ResNet' in kind:
             rows = ['--archs', 'none', '--resnets', str(backbone.get('depth'))]
@@ -201,7 +201,7 @@ class Plan:
         with open(osp.join(self.train_dir, 'last_checkpoint')) as f:
             return osp.basename(f.read().strip())
 
-    def publish(self, publish_checkpoint) -> str:
+    def publish(self) -> str:
         """The final checkpoint without optimizer state, named by its sha256 prefix, beside
         the config mmengine dumped and the training log."""
         folder = osp.join(self.dir, 'publish')
