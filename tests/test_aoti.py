@@ -19,7 +19,8 @@ import torch
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.checkpoint.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, PackageRunner, load_backend, package_module
-from mmrepvgg.deploy.aoti import SHAPE_KEY, TORCH_KEY, read_package_metadata
+from mmrepvgg.deploy.aoti import KERNEL_KEY, SHAPE_KEY, TORCH_KEY, read_package_metadata
+from mmrepvgg.ops import winograd_kernel
 from mmrepvgg.deploy.parity import runner_parity
 from mmrepvgg.ops.winograd import (WinogradConv2d, convert_to_winograd,
                                    winograd_unsupported_reason)
@@ -100,6 +101,29 @@ def test_winograd_package_holds_winograd_convs_and_stays_close_to_direct(package
     assert not any(torch.equal(a, b) for a, b in zip(winograd, direct))  # other arithmetic
 
 
+def _compiled_bytes(path):
+    """Bytes of the package's compiled library, which holds its frozen weights."""
+    with zipfile.ZipFile(path) as archive:
+        return sum(i.file_size for i in archive.infolist() if i.filename.endswith('.so'))
+
+
+def test_winograd_package_holds_the_weights_at_their_size(packages):
+    """The package keeps the 3x3 weights (its op transforms them when first called), so it
+    is the size of the direct one, not (4+2)^2 / 9 = 4 times the Winograd convs' weights."""
+    _, x, made = packages
+    direct, winograd = (_compiled_bytes(made[n]['path']) for n in ('direct', 'winograd'))
+    weights = sum(m.weight.numel() * 4 for m in made['winograd']['model'].modules()
+                  if isinstance(m, WinogradConv2d))
+    assert winograd < direct + weights  # far below direct + 3 x weights, the old layout
+    runner = load_backend(made['winograd']['path'], 'aoti')
+    before = winograd_kernel.transformed_bytes()
+    runner(x)
+    first = winograd_kernel.transformed_bytes() - before
+    assert first >= 4 * weights  # the transform, in memory: 36/9 x, plus panel padding
+    runner(x)
+    assert winograd_kernel.transformed_bytes() - before == first  # once, not per call
+
+
 def test_package_refuses_another_shape_naming_its_own(packages):
     _, x, made = packages
     runner = load_backend(made['direct']['path'], 'aoti')
@@ -135,6 +159,12 @@ def test_package_of_another_torch_or_cpu_is_refused_by_name(packages, tmp_path):
     tagged = str(tmp_path / 'tagged.pt2')
     _rewrite_metadata(src, tagged, **{TORCH_KEY: torch.__version__.split('+')[0] + '+xyz'})
     assert PackageRunner(tagged).input_shape == list(SHAPE)
+    old_op = str(tmp_path / 'old_op.pt2')
+    _rewrite_metadata(made['winograd']['path'], old_op,
+                      **{KERNEL_KEY: 'mmrepvgg::winograd_conv3x3'})
+    with pytest.raises(ValueError, match=r'calls the Winograd op as an earlier version of '
+                                         r'mmrepvgg defined it .*export it again'):
+        PackageRunner(old_op)
     isa = str(tmp_path / 'other_isa.pt2')
     _rewrite_metadata(src, isa, AOTI_CPU_ISA='AMX_FUTURE')
     with pytest.raises(ValueError, match='compiled for AMX_FUTURE, which this CPU lacks'):

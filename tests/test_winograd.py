@@ -238,18 +238,34 @@ def _kernel_module(in_channels, out_channels, tile, groups=1, bias=True, relu=Fa
     return module
 
 
+@pytest.fixture(params=[16, 8], ids=['16-float-vectors', '8-float-vectors'])
+def vector_width(request):
+    """Each product path of the kernel (AVX-512's 16-float vectors, AVX2's 8), where the
+    kernel was built with it; the others are skipped, saying why."""
+    width = request.param
+    if not winograd_kernel.load_kernel():
+        pytest.skip(f'the C++ Winograd kernel is not available: {winograd_kernel.load_error()}')
+    if width not in winograd_kernel.vector_widths():
+        pytest.skip(f'the {width}-float product path is not built on this CPU (the kernel '
+                    'uses the widest vectors of the CPU it is built on; this one lacks '
+                    'AVX-512F)')
+    with winograd_kernel.use_vector_width(width):
+        yield width
+
+
 @pytest.mark.parametrize('tile', TILES)
 @pytest.mark.parametrize('channels,groups,bias,relu,size', [
     ((16, 16), 1, True, False, (9, 9)),
-    # output channels not a multiple of the 16-channel weight panel, 7 rows of products
-    # (not a multiple of the 6-row register block), a 1x3 map: every remainder path
+    # output channels a group not a multiple of either weight panel (16 or 32 channels),
+    # 4-7 rows of products (not a multiple of the 6 or 14-row register block), a 1x3 map
     ((12, 20), 2, False, True, (1, 3)),
-    # more than 256 input channels a group (two passes over the depth), 70 = 64 + 6
-    # channels a group (two channel blocks in the transforms), odd map
+    # more than 256 input channels a group (passes over the depth at either width), 70 =
+    # 64 + 6 channels a group (two channel blocks in the transforms; panels 32 + 32 + 6),
+    # 40 rows at tile 2 (three blocks of 14 or fewer), odd map
     ((600, 140), 2, True, True, (7, 10)),
 ])
 def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, groups, bias,
-                                                            relu, size):
+                                                            relu, size, vector_width):
     module = _kernel_module(*channels, tile, groups, bias, relu)
     x = torch.randn(2, channels[0], *size, dtype=torch.float64)
     conv = _conv(*channels, groups, bias)
@@ -258,7 +274,7 @@ def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, grou
     with torch.no_grad():
         out = module(x.float())
         reference, direct = activation(conv(x)), activation(conv32(x.float()))
-        # the torch-op form of the same module (the fallback), from the packed weights
+        # the torch-op form of the same module (the fallback), from the same weights
         fallback = activation(module._forward_torch(x.float()))
     assert out.shape == reference.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -268,28 +284,46 @@ def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, grou
         assert out.min() == 0
 
 
-def test_packed_weights_unpack_to_the_transformed_kernel():
-    kernel = torch.randn(36 * 2, 24, 20)
-    packed = winograd_kernel.pack_kernel(kernel)
-    assert packed.shape == (36 * 2 * 2, 24, winograd_kernel.PANEL)  # 20 -> 2 panels of 16
-    assert torch.equal(winograd_kernel.unpack_kernel(packed, 36 * 2, 20), kernel)
+def test_kernel_keeps_the_weights_at_their_size_and_transforms_them_once(vector_width):
+    conv = _conv(32, 48, 2, bias=False, dtype=torch.float32)
+    module = _kernel_module(32, 48, 6, 2, bias=False)
+    # what a state dict (and a package) holds: the 3x3 weights, not (6+2)^2 / 9 times them
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == {
+        'weight': (48, 16, 9)}
+    x = torch.randn(1, 32, 12, 12)
+    before = winograd_kernel.transformed_bytes()
+    with torch.no_grad():
+        first = module(x)
+        grown = winograd_kernel.transformed_bytes() - before
+        # 64 positions x 2 groups x 16 inputs x 24 outputs padded to whole panels
+        panel = 2 * vector_width
+        assert grown == 64 * 2 * 16 * (-(-24 // panel) * panel) * 4
+        assert torch.equal(module(x), first)
+        assert winograd_kernel.transformed_bytes() - before == grown  # kept, not redone
+        module.weight.mul_(2)  # a write to the weights: transformed again
+        assert torch.allclose(module(x), 2 * first, rtol=1e-5, atol=1e-5 * first.abs().max())
+        assert torch.allclose(first, conv(x), rtol=1e-4, atol=1e-4 * first.abs().max())
+    del module  # freed with the weights (at the kernel's next call or count)
+    assert winograd_kernel.transformed_bytes() == before
 
 
 def test_kernel_refuses_weights_that_do_not_fit_naming_shapes():
     module = _kernel_module(16, 32, 4)
+    op = torch.ops.mmrepvgg.winograd_conv3x3
+    matrices = (module.kernel_transform, module.input_transform, module.output_transform)
     x = torch.randn(1, 8, 6, 6)  # 8 channels, built for 16
     with pytest.raises(RuntimeError, match=r'does not fit input \[1, 8, 6, 6\]'):
-        torch.ops.mmrepvgg.winograd_conv3x3(x, module.kernel, module.bias,
-                                            module.input_transform, module.output_transform,
-                                            1, 32, False)
+        op(x, module.weight, module.bias, *matrices, 1, False)
     with pytest.raises(RuntimeError, match=r'transforms must be float32 \[S, S\] and \[m, S\]'):
-        torch.ops.mmrepvgg.winograd_conv3x3(torch.randn(1, 16, 6, 6), module.kernel, None,
-                                            module.output_transform, module.input_transform,
-                                            1, 32, False)
-    with pytest.raises(RuntimeError, match='must be a contiguous float32'):
-        torch.ops.mmrepvgg.winograd_conv3x3(torch.randn(1, 16, 6, 6), module.kernel.double(),
-                                            None, module.input_transform,
-                                            module.output_transform, 1, 32, False)
+        op(torch.randn(1, 16, 6, 6), module.weight, None, module.kernel_transform,
+           module.output_transform, module.input_transform, 1, False)
+    with pytest.raises(RuntimeError, match=r'weight must be a contiguous float32 \[out, in/groups, 9\]'):
+        op(torch.randn(1, 16, 6, 6), module.weight.double(), None, *matrices, 1, False)
+    with pytest.raises(RuntimeError, match=r'kernel_transform must be a contiguous float64 \[6, 3\]'):
+        op(torch.randn(1, 16, 6, 6), module.weight, None, module.kernel_transform.float(),
+           *matrices[1:], 1, False)
+    with pytest.raises(RuntimeError, match=r'32 floats per vector is not compiled in'):
+        torch.ops.mmrepvgg.winograd_set_vector_width(32)
 
 
 def test_conversion_moves_a_blocks_relu_into_its_conv(randomize):

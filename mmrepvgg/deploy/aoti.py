@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import Tensor, nn
 
-from ..ops.winograd_kernel import OP_NAME, load_error, load_kernel
+from ..ops.winograd_kernel import OP_NAME, OP_VERSION, load_error, load_kernel
 
 __all__ = ['PACKAGE_SUFFIX', 'package_module', 'read_package_metadata', 'PackageRunner']
 
@@ -34,8 +34,10 @@ PACKAGE_SUFFIX = '.pt2'
 TORCH_KEY = 'mmrepvgg.torch_version'
 SHAPE_KEY = 'mmrepvgg.input_shape'
 #: Set when the compiled code calls the C++ Winograd kernel, which a loading process
-#: must then have loaded (``mmrepvgg.ops.winograd_kernel``).
+#: must then have loaded (``mmrepvgg.ops.winograd_kernel``): the op and its interface
+#: generation (``OP_VERSION``).
 KERNEL_KEY = 'mmrepvgg.winograd_kernel'
+_KERNEL_VALUE = f'{OP_NAME} v{OP_VERSION}'
 # Written by AOTInductor itself: the vector instruction set its kernels were built for.
 _ISA_KEY = 'AOTI_CPU_ISA'
 _DEVICE_KEY = 'AOTI_DEVICE_KEY'
@@ -84,7 +86,7 @@ def package_module(module: nn.Module, example_input: Tensor, path: str,
     exported = time.perf_counter()
     if any(node.op == 'call_function' and str(node.target).startswith('mmrepvgg.')
            for node in program.graph.nodes):
-        meta[KERNEL_KEY] = OP_NAME
+        meta[KERNEL_KEY] = _KERNEL_VALUE
     torch._inductor.aoti_compile_and_package(
         program, package_path=path,
         inductor_configs={'freezing': True, 'aot_inductor.metadata': meta})
@@ -127,6 +129,11 @@ def check_package_compatible(path: str, metadata: Dict[str, str]) -> None:
     if device != 'cpu':
         raise ValueError(f'{osp.basename(path)} was compiled for {device}; it runs here on '
                          'the CPU only')
+    kernel = metadata.get(KERNEL_KEY)
+    if kernel and kernel != _KERNEL_VALUE:
+        raise ValueError(f'{osp.basename(path)} calls the Winograd op as an earlier version '
+                         f'of mmrepvgg defined it ({kernel}; this one has {_KERNEL_VALUE}): '
+                         'export it again')
     isa = metadata.get(_ISA_KEY, '').lower()
     available = _cpu_instruction_sets()
     if isa and isa != 'invalid_vec_isa' and isa not in available:

@@ -11,7 +11,7 @@ conv's weights (4x for F(4x4), 9x for F(7x7)), and at small batches reading it i
 part of the time. The paper credits RepVGG's speed on GPUs to this (cuDNN picks Winograd
 for 3x3 convs); oneDNN's CPU convs in torch are direct, so here it is a C++ op
 (``csrc/winograd_conv.cpp``: both transforms and the products in one call, the products
-by a register-blocked kernel on weights packed here) that eager, ``torch.compile`` and
+by a register-blocked kernel on weights it transforms and packs on first use) that eager, ``torch.compile`` and
 AOTInductor packages all call. Where the op cannot be built (no C++ compiler) and off the
 CPU, the same is computed with torch ops: each transform two passes (tile rows, then
 tile columns) that inductor turns into one vectorised loop each, products by ``bmm``.
@@ -25,7 +25,7 @@ tile columns) that inductor turns into one vectorised loop each, products by ``b
 
 The transforms come from the interpolation points (``POINTS``) by the Toom-Cook
 construction, exactly in rational arithmetic; the kernel transform is applied once, in
-float64. Accuracy in fp32: tile 2 is as accurate as a direct conv (its transforms are
+float64, when the model is first run (not stored: a package holds the 3x3 weights). Accuracy in fp32: tile 2 is as accurate as a direct conv (its transforms are
 exact small-integer sums); tiles 4 and 6 multiply by fractions and powers of 2 and lose
 a few bits (~1e-5 relative per conv, tests/test_winograd.py bounds it), tile 7 a few more
 (about 10x tile 6's error).
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gemm_conv import GemmConv2d, gemm_pays, gemm_unsupported_reason
-from .winograd_kernel import load_kernel, pack_kernel, unpack_kernel
+from .winograd_kernel import load_kernel
 
 #: Interpolation points of F(m x m, 3 x 3) per output tile m (plus the point at infinity):
 #: the usual small ones, whose powers stay near 1 in magnitude. Tile 7 (the one that splits
@@ -170,9 +170,12 @@ class WinogradConv2d(nn.Module):
     built, and on other devices and dtypes, it computes the same with torch ops, which are
     fast only under ``torch.compile``. ``uses_kernel`` says which.
 
-    The transformed kernel is computed once, in float64, and kept as buffer ``kernel``:
-    shape ``(tile+2)^2 * groups, in/groups, out/groups``, or with the C++ kernel, packed
-    by ``pack_kernel``; ``bias`` as given.
+    Buffers: ``weight``, the conv's 3x3 kernels as ``[out, in/groups, 9]`` (3-D, so that
+    converting a module to channels_last leaves it alone), and ``bias``: a package or a
+    state dict holds the weights at their own size. The C++ kernel transforms them (G w
+    G^T, in float64) on its first call and keeps the result while ``weight`` lives; the
+    torch-op form uses ``transformed_kernel()``, kept as buffer ``kernel`` when the C++
+    kernel is not available.
     """
 
     def __init__(self, conv: nn.Conv2d, tile: int = 4, relu: bool = False):
@@ -189,24 +192,34 @@ class WinogradConv2d(nn.Module):
         # the data transforms' entries: dyadic rationals (exact in fp32), except tile 7's
         self._input_transform = [[float(c) for c in row] for row in exact['BT']]
         self._output_transform = [[float(c) for c in row] for row in exact['AT']]
-        # the same matrices as tensors, for the C++ kernel
+        # the same matrices as tensors, for the C++ kernel; G in float64, as it is applied
         for name in ('input_transform', 'output_transform'):
             self.register_buffer(name, torch.tensor(getattr(self, '_' + name),
                                                     dtype=torch.float32), persistent=False)
-        g = torch.tensor([[float(c) for c in row] for row in exact['G']],
-                         dtype=torch.float64, device=conv.weight.device)
-        weight = conv.weight.detach().to(torch.float64)
-        # (G w G^T) for every (out, in) pair, laid out for one matmul per (tile position,
-        # group): [position, group] x [in/groups, out/groups].
-        side, out_per_group = tile + 2, self.out_channels // self.groups
-        kernel = torch.einsum('uk,oikj,vj->uvio', g, weight, g)
-        kernel = kernel.reshape(side * side, weight.shape[1], self.groups, out_per_group)
-        kernel = kernel.permute(0, 2, 1, 3).reshape(side * side * self.groups,
-                                                    weight.shape[1], out_per_group)
-        kernel = kernel.to(conv.weight.dtype).contiguous()
-        self.register_buffer('kernel', pack_kernel(kernel) if self.uses_kernel else kernel)
+        self._kernel_transform = [[float(c) for c in row] for row in exact['G']]
+        self.register_buffer('kernel_transform', torch.tensor(
+            self._kernel_transform, dtype=torch.float64), persistent=False)
+        weight = conv.weight.detach()
+        self.register_buffer('weight', weight.reshape(weight.shape[0], weight.shape[1], 9)
+                             .clone(memory_format=torch.contiguous_format))
+        self.register_buffer('kernel', None if self.uses_kernel else self.transformed_kernel(),
+                             persistent=False)
         bias = None if conv.bias is None else conv.bias.detach().clone()
         self.register_buffer('bias', bias)
+
+    def transformed_kernel(self) -> Tensor:
+        """(G w G^T) for every (out, in) pair, computed in float64, laid out for one matmul
+        per (tile position, group): ``[(tile+2)^2 * groups, in/groups, out/groups]``."""
+        side, per_group = self.tile + 2, self.out_channels // self.groups
+        # G from its exact entries: a module.to(dtype) may have cast the buffer
+        g = torch.tensor(self._kernel_transform, dtype=torch.float64,
+                         device=self.weight.device)
+        weight = self.weight.to(torch.float64).unflatten(2, (3, 3))
+        kernel = torch.einsum('uk,oikj,vj->uvio', g, weight, g)
+        kernel = kernel.reshape(side * side, weight.shape[1], self.groups, per_group)
+        kernel = kernel.permute(0, 2, 1, 3).reshape(side * side * self.groups,
+                                                    weight.shape[1], per_group)
+        return kernel.to(self.weight.dtype).contiguous()
 
     def extra_repr(self) -> str:
         return (f'{self.in_channels}, {self.out_channels}, tile={self.tile}, '
@@ -216,8 +229,8 @@ class WinogradConv2d(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_kernel and x.device.type == 'cpu' and x.dtype == torch.float32:
             return torch.ops.mmrepvgg.winograd_conv3x3(
-                x, self.kernel, self.bias, self.input_transform, self.output_transform,
-                self.groups, self.out_channels, self.relu)
+                x, self.weight, self.bias, self.kernel_transform, self.input_transform,
+                self.output_transform, self.groups, self.relu)
         y = self._forward_torch(x)
         return y.relu() if self.relu else y
 
@@ -236,9 +249,7 @@ class WinogradConv2d(nn.Module):
         v = v.reshape(side * side, tiles, groups, channels // groups)
         v = v.transpose(1, 2).reshape(side * side * groups, tiles, channels // groups)
         # One matmul per (tile position, group) over the input channels.
-        kernel = self.kernel
-        if self.uses_kernel:  # packed for the C++ kernel
-            kernel = unpack_kernel(kernel, side * side * groups, self.out_channels // groups)
+        kernel = self.transformed_kernel() if self.kernel is None else self.kernel
         prod = torch.bmm(v, kernel)
         prod = prod.reshape(side * side, groups, tiles, -1).transpose(1, 2)
         prod = prod.reshape(side, side, n, rows, cols, self.out_channels)

@@ -7,6 +7,11 @@ builds it once, through ``main()``).
 Where no C++ compiler works, ``load_kernel()`` returns False with the reason in
 ``load_error()``, and ``WinogradConv2d`` falls back to its torch-op form.
 
+The op takes a conv's 3x3 weights as they are and transforms them itself on first use,
+keeping the transformed weights while the weight tensor lives: packages and checkpoints
+hold the weights at their own size. Its products use the widest vectors the build CPU
+has (``vector_widths()``).
+
 The op is registered with a fake (meta) implementation too, so ``torch.export`` traces
 it and AOTInductor packages call it; a process that loads such a package must have
 loaded the kernel first (``PackageRunner`` does).
@@ -14,40 +19,50 @@ loaded the kernel first (``PackageRunner`` does).
 import os
 import os.path as osp
 import sys
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ['OP_NAME', 'PANEL', 'load_kernel', 'load_error', 'pack_kernel', 'unpack_kernel']
+__all__ = ['OP_NAME', 'OP_VERSION', 'load_kernel', 'load_error', 'vector_widths',
+           'use_vector_width', 'transformed_bytes']
 
 OP_NAME = 'mmrepvgg::winograd_conv3x3'
+#: The op's interface generation, recorded in packages that call it: 2 takes the 3x3
+#: weights and transforms them itself on first use (1 took weights transformed in Python).
+OP_VERSION = 2
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'winograd_conv.cpp')
 #: Environment variable that turns the kernel off (``WinogradConv2d`` then uses torch ops).
 DISABLE_ENV = 'MMREPVGG_NO_WINOGRAD_KERNEL'
 _state = dict(loaded=False, error=None)
-#: Output channels per weight panel of the kernel's matrix products (``kPanel`` in C++).
-PANEL = 16
 
 
-def pack_kernel(kernel: Tensor) -> Tensor:
-    """Transformed weights ``[positions, in, out]`` -> the kernel's packed layout
-    ``[positions * panels, in, PANEL]``: panels of ``PANEL`` output channels (the last one
-    zero-padded), each stored input-channel-major so that it streams contiguously (3-D,
-    so that converting a module to channels_last leaves it alone)."""
-    positions, depth, out = kernel.shape
-    panels = -(-out // PANEL)
-    padded = torch.nn.functional.pad(kernel, (0, panels * PANEL - out))
-    packed = padded.reshape(positions, depth, panels, PANEL).transpose(1, 2)
-    return packed.reshape(positions * panels, depth, PANEL)
+def vector_widths() -> List[int]:
+    """The product paths the loaded kernel was compiled with, as floats per vector, widest
+    first: ``[16, 8]`` where the build CPU has AVX-512, else ``[8]`` (AVX2)."""
+    return list(torch.ops.mmrepvgg.winograd_vector_widths())
 
 
-def unpack_kernel(packed: Tensor, positions: int, out: int) -> Tensor:
-    """The inverse of ``pack_kernel``: ``[positions, in, out]``."""
-    depth = packed.shape[1]
-    panels = packed.shape[0] // positions
-    unpacked = packed.reshape(positions, panels, depth, PANEL).transpose(1, 2)
-    return unpacked.reshape(positions, depth, panels * PANEL)[..., :out]
+@contextmanager
+def use_vector_width(width: int) -> Iterator[None]:
+    """Within the block, the kernel's products use ``width`` floats per vector (one of
+    ``vector_widths()``; 0 the widest), process-wide; for comparing the paths."""
+    previous = torch.ops.mmrepvgg.winograd_set_vector_width(width)
+    try:
+        yield
+    finally:
+        torch.ops.mmrepvgg.winograd_set_vector_width(previous)
+
+
+def transformed_bytes() -> int:
+    """Bytes the kernel holds in transformed weights, for the weight tensors still alive:
+    what Winograd costs in memory on top of the weights ((tile+2)^2 / 9 times theirs, plus
+    the zero padding of each group's output channels to whole panels); 0 where the
+    kernel is not loaded."""
+    if not _state['loaded']:
+        return 0
+    return int(torch.ops.mmrepvgg.winograd_transformed_bytes())
 
 
 _NAME = 'mmrepvgg_winograd'
@@ -67,10 +82,11 @@ def _build_directory() -> str:
 
 def _register_fake() -> None:
     @torch.library.register_fake(OP_NAME)
-    def _(input: Tensor, kernel: Tensor, bias: Optional[Tensor], input_transform: Tensor,
-          output_transform: Tensor, groups: int, out_channels: int, relu: bool) -> Tensor:
+    def _(input: Tensor, weight: Tensor, bias: Optional[Tensor], kernel_transform: Tensor,
+          input_transform: Tensor, output_transform: Tensor, groups: int,
+          relu: bool) -> Tensor:
         n, _, height, width = input.shape
-        out = torch.empty(n, out_channels, height, width, dtype=input.dtype,
+        out = torch.empty(n, weight.shape[0], height, width, dtype=input.dtype,
                           device=input.device)
         return out.contiguous(memory_format=torch.channels_last)
 

@@ -2,20 +2,37 @@
 //
 // One op, mmrepvgg::winograd_conv3x3, in three steps: the input transform writes every
 // tile's B^T d B, laid out [position, group, tile, channel]; the products are one matrix
-// product per (tile position, group), by the register-blocked kernel below, against
-// weights packed once in Python; the output transform applies A^T M A, adds the bias,
+// product per (tile position, group), by the register-blocked kernel below, against the
+// transformed weights G w G^T; the output transform applies A^T M A, adds the bias,
 // optionally the ReLU, and writes the NHWC output. The transforms run over tiles in
 // parallel with the channels innermost (contiguous in NHWC), so the compiler vectorises
 // them; the tile side S is a template parameter so that the small matrix products unroll.
-// The transform matrices come from Python (mmrepvgg.deploy.winograd derives them); this
-// file only applies them. Built with -march=native by mmrepvgg.deploy.winograd_kernel.
+//
+// The op takes the 3x3 weights as they are and transforms them itself, once: the first
+// call with a weight tensor computes and packs G w G^T and keeps it in a cache keyed by
+// the tensor's storage, until that storage is freed or written to. So a package or a
+// checkpoint holds the weights at their own size, and only memory holds the transformed
+// form, (m+2)^2/9 times larger.
+//
+// The product kernel uses the widest vectors the compiler may use (-march=native): with
+// AVX-512, 16-float vectors in 32 registers; otherwise 8-float vectors in 16 registers.
+// Both paths are compiled where AVX-512 is, so that each can be tested there.
+// The transform matrices come from Python (mmrepvgg.ops.winograd derives them); this
+// file only applies them. Built by mmrepvgg.ops.winograd_kernel.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/Storage.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -83,30 +100,48 @@ void output_tile(const float* at, const float* m, float* tmp, float* y) {
 // ---- The products: one matrix product per (tile position, group), [tiles x in] times
 // [in x out]. A small register-blocked kernel: at batch 4 these products have only 64-800
 // rows, a shape on which MKL's threaded sgemm reached 60-75% of its large-matrix rate.
-// The weights are packed once (in Python) as panels of kPanel output channels, k-major,
-// so that a panel streams contiguously; the transformed input is read in place.
+// The weights are packed (once, by pack_weights) as panels of two vectors' worth of
+// output channels, k-major, so that a panel streams contiguously; the transformed input
+// is read in place.
+//
+// Lanes<W>: the vector of W floats and the register blocking that fits its register file:
+// R rows x 2 vectors of accumulators, plus the panel's 2 vectors and a broadcast row value.
+template <int W> struct Lanes;
+template <> struct Lanes<8> {  // AVX2: 16 registers -> 6 x 2 accumulators + 3
+  typedef float Vec __attribute__((vector_size(32)));
+  static constexpr int kRows = 6;
+};
+#if defined(__AVX512F__)
+template <> struct Lanes<16> {  // AVX-512: 32 registers -> 14 x 2 accumulators + 3
+  typedef float Vec __attribute__((vector_size(64)));
+  static constexpr int kRows = 14;
+};
+constexpr int kWidths[] = {16, 8};  // widest first
+#else
+constexpr int kWidths[] = {8};
+#endif
 
-constexpr int kPanel = 16;  // output channels per panel: two 8-float vectors
-constexpr int kRows = 6;    // rows per register block, at most: 6 x 2 accumulators, 2 + 1 more
-constexpr int64_t kDepth = 256;  // input channels per pass: a panel's slice (16 KB) stays in L1
-typedef float Vec8 __attribute__((vector_size(32)));
+// A pass's slice of a panel, [depth, 2W] floats, should stay in L1 while every block of
+// rows reuses it: 16 KB, 256 input channels at W = 8, 128 at W = 16.
+template <int W> constexpr int64_t slice_depth() { return 16384 / (2 * W * sizeof(float)); }
 
-// c[0:R, 0:width] = a[0:R, 0:depth] (row stride lda) times one packed panel [depth, kPanel]
+// c[0:R, 0:width] = a[0:R, 0:depth] (row stride lda) times one packed panel [depth, 2W]
 // (accumulate: c += the product)
-template <int R>
-inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t lda,
-                          const float* __restrict__ panel, float* __restrict__ c, int64_t ldc,
-                          int64_t width, bool accumulate, const float* ahead,
-                          uint64_t ahead_scale) {
-  Vec8 acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = Vec8{};
+template <int W, int R>
+void panel_product(int64_t depth, const float* __restrict__ a, int64_t lda,
+                   const float* __restrict__ panel, float* __restrict__ c, int64_t ldc,
+                   int64_t width, bool accumulate, const float* ahead, uint64_t ahead_scale) {
+  typedef typename Lanes<W>::Vec Vec;
+  constexpr int kPanel = 2 * W;
+  Vec acc[R][2];
+  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = Vec{};
   for (int64_t k = 0; k < depth; ++k) {
     // weight row (k * ahead_scale) >> 32 of the next slice: this block's share of its
     // rows, evenly over the depth (a multiply, not a division, per step)
     __builtin_prefetch(ahead + ((k * ahead_scale) >> 32) * kPanel);
-    Vec8 b0, b1;
-    std::memcpy(&b0, panel + k * kPanel, sizeof(Vec8));
-    std::memcpy(&b1, panel + k * kPanel + 8, sizeof(Vec8));
+    Vec b0, b1;
+    std::memcpy(&b0, panel + k * kPanel, sizeof(Vec));
+    std::memcpy(&b1, panel + k * kPanel + W, sizeof(Vec));
     for (int i = 0; i < R; ++i) {
       const float ai = a[i * lda + k];
       acc[i][0] += ai * b0;
@@ -115,8 +150,8 @@ inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t ld
   }
   for (int i = 0; i < R; ++i) {
     float row[kPanel];
-    std::memcpy(row, &acc[i][0], sizeof(Vec8));
-    std::memcpy(row + 8, &acc[i][1], sizeof(Vec8));
+    std::memcpy(row, &acc[i][0], sizeof(Vec));
+    std::memcpy(row + W, &acc[i][1], sizeof(Vec));
     float* __restrict__ out = c + i * ldc;
     if (accumulate) {
       for (int64_t j = 0; j < width; ++j) out[j] += row[j];
@@ -126,69 +161,156 @@ inline void panel_product(int64_t depth, const float* __restrict__ a, int64_t ld
   }
 }
 
-// c[0:rows, 0:width] = a[0:rows, 0:depth] times one packed panel, in passes of kDepth
-// input channels (the panel's slice is reused from L1 by every block of rows). The rows
-// go in blocks of as equal sizes as kRows allows (16 rows: 6, 5, 5, not 6, 6, 4): a block
-// of fewer than 5 rows has too few accumulators to hide the multiply-add latency
-// (measured: 16 rows 25% faster so).
+typedef void (*PanelProduct)(int64_t, const float*, int64_t, const float*, float*, int64_t,
+                             int64_t, bool, const float*, uint64_t);
+
+// panel_product<W, 1> ... panel_product<W, kRows>, indexed by rows - 1
+template <int W, size_t... I>
+constexpr std::array<PanelProduct, sizeof...(I)> panel_products(std::index_sequence<I...>) {
+  return {&panel_product<W, static_cast<int>(I) + 1>...};
+}
+
+// c[0:rows, 0:width] = a[0:rows, 0:depth] times one packed panel, in passes of
+// slice_depth input channels (the panel's slice is reused from L1 by every block of
+// rows). The rows go in blocks of as equal sizes as kRows allows (16 rows at kRows 6:
+// 6, 5, 5, not 6, 6, 4): a block of few rows has too few accumulators to hide the
+// multiply-add latency (measured on AVX2: 16 rows 25% faster so).
+template <int W>
 void rows_product(int64_t rows, int64_t depth, const float* a, const float* panel, float* c,
                   int64_t ldc, int64_t width) {
+  constexpr int kRows = Lanes<W>::kRows, kPanel = 2 * W;
+  static constexpr auto kernels = panel_products<W>(std::make_index_sequence<kRows>{});
   const int64_t blocks = (rows + kRows - 1) / kRows;
-  for (int64_t k0 = 0; k0 < depth; k0 += kDepth) {
-    const int64_t part = std::min(kDepth, depth - k0);
+  for (int64_t k0 = 0; k0 < depth; k0 += slice_depth<W>()) {
+    const int64_t part = std::min(slice_depth<W>(), depth - k0);
     const float* slice = panel + k0 * kPanel;
     const bool accumulate = k0 > 0;
     // The next slice of weights (the next pass, or the next panel: packed contiguously)
     // is prefetched while this one is used, spread over all blocks of rows. Fetched on
     // demand, the first block waited for the slice and the others found it in L1: one
     // core read 3-5 GB/s with no overlap of fetching and multiply-adds. Spread, 16 rows
-    // with 512 inputs (stage 3 at batch 4) ran 1.4x faster, measured.
+    // with 512 inputs (stage 3 at batch 4) ran 1.4x faster, measured on AVX2.
     const float* ahead = slice + part * kPanel;
     for (int64_t block = 0, i = 0; block < blocks; ++block) {
       const int64_t size = (rows - i + blocks - block - 1) / (blocks - block);
-      const float* rows_a = a + i * depth + k0;
-      float* out = c + i * ldc;
       const int64_t first = block * part / blocks, last = (block + 1) * part / blocks;
       const uint64_t scale = (static_cast<uint64_t>(last - first) << 32) / part;
-#define MMREPVGG_ROWS(R)                                                                   \
-  case R:                                                                                 \
-    panel_product<R>(part, rows_a, depth, slice, out, ldc, width, accumulate,             \
-                     ahead + first * kPanel, scale);                                      \
-    break;
-      switch (size) {
-        MMREPVGG_ROWS(1)
-        MMREPVGG_ROWS(2)
-        MMREPVGG_ROWS(3)
-        MMREPVGG_ROWS(4)
-        MMREPVGG_ROWS(5)
-        MMREPVGG_ROWS(6)
-      }
-#undef MMREPVGG_ROWS
+      kernels[size - 1](part, a + i * depth + k0, depth, slice, c + i * ldc, ldc, width,
+                        accumulate, ahead + first * kPanel, scale);
       i += size;
     }
   }
 }
 
 // c[b] = a[b] (rows x depth) times the packed b-th weight matrix (depth x out), every b.
+template <int W>
 void batched_product(int64_t batch, int64_t rows, int64_t depth, int64_t out, const float* a,
                      const float* packed, float* c) {
+  constexpr int kPanel = 2 * W;
   const int64_t panels = (out + kPanel - 1) / kPanel;
   at::parallel_for(0, batch * panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / panels, p = job % panels;
-      rows_product(rows, depth, a + b * rows * depth, packed + (b * panels + p) * depth * kPanel,
-                   c + b * rows * out + p * kPanel, out,
-                   std::min<int64_t>(kPanel, out - p * kPanel));
+      rows_product<W>(rows, depth, a + b * rows * depth,
+                      packed + (b * panels + p) * depth * kPanel, c + b * rows * out + p * kPanel,
+                      out, std::min<int64_t>(kPanel, out - p * kPanel));
     }
   });
 }
 
-template <int M>
-at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
-                         const std::optional<at::Tensor>& bias, const at::Tensor& input_transform,
-                         const at::Tensor& output_transform, int64_t groups,
-                         int64_t out_channels, bool relu) {
+// ---- The weights: G w G^T for every (output, input) channel pair, in float64 (rounded
+// once, to float32, at the end), packed for batched_product<W>:
+// [S*S * groups * panels, in/groups, 2W], panel p of group g at tile position pos holding
+// output channels g*out/groups + p*2W ... (the last panel zero-padded).
+template <int W, int S>
+at::Tensor pack_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
+                        int64_t groups) {
+  constexpr int kPanel = 2 * W;
+  const int64_t out_channels = weight.size(0), depth = weight.size(1);
+  const int64_t out_per_group = out_channels / groups;
+  const int64_t panels = (out_per_group + kPanel - 1) / kPanel;
+  at::Tensor packed = at::empty({S * S * groups * panels, depth, kPanel}, weight.options());
+  const float* w = weight.data_ptr<float>();
+  const double* g = kernel_transform.data_ptr<double>();  // [S, 3]
+  float* dst = packed.data_ptr<float>();
+  const int64_t position_stride = groups * panels * depth * kPanel;
+  at::parallel_for(0, groups * panels, 1, [&](int64_t begin, int64_t end) {
+    // one panel's kernels per input channel, output channels innermost (vectorised)
+    double taps[9][kPanel], half[S][3][kPanel], full[S * S][kPanel];
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t group = job / panels, p = job % panels;
+      const int64_t first = group * out_per_group + p * kPanel;
+      const int64_t width = std::min<int64_t>(kPanel, out_per_group - p * kPanel);
+      for (int64_t k = 0; k < depth; ++k) {
+        for (int t = 0; t < 9; ++t)
+          for (int j = 0; j < kPanel; ++j)
+            taps[t][j] = j < width ? w[((first + j) * depth + k) * 9 + t] : 0.0;
+        for (int u = 0; u < S; ++u)  // G w
+          for (int b = 0; b < 3; ++b)
+            for (int j = 0; j < kPanel; ++j)
+              half[u][b][j] = g[u * 3] * taps[b][j] + g[u * 3 + 1] * taps[3 + b][j] +
+                              g[u * 3 + 2] * taps[6 + b][j];
+        for (int u = 0; u < S; ++u)  // (G w) G^T
+          for (int v = 0; v < S; ++v)
+            for (int j = 0; j < kPanel; ++j)
+              full[u * S + v][j] = half[u][0][j] * g[v * 3] + half[u][1][j] * g[v * 3 + 1] +
+                                   half[u][2][j] * g[v * 3 + 2];
+        for (int pos = 0; pos < S * S; ++pos) {
+          float* out = dst + pos * position_stride + (job * depth + k) * kPanel;
+          for (int j = 0; j < kPanel; ++j) out[j] = static_cast<float>(full[pos][j]);
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// The packed weights of every weight tensor the op has been called with, kept while the
+// tensor's storage lives and is not written to (its version counter), per tile side and
+// vector width. A dead storage's entry is dropped at the next call, so a freed model's
+// transformed weights go with it.
+struct PackedWeights {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  int64_t version;
+  at::Tensor packed;
+};
+typedef std::tuple<const void*, const void*, int64_t, int64_t> CacheKey;
+std::mutex cache_mutex;
+std::map<CacheKey, PackedWeights> cache;
+std::atomic<int> chosen_width{0};  // 0: the widest compiled in
+
+int64_t tensor_version(const at::Tensor& t) {
+  // inference tensors are read-only and keep no version counter
+  return t.is_inference() ? -1 : static_cast<int64_t>(t._version());
+}
+
+void drop_dead_entries() {  // with cache_mutex held
+  for (auto it = cache.begin(); it != cache.end();)
+    it = it->second.storage.expired() ? cache.erase(it) : std::next(it);
+}
+
+template <int W, int S>
+at::Tensor packed_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
+                          int64_t groups) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  drop_dead_entries();
+  const CacheKey key(weight.storage().unsafeGetStorageImpl(), weight.data_ptr(), S, W);
+  const int64_t version = tensor_version(weight);
+  auto it = cache.find(key);
+  if (it != cache.end() && it->second.version == version) return it->second.packed;
+  at::Tensor packed = pack_weights<W, S>(weight, kernel_transform, groups);
+  cache.insert_or_assign(key, PackedWeights{weight.storage().getWeakStorageImpl(), version, packed});
+  return packed;
+}
+
+template <int W, int M>
+at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& kernel_transform,
+                         const at::Tensor& input_transform, const at::Tensor& output_transform,
+                         int64_t groups, bool relu) {
   constexpr int S = M + 2;
+  const int64_t out_channels = weight.size(0);
+  const at::Tensor packed = packed_weights<W, S>(weight, kernel_transform, groups);
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t n = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t in_per_group = channels / groups, out_per_group = out_channels / groups;
@@ -237,8 +359,8 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
   // products: [S*S*groups, tiles, out_per_group]
   float* prod_data =
       scratch(1, {S * S * groups, tiles, out_per_group}, x.options()).data_ptr<float>();
-  batched_product(S * S * groups, tiles, in_per_group, out_per_group, v_data,
-                  kernel.data_ptr<float>(), prod_data);
+  batched_product<W>(S * S * groups, tiles, in_per_group, out_per_group, v_data,
+                     packed.data_ptr<float>(), prod_data);
 
   at::Tensor y = at::empty({n, out_channels, height, width},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -278,42 +400,23 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& kernel,
   return y;
 }
 
-at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
-                            const std::optional<at::Tensor>& bias,
-                            const at::Tensor& input_transform, const at::Tensor& output_transform,
-                            int64_t groups, int64_t out_channels, bool relu) {
-  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
-              "winograd_conv3x3: input must be a 4-D float32 CPU tensor, got ", input.sizes(),
-              " ", input.scalar_type(), " on ", input.device());
-  // packed weights are 3-D so that a module.to(memory_format=channels_last) leaves them be
-  TORCH_CHECK(kernel.dim() == 3 && kernel.is_contiguous() && kernel.scalar_type() == at::kFloat &&
-                  kernel.size(2) == kPanel,
-              "winograd_conv3x3: kernel must be a contiguous float32 [S*S*groups*panels, "
-              "in/groups, ", kPanel, "] tensor (packed), got ", kernel.sizes());
-  TORCH_CHECK(input_transform.dim() == 2 && output_transform.dim() == 2 &&
-                  input_transform.scalar_type() == at::kFloat &&
-                  output_transform.scalar_type() == at::kFloat &&
-                  input_transform.size(0) == input_transform.size(1) &&
-                  output_transform.size(1) == input_transform.size(0),
-              "winograd_conv3x3: the transforms must be float32 [S, S] and [m, S] matrices, got ",
-              input_transform.sizes(), " and ", output_transform.sizes());
-  const int64_t side = input_transform.size(0), tile = output_transform.size(0);
-  const int64_t panels = groups > 0 ? (out_channels / groups + kPanel - 1) / kPanel : 0;
-  TORCH_CHECK(groups > 0 && out_channels % groups == 0 && side == tile + 2 &&
-                  kernel.size(0) == side * side * groups * panels &&
-                  kernel.size(1) * groups == input.size(1),
-              "winograd_conv3x3: kernel ", kernel.sizes(), " does not fit input ", input.sizes(),
-              " with tile ", tile, ", ", groups, " groups and ", out_channels, " output channels");
-  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
-                  (bias->numel() == out_channels && bias->is_contiguous() &&
-                   bias->scalar_type() == at::kFloat),
-              "winograd_conv3x3: bias must be a contiguous float32 tensor of ", out_channels,
-              " values");
+// The vector width the products use: the one chosen (winograd_set_vector_width), else
+// the widest compiled in.
+int product_width() {
+  const int chosen = chosen_width.load();
+  return chosen ? chosen : kWidths[0];
+}
+
+template <int W>
+at::Tensor dispatch_tile(int64_t tile, const at::Tensor& input, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias,
+                         const at::Tensor& kernel_transform, const at::Tensor& input_transform,
+                         const at::Tensor& output_transform, int64_t groups, bool relu) {
   switch (tile) {  // the tiles compiled in, each with its own unrolled transforms
-#define MMREPVGG_TILE(M)                                                                     \
-  case M:                                                                                   \
-    return winograd_conv<M>(input, kernel, bias, input_transform, output_transform, groups,  \
-                            out_channels, relu);
+#define MMREPVGG_TILE(M)                                                                   \
+  case M:                                                                                 \
+    return winograd_conv<W, M>(input, weight, bias, kernel_transform, input_transform,    \
+                               output_transform, groups, relu);
     MMREPVGG_TILE(2)
     MMREPVGG_TILE(4)
     MMREPVGG_TILE(6)
@@ -323,11 +426,88 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& kernel,
   TORCH_CHECK(false, "winograd_conv3x3: tile ", tile, " is not compiled in; valid: 2, 4, 6, 7");
 }
 
+at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const at::Tensor& kernel_transform, const at::Tensor& input_transform,
+                            const at::Tensor& output_transform, int64_t groups, bool relu) {
+  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
+              "winograd_conv3x3: input must be a 4-D float32 CPU tensor, got ", input.sizes(),
+              " ", input.scalar_type(), " on ", input.device());
+  // the weights are 3-D so that a module.to(memory_format=channels_last) leaves them be
+  TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 9 && weight.is_contiguous() &&
+                  weight.scalar_type() == at::kFloat,
+              "winograd_conv3x3: weight must be a contiguous float32 [out, in/groups, 9] "
+              "tensor (the 3x3 kernels, flattened), got ", weight.sizes(), " ",
+              weight.scalar_type());
+  TORCH_CHECK(input_transform.dim() == 2 && output_transform.dim() == 2 &&
+                  input_transform.scalar_type() == at::kFloat &&
+                  output_transform.scalar_type() == at::kFloat &&
+                  input_transform.size(0) == input_transform.size(1) &&
+                  output_transform.size(1) == input_transform.size(0),
+              "winograd_conv3x3: the transforms must be float32 [S, S] and [m, S] matrices, got ",
+              input_transform.sizes(), " and ", output_transform.sizes());
+  const int64_t side = input_transform.size(0), tile = output_transform.size(0);
+  TORCH_CHECK(kernel_transform.dim() == 2 && kernel_transform.size(0) == side &&
+                  kernel_transform.size(1) == 3 && kernel_transform.is_contiguous() &&
+                  kernel_transform.scalar_type() == at::kDouble,
+              "winograd_conv3x3: kernel_transform must be a contiguous float64 [", side,
+              ", 3] matrix (G), got ", kernel_transform.sizes(), " ",
+              kernel_transform.scalar_type());
+  const int64_t out_channels = weight.size(0);
+  TORCH_CHECK(groups > 0 && out_channels % groups == 0 && side == tile + 2 &&
+                  weight.size(1) * groups == input.size(1),
+              "winograd_conv3x3: weight ", weight.sizes(), " does not fit input ", input.sizes(),
+              " with tile ", tile, " and ", groups, " groups");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() ||
+                  (bias->numel() == out_channels && bias->is_contiguous() &&
+                   bias->scalar_type() == at::kFloat),
+              "winograd_conv3x3: bias must be a contiguous float32 tensor of ", out_channels,
+              " values");
+  const int width = product_width();
+#if defined(__AVX512F__)
+  if (width == 16)
+    return dispatch_tile<16>(tile, input, weight, bias, kernel_transform, input_transform,
+                             output_transform, groups, relu);
+#endif
+  return dispatch_tile<8>(tile, input, weight, bias, kernel_transform, input_transform,
+                          output_transform, groups, relu);
+}
+
+// The product paths compiled in: floats per vector, widest first.
+std::vector<int64_t> winograd_vector_widths() {
+  return std::vector<int64_t>(std::begin(kWidths), std::end(kWidths));
+}
+
+// Use the products with `width` floats per vector from now on, process-wide (0: the
+// widest compiled in); returns the width used until now. For testing each path.
+int64_t winograd_set_vector_width(int64_t width) {
+  const std::vector<int64_t> widths = winograd_vector_widths();
+  TORCH_CHECK(width == 0 || std::find(widths.begin(), widths.end(), width) != widths.end(),
+              "winograd_set_vector_width: ", width, " floats per vector is not compiled in "
+              "for this CPU; compiled in: ", widths, " (or 0, the widest)");
+  const int64_t previous = product_width();
+  chosen_width.store(static_cast<int>(width));
+  return previous;
+}
+
+// Bytes of transformed weights held for live weight tensors (the memory the transform
+// costs on top of the weights).
+int64_t winograd_transformed_bytes() {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  drop_dead_entries();
+  int64_t bytes = 0;
+  for (const auto& entry : cache) bytes += entry.second.packed.nbytes();
+  return bytes;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mmrepvgg, m) {
-  m.def("winograd_conv3x3(Tensor input, Tensor kernel, Tensor? bias, Tensor input_transform, "
-        "Tensor output_transform, int groups, int out_channels, bool relu) -> Tensor");
+  m.def("winograd_conv3x3(Tensor input, Tensor weight, Tensor? bias, Tensor kernel_transform, "
+        "Tensor input_transform, Tensor output_transform, int groups, bool relu) -> Tensor");
+  m.def("winograd_vector_widths() -> int[]", &winograd_vector_widths);
+  m.def("winograd_set_vector_width(int width) -> int", &winograd_set_vector_width);
+  m.def("winograd_transformed_bytes() -> int", &winograd_transformed_bytes);
 }
 
 TORCH_LIBRARY_IMPL(mmrepvgg, CPU, m) { m.impl("winograd_conv3x3", &winograd_conv3x3); }
