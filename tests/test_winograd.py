@@ -284,6 +284,33 @@ def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, grou
         assert out.min() == 0
 
 
+@pytest.mark.parametrize('tile', [2, 4])
+def test_kernel_in_bfloat16_within_the_rounding_bound(tile):
+    """A bfloat16 model's convs: bfloat16 products (torch's matmul), float32 transforms.
+    Against float64 on the same bfloat16 inputs and weights, the error grows by at most
+    error_growth(tile) over a direct bfloat16 conv's own."""
+    module = _kernel_module(64, 48, tile, 2, True, relu=True)
+    module.bfloat16()
+    x = torch.randn(2, 64, 9, 11).bfloat16()
+    weight = module.weight.unflatten(2, (3, 3))
+    with torch.no_grad():
+        out = module(x)
+        direct = F.relu(F.conv2d(x, weight, module.bias, padding=1, groups=2))
+        reference = F.relu(F.conv2d(x.double(), weight.double(), module.bias.double(),
+                                    padding=1, groups=2))
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert_within_growth(out, direct, reference, tile)
+    # bfloat16 rounding is not float32's: the fp32 kernel on the same values differs
+    with torch.no_grad():
+        assert not torch.equal(out.float(), module.float()(x.float()))
+
+
+def test_auto_takes_tile_2_for_a_bfloat16_model(randomize):
+    model = reparameterize(randomize(RepVGG('A0', out_indices=(3,))).eval()).bfloat16()
+    convert_to_winograd(model, 'auto', torch.randn(1, 3, 224, 224).bfloat16())
+    assert {m.tile for m in model.modules() if isinstance(m, WinogradConv2d)} == {2}
+
+
 def test_kernel_keeps_the_weights_at_their_size_and_transforms_them_once(vector_width):
     conv = _conv(32, 48, 2, bias=False, dtype=torch.float32)
     module = _kernel_module(32, 48, 6, 2, bias=False)
@@ -317,8 +344,11 @@ def test_kernel_refuses_weights_that_do_not_fit_naming_shapes():
     with pytest.raises(RuntimeError, match=r'transforms must be float32 \[S, S\] and \[m, S\]'):
         op(torch.randn(1, 16, 6, 6), module.weight, None, module.kernel_transform,
            module.output_transform, module.input_transform, 1, False)
-    with pytest.raises(RuntimeError, match=r'weight must be a contiguous float32 \[out, in/groups, 9\]'):
-        op(torch.randn(1, 16, 6, 6), module.weight.double(), None, *matrices, 1, False)
+    with pytest.raises(RuntimeError, match=r'weight must be a contiguous \[out, in/groups, 9\] '
+                                           r'tensor .* of the input\'s dtype BFloat16'):
+        op(torch.randn(1, 16, 6, 6).bfloat16(), module.weight, None, *matrices, 1, False)
+    with pytest.raises(RuntimeError, match=r'input must be a 4-D float32 or bfloat16 CPU tensor'):
+        op(torch.randn(1, 16, 6, 6).double(), module.weight, None, *matrices, 1, False)
     with pytest.raises(RuntimeError, match=r'kernel_transform must be a contiguous float64 \[6, 3\]'):
         op(torch.randn(1, 16, 6, 6), module.weight, None, module.kernel_transform.float(),
            *matrices[1:], 1, False)

@@ -28,7 +28,9 @@ construction, exactly in rational arithmetic; the kernel transform is applied on
 float64, when the model is first run (not stored: a package holds the 3x3 weights). Accuracy in fp32: tile 2 is as accurate as a direct conv (its transforms are
 exact small-integer sums); tiles 4 and 6 multiply by fractions and powers of 2 and lose
 a few bits (~1e-5 relative per conv, tests/test_winograd.py bounds it), tile 7 a few more
-(about 10x tile 6's error).
+(about 10x tile 6's error). In bfloat16 (a bfloat16 model on CPU: the transforms in
+float32, the products by torch's bfloat16 matmul) only tile 2 keeps a direct bfloat16
+conv's accuracy, and ``tile='auto'`` takes it (``BF16_TILES``).
 """
 from fractions import Fraction
 from typing import Dict, List, Optional, Sequence, Union
@@ -54,6 +56,9 @@ TILES = tuple(POINTS)
 #: The tile of ``optimize_for_inference(mode='winograd')``: per conv, ``auto_tile``.
 FASTEST_TILE = 'auto'
 TileChoice = Union[int, str]
+#: The dtypes the C++ kernel computes (on CPU): float32, and bfloat16, whose products run
+#: as bfloat16 matmuls (oneDNN: AVX512-BF16 or AMX where the CPU has them).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _polynomial(roots: Sequence[Fraction], length: int) -> List[Fraction]:
@@ -115,12 +120,19 @@ def tile_products(tile: int, height: int, width: int) -> int:
     return -(-height // tile) * -(-width // tile) * (tile + 2) ** 2
 
 
-def auto_tile(height: int, width: int) -> int:
-    """The tile ``tile='auto'`` gives a conv on a ``height`` x ``width`` map: the one
-    with the fewest products, unless a smaller one needs at most ``LARGER_TILE_GAIN``
-    more (e.g. 4 for 14x14, 28x28 and 56x56 maps, 6 for 48x48 and 64x128)."""
-    fewest = min(tile_products(t, height, width) for t in TILES)
-    return min(t for t in TILES
+#: The tiles ``tile='auto'`` chooses from for a bfloat16 model: only F(2x2), whose
+#: transforms are small-integer sums. The larger tiles' transforms magnify the rounding of
+#: the bfloat16 transformed tiles: on a random 128-channel conv, 5-15% relative error at
+#: tiles 4 and 6 against 0.4% for a direct bfloat16 conv and 0.6% for tile 2.
+BF16_TILES = (2,)
+
+
+def auto_tile(height: int, width: int, tiles: Sequence[int] = TILES) -> int:
+    """The tile ``tile='auto'`` gives a conv on a ``height`` x ``width`` map, of
+    ``tiles``: the one with the fewest products, unless a smaller one needs at most
+    ``LARGER_TILE_GAIN`` more (e.g. 7 for 14x14 and 56x56 maps, 6 for 48x48)."""
+    fewest = min(tile_products(t, height, width) for t in tiles)
+    return min(t for t in tiles
                if tile_products(t, height, width) <= fewest * (1 + LARGER_TILE_GAIN))
 
 
@@ -165,7 +177,8 @@ class WinogradConv2d(nn.Module):
     with Winograd F(tile x tile, 3 x 3), then the ReLU when ``relu``. Works on NCHW tensors
     of any memory format and returns a channels_last one.
 
-    On CPU float32 it calls the C++ kernel (``mmrepvgg.ops.winograd_kernel``; one op,
+    On CPU float32 and bfloat16 (``KERNEL_DTYPES``) it calls the C++ kernel
+    (``mmrepvgg.ops.winograd_kernel``; one op,
     which ``torch.export`` and AOTInductor keep as a call); where that kernel cannot be
     built, and on other devices and dtypes, it computes the same with torch ops, which are
     fast only under ``torch.compile``. ``uses_kernel`` says which.
@@ -192,13 +205,10 @@ class WinogradConv2d(nn.Module):
         # the data transforms' entries: dyadic rationals (exact in fp32), except tile 7's
         self._input_transform = [[float(c) for c in row] for row in exact['BT']]
         self._output_transform = [[float(c) for c in row] for row in exact['AT']]
-        # the same matrices as tensors, for the C++ kernel; G in float64, as it is applied
-        for name in ('input_transform', 'output_transform'):
-            self.register_buffer(name, torch.tensor(getattr(self, '_' + name),
-                                                    dtype=torch.float32), persistent=False)
         self._kernel_transform = [[float(c) for c in row] for row in exact['G']]
-        self.register_buffer('kernel_transform', torch.tensor(
-            self._kernel_transform, dtype=torch.float64), persistent=False)
+        for name, dtype in self._MATRICES.items():  # as tensors, for the C++ kernel
+            self.register_buffer(name, torch.tensor(getattr(self, '_' + name), dtype=dtype),
+                                 persistent=False)
         weight = conv.weight.detach()
         self.register_buffer('weight', weight.reshape(weight.shape[0], weight.shape[1], 9)
                              .clone(memory_format=torch.contiguous_format))
@@ -207,13 +217,26 @@ class WinogradConv2d(nn.Module):
         bias = None if conv.bias is None else conv.bias.detach().clone()
         self.register_buffer('bias', bias)
 
+    #: The transform matrices' dtypes in the C++ kernel's interface: G is applied in
+    #: float64, the data transforms in float32, whatever the model's dtype.
+    _MATRICES = dict(input_transform=torch.float32, output_transform=torch.float32,
+                     kernel_transform=torch.float64)
+
+    def _apply(self, fn, recurse=True):
+        """``module.to(...)``/``.bfloat16()`` etc. move the matrices but keep their dtypes."""
+        super()._apply(fn, recurse)
+        for name, dtype in self._MATRICES.items():
+            current = getattr(self, name)
+            if current.dtype != dtype:  # from the exact values: no double rounding
+                setattr(self, name, torch.tensor(getattr(self, '_' + name), dtype=dtype,
+                                                 device=current.device))
+        return self
+
     def transformed_kernel(self) -> Tensor:
         """(G w G^T) for every (out, in) pair, computed in float64, laid out for one matmul
         per (tile position, group): ``[(tile+2)^2 * groups, in/groups, out/groups]``."""
         side, per_group = self.tile + 2, self.out_channels // self.groups
-        # G from its exact entries: a module.to(dtype) may have cast the buffer
-        g = torch.tensor(self._kernel_transform, dtype=torch.float64,
-                         device=self.weight.device)
+        g = self.kernel_transform.to(self.weight.device)
         weight = self.weight.to(torch.float64).unflatten(2, (3, 3))
         kernel = torch.einsum('uk,oikj,vj->uvio', g, weight, g)
         kernel = kernel.reshape(side * side, weight.shape[1], self.groups, per_group)
@@ -227,7 +250,7 @@ class WinogradConv2d(nn.Module):
                 f'uses_kernel={self.uses_kernel}')
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.uses_kernel and x.device.type == 'cpu' and x.dtype == torch.float32:
+        if self.uses_kernel and x.device.type == 'cpu' and x.dtype in KERNEL_DTYPES:
             return torch.ops.mmrepvgg.winograd_conv3x3(
                 x, self.weight, self.bias, self.kernel_transform, self.input_transform,
                 self.output_transform, self.groups, self.relu)
@@ -289,7 +312,8 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
     RepVGG); the replacements hold buffers, not parameters, so they do not train.
 
     ``tile``: one of ``TILES`` for every conv, or ``'auto'``: per conv, ``auto_tile`` of
-    the feature map it gets on ``example_input`` (a batch of the size to be run), for the
+    the feature map it gets on ``example_input`` (a batch of the size to be run; of the
+    ``BF16_TILES`` when it is bfloat16), for the
     convs where Winograd pays (``winograd_pays``); ``'auto'`` also computes the strided
     convs where one matmul beats the direct conv as a ``GemmConv2d`` (``gemm_pays``). The
     others, and any conv that input does not reach, keep their direct form. A fused
@@ -311,6 +335,7 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
                if winograd_takes(child) or (auto and gemm_unsupported_reason(child) is None)]
     sizes = _input_sizes(model, [child for _, _, child in targets],
                          example_input) if auto else {}
+    auto_tiles = BF16_TILES if auto and example_input.dtype == torch.bfloat16 else TILES
     replaced = 0
     for parent, name, child in targets:
         if auto and id(child) not in sizes:
@@ -318,7 +343,8 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
         if winograd_takes(child):
             relu = _relu_follows(parent, name)
             setattr(parent, name, WinogradConv2d(
-                child, auto_tile(*sizes[id(child)]) if auto else tile, relu=relu))
+                child, auto_tile(*sizes[id(child)], auto_tiles) if auto else tile,
+                relu=relu))
             if relu:  # computed by the conv's output transform now
                 parent.act = nn.Identity()
         elif gemm_pays(child, sizes[id(child)]):

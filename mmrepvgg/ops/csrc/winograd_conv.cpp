@@ -32,6 +32,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -46,7 +47,8 @@ at::Tensor scratch(int slot, at::IntArrayRef shape, const at::TensorOptions& opt
   thread_local at::Tensor buffers[2];
   at::Tensor& buffer = buffers[slot];
   const int64_t size = c10::multiply_integers(shape);
-  if (!buffer.defined() || buffer.numel() < size) buffer = at::empty({size}, options);
+  if (!buffer.defined() || buffer.numel() < size || buffer.dtype() != options.dtype())
+    buffer = at::empty({size}, options);
   return buffer.narrow(0, 0, size).view(shape);
 }
 
@@ -303,14 +305,42 @@ at::Tensor packed_weights(const at::Tensor& weight, const at::Tensor& kernel_tra
   return packed;
 }
 
-template <int W, int M>
+// The products in bfloat16, for a model run in bfloat16: the transformed weights (from
+// the packed float32 ones) as [S*S*groups, in/groups, out/groups] bfloat16, multiplied by
+// at::bmm, which oneDNN runs with AVX512-BF16 or AMX where the CPU has them.
+template <int S>
+at::Tensor bf16_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
+                        int64_t groups) {
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  drop_dead_entries();
+  const CacheKey key(weight.storage().unsafeGetStorageImpl(), weight.data_ptr(), S, 0);
+  const int64_t version = tensor_version(weight);
+  auto it = cache.find(key);
+  if (it != cache.end() && it->second.version == version) return it->second.packed;
+  constexpr int W = 8, kPanel = 2 * W;
+  const int64_t out_per_group = weight.size(0) / groups, depth = weight.size(1);
+  const int64_t panels = (out_per_group + kPanel - 1) / kPanel;
+  const at::Tensor packed = pack_weights<W, S>(weight.to(at::kFloat), kernel_transform, groups);
+  at::Tensor bf16 = packed.view({S * S * groups, panels, depth, kPanel})
+                        .permute({0, 2, 1, 3})
+                        .reshape({S * S * groups, depth, panels * kPanel})
+                        .narrow(2, 0, out_per_group)
+                        .to(at::kBFloat16)
+                        .contiguous();
+  cache.insert_or_assign(key, PackedWeights{weight.storage().getWeakStorageImpl(), version, bf16});
+  return bf16;
+}
+
+// The conv, with activations of type T (float or BFloat16) in memory; the transforms
+// compute in float32 either way. W: the vector width of the float32 products.
+template <int W, int M, typename T>
 at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, const at::Tensor& kernel_transform,
                          const at::Tensor& input_transform, const at::Tensor& output_transform,
                          int64_t groups, bool relu) {
   constexpr int S = M + 2;
+  constexpr bool kBF16 = std::is_same_v<T, at::BFloat16>;
   const int64_t out_channels = weight.size(0);
-  const at::Tensor packed = packed_weights<W, S>(weight, kernel_transform, groups);
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t n = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
   const int64_t in_per_group = channels / groups, out_per_group = out_channels / groups;
@@ -319,10 +349,11 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
   const at::Tensor bt = input_transform.contiguous(), at_ = output_transform.contiguous();
   const float* bt_data = bt.data_ptr<float>();
   const float* at_data = at_.data_ptr<float>();
-  const float* x_data = x.data_ptr<float>();
+  const T* x_data = x.data_ptr<T>();
 
   // v: [S*S*groups, tiles, in_per_group]
-  float* v_data = scratch(0, {S * S * groups, tiles, in_per_group}, x.options()).data_ptr<float>();
+  const at::Tensor v = scratch(0, {S * S * groups, tiles, in_per_group}, x.options());
+  T* v_data = v.data_ptr<T>();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> d(S * S * kChannelBlock), tmp(S * S * kChannelBlock),
         out(S * S * kChannelBlock);
@@ -341,14 +372,14 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
             if (h < 0 || h >= height || w < 0 || w >= width) {
               std::fill(dst, dst + block, 0.f);
             } else {
-              const float* src = x_data + ((b * height + h) * width + w) * channels + c0;
+              const T* src = x_data + ((b * height + h) * width + w) * channels + c0;
               std::copy(src, src + block, dst);
             }
           }
         }
         input_tile<S>(bt_data, d.data(), tmp.data(), out.data());
         for (int pos = 0; pos < S * S; ++pos) {
-          float* dst = v_data + ((pos * groups + g) * tiles + t) * in_per_group + cg;
+          T* dst = v_data + ((pos * groups + g) * tiles + t) * in_per_group + cg;
           const float* src = out.data() + pos * kChannelBlock;
           std::copy(src, src + block, dst);
         }
@@ -357,15 +388,24 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
   });
 
   // products: [S*S*groups, tiles, out_per_group]
-  float* prod_data =
-      scratch(1, {S * S * groups, tiles, out_per_group}, x.options()).data_ptr<float>();
-  batched_product<W>(S * S * groups, tiles, in_per_group, out_per_group, v_data,
-                     packed.data_ptr<float>(), prod_data);
+  const at::Tensor prod = scratch(1, {S * S * groups, tiles, out_per_group}, x.options());
+  if constexpr (kBF16) {
+    at::bmm_out(const_cast<at::Tensor&>(prod), v, bf16_weights<S>(weight, kernel_transform, groups));
+  } else {
+    const at::Tensor packed = packed_weights<W, S>(weight, kernel_transform, groups);
+    batched_product<W>(S * S * groups, tiles, in_per_group, out_per_group, v_data,
+                       packed.data_ptr<float>(), prod.data_ptr<float>());
+  }
+  const T* prod_data = prod.data_ptr<T>();
 
   at::Tensor y = at::empty({n, out_channels, height, width},
                            x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  float* y_data = y.data_ptr<float>();
-  const float* bias_data = bias.has_value() && bias->defined() ? bias->data_ptr<float>() : nullptr;
+  T* y_data = y.data_ptr<T>();
+  std::vector<float> bias_values(out_channels, 0.f);
+  if (bias.has_value() && bias->defined()) {
+    const T* bias_data = bias->data_ptr<T>();
+    std::copy(bias_data, bias_data + out_channels, bias_values.begin());
+  }
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> m(S * S * kChannelBlock), tmp(M * S * kChannelBlock),
         out(M * M * kChannelBlock);
@@ -376,7 +416,7 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
         const int64_t c0 = g * out_per_group + cg;
         const int64_t block = std::min(kChannelBlock, out_per_group - cg);
         for (int pos = 0; pos < S * S; ++pos) {
-          const float* src = prod_data + ((pos * groups + g) * tiles + t) * out_per_group + cg;
+          const T* src = prod_data + ((pos * groups + g) * tiles + t) * out_per_group + cg;
           std::copy(src, src + block, m.data() + pos * kChannelBlock);
         }
         output_tile<S, M>(at_data, m.data(), tmp.data(), out.data());
@@ -387,10 +427,11 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
             const int64_t w = s * M + j;
             if (w >= width) break;
             const float* __restrict__ src = out.data() + (i * M + j) * kChannelBlock;
-            float* __restrict__ dst = y_data + ((b * height + h) * width + w) * out_channels + c0;
+            const float* __restrict__ shift = bias_values.data() + c0;
+            T* __restrict__ dst = y_data + ((b * height + h) * width + w) * out_channels + c0;
             for (int64_t c = 0; c < block; ++c) {
-              float value = src[c] + (bias_data ? bias_data[c0 + c] : 0.f);
-              dst[c] = relu ? std::max(value, 0.f) : value;
+              const float value = src[c] + shift[c];
+              dst[c] = static_cast<T>(relu ? std::max(value, 0.f) : value);
             }
           }
         }
@@ -412,11 +453,16 @@ at::Tensor dispatch_tile(int64_t tile, const at::Tensor& input, const at::Tensor
                          const std::optional<at::Tensor>& bias,
                          const at::Tensor& kernel_transform, const at::Tensor& input_transform,
                          const at::Tensor& output_transform, int64_t groups, bool relu) {
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
   switch (tile) {  // the tiles compiled in, each with its own unrolled transforms
 #define MMREPVGG_TILE(M)                                                                   \
   case M:                                                                                 \
-    return winograd_conv<W, M>(input, weight, bias, kernel_transform, input_transform,    \
-                               output_transform, groups, relu);
+    return bf16 ? winograd_conv<W, M, at::BFloat16>(input, weight, bias, kernel_transform, \
+                                                    input_transform, output_transform,    \
+                                                    groups, relu)                         \
+                : winograd_conv<W, M, float>(input, weight, bias, kernel_transform,        \
+                                             input_transform, output_transform, groups,   \
+                                             relu);
     MMREPVGG_TILE(2)
     MMREPVGG_TILE(4)
     MMREPVGG_TILE(6)
@@ -430,15 +476,17 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias,
                             const at::Tensor& kernel_transform, const at::Tensor& input_transform,
                             const at::Tensor& output_transform, int64_t groups, bool relu) {
-  TORCH_CHECK(input.dim() == 4 && input.scalar_type() == at::kFloat && input.device().is_cpu(),
-              "winograd_conv3x3: input must be a 4-D float32 CPU tensor, got ", input.sizes(),
-              " ", input.scalar_type(), " on ", input.device());
+  const auto dtype = input.scalar_type();
+  TORCH_CHECK(input.dim() == 4 && (dtype == at::kFloat || dtype == at::kBFloat16) &&
+                  input.device().is_cpu(),
+              "winograd_conv3x3: input must be a 4-D float32 or bfloat16 CPU tensor, got ",
+              input.sizes(), " ", dtype, " on ", input.device());
   // the weights are 3-D so that a module.to(memory_format=channels_last) leaves them be
   TORCH_CHECK(weight.dim() == 3 && weight.size(2) == 9 && weight.is_contiguous() &&
-                  weight.scalar_type() == at::kFloat,
-              "winograd_conv3x3: weight must be a contiguous float32 [out, in/groups, 9] "
-              "tensor (the 3x3 kernels, flattened), got ", weight.sizes(), " ",
-              weight.scalar_type());
+                  weight.scalar_type() == dtype,
+              "winograd_conv3x3: weight must be a contiguous [out, in/groups, 9] tensor (the "
+              "3x3 kernels, flattened) of the input's dtype ", dtype, ", got ", weight.sizes(),
+              " ", weight.scalar_type());
   TORCH_CHECK(input_transform.dim() == 2 && output_transform.dim() == 2 &&
                   input_transform.scalar_type() == at::kFloat &&
                   output_transform.scalar_type() == at::kFloat &&
@@ -460,8 +508,8 @@ at::Tensor winograd_conv3x3(const at::Tensor& input, const at::Tensor& weight,
               " with tile ", tile, " and ", groups, " groups");
   TORCH_CHECK(!bias.has_value() || !bias->defined() ||
                   (bias->numel() == out_channels && bias->is_contiguous() &&
-                   bias->scalar_type() == at::kFloat),
-              "winograd_conv3x3: bias must be a contiguous float32 tensor of ", out_channels,
+                   bias->scalar_type() == dtype),
+              "winograd_conv3x3: bias must be a contiguous ", dtype, " tensor of ", out_channels,
               " values");
   const int width = product_width();
 #if defined(__AVX512F__)
