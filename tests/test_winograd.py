@@ -221,10 +221,17 @@ def test_check_tool_reports_each_tile_against_the_direct_convs():
     passed, failed = run_tools(('check_winograd', *small, '--tiles', '2', '6', 'auto'),
                                ('check_winograd', *small, '--tiles', '6', '--limit', '1e-12'))
     assert passed.returncode == 0, (passed.stdout + passed.stderr)[-5000:]
-    rows = [line.split(' | ') for line in passed.stdout.splitlines()[2:]]
+    lines = passed.stdout.splitlines()
+    assert lines[0].startswith('# ') and 'threads, batch 1, 32x32' in lines[0]
+    direct, *rows = [line.split(' | ') for line in lines[3:]]
+    assert (direct[1], direct[2], direct[3], direct[7]) == ('direct', '0', '0.00e+00', '0.0')
     assert [(r[1], r[2]) for r in rows] == [('2', '17'), ('6', '17'), ('auto', '17')]
     # within the default limit 1e-4 of the direct convs; not 0: other arithmetic
     assert all(0 < float(r[3]) <= 1e-4 for r in rows)
+    # the transformed weights held: (tile+2)^2 / 9 times the converted convs' weights, so
+    # tile 6's are (8/4)^2 = 4 times tile 2's (the same convs, the same panel padding)
+    held = {r[1]: float(r[7]) for r in rows}
+    assert held['2'] > 0 and held['6'] == pytest.approx(4 * held['2'], rel=0.01)
     assert failed.returncode == 1, (failed.stdout + failed.stderr)[-5000:]
     assert 'A0 tile 6' in failed.stderr
 

@@ -2,7 +2,7 @@
 Winograd convs is from the same network with direct convs.
 
     python tools/check_winograd.py [--archs B1g2 ...] [--tiles 2 4 6 7 auto] [--batch 4]
-                                   [--size 224] [--limit 1e-4] [--seed 0]
+                                   [--size 224] [--limit 1e-4] [--seed 0] [--repeats 3]
 
 The network is the fused backbone (batch norms with random statistics first, all four
 stages' outputs); every conv Winograd can compute is replaced (``auto``: those where it
@@ -16,34 +16,60 @@ largest absolute difference over the largest output:
 Eager torch computes the same arithmetic as the compiled package (inductor reorders
 sums, within fp32 rounding). Exits with status 1 if a row is further than --limit from
 the direct convs.
+
+Memory and time, per tile: the transformed weights the C++ op holds once the network has
+run (``Winograd MB``, next to the fused weights' own size: (tile+2)^2 / 9 times those of
+the convs it computes), and the median of --repeats eager calls (``ms``; indicative:
+``tools/benchmark.py --modes winograd-aoti --winograd-tile T`` times the package).
 """
 import argparse
 import copy
+import statistics
 import sys
+import time
 
 import torch
 
 from mmrepvgg import RepVGG, reparameterize
+from mmrepvgg.env import cpu_info
 from mmrepvgg.numerics import flatten_outputs, output_error
 from mmrepvgg.ops.winograd import TILES, convert_to_winograd
+from mmrepvgg.ops.winograd_kernel import load_kernel, transformed_bytes, vector_widths
 from mmrepvgg.models import ARCH_SETTINGS
 from mmrepvgg.reparam import randomize_norm_stats
 
 
+def _median_ms(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 @torch.no_grad()
-def check(arch, tiles, x, seed):
-    """Rows (tile, convs replaced, vs direct, vs fp64, direct vs fp64) for ``arch``."""
+def check(arch, tiles, x, seed, repeats=3):
+    """Rows (tile, convs replaced, vs direct, vs fp64, direct vs fp64, weights MB,
+    Winograd MB, ms) for ``arch``; the first row (tile ``direct``) is the direct-conv
+    network's."""
     model = reparameterize(randomize_norm_stats(RepVGG(arch), seed).eval())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     direct = flatten_outputs(model(x))
     reference = flatten_outputs(copy.deepcopy(model).double()(x.double()))
     direct_error = output_error(direct, reference).relative
-    rows = []
+    rows = [('direct', 0, 0.0, direct_error, direct_error, weights, 0.0,
+             _median_ms(lambda: model(x), repeats))]
     for tile in tiles:
         winograd = copy.deepcopy(model)
         replaced = convert_to_winograd(winograd, tile, x)
+        held = transformed_bytes()
         out = flatten_outputs(winograd(x))
+        held = (transformed_bytes() - held) / 2**20
         rows.append((tile, replaced, output_error(out, direct).relative,
-                     output_error(out, reference).relative, direct_error))
+                     output_error(out, reference).relative, direct_error, weights, held,
+                     _median_ms(lambda: winograd(x), repeats)))
+        del winograd  # and with it the weights the op transformed
     return rows
 
 
@@ -58,18 +84,22 @@ def main(argv=None):
     parser.add_argument('--limit', type=float, default=1e-4,
                         help='largest allowed difference from the direct convs, relative')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--repeats', type=int, default=3, help='timed eager calls per tile')
     args = parser.parse_args(argv)
     tiles = [t if t == 'auto' else int(t) for t in args.tiles]
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    print(f'| arch | tile | convs | vs direct (max {args.limit:g}) | vs fp64 | direct vs fp64 |'
-          '\n|---|---|---|---|---|---|')
+    print(f'# {cpu_info()[0]}, {torch.get_num_threads()} threads, batch {args.batch}, '
+          f'{args.size}x{args.size}; Winograd op products: '
+          f'{vector_widths()[0] if load_kernel() else "torch ops"}-float vectors')
+    print(f'| arch | tile | convs | vs direct (max {args.limit:g}) | vs fp64 | direct vs fp64 '
+          '| weights MB | Winograd MB | ms |\n|---|---|---|---|---|---|---|---|---|')
     failed = []
     for arch in args.archs:
-        for tile, replaced, vs_direct, vs_fp64, direct_error in check(arch, tiles, x,
-                                                                      args.seed):
+        for (tile, replaced, vs_direct, vs_fp64, direct_error, weights, held,
+             ms) in check(arch, tiles, x, args.seed, args.repeats):
             print(f'| {arch} | {tile} | {replaced} | {vs_direct:.2e} | {vs_fp64:.2e} | '
-                  f'{direct_error:.2e} |', flush=True)
+                  f'{direct_error:.2e} | {weights:.1f} | {held:.1f} | {ms:.1f} |', flush=True)
             if vs_direct > args.limit:
                 failed.append(f'{arch} tile {tile}: {vs_direct:.3g} > {args.limit:g}')
     if failed:
