@@ -66,10 +66,10 @@ def check(arch, tiles, x, seed, repeats=3):
         held = transformed_bytes()
         out = flatten_outputs(winograd(x))
         held = (transformed_bytes() - held) / 2**20
+        ms = _median_ms(lambda: winograd(x), repeats)
         rows.append((tile, replaced, output_error(out, direct).relative,
-                     output_error(out, reference).relative, direct_error, weights, held,
-                     _median_ms(lambda: winograd(x), repeats)))
-        del winograd  # and with it the weights the op transformed
+                     output_error(out, reference).relative, direct_error, weights, held, ms))
+        winograd = None  # and with it the weights the op transformed
     return rows
 
 
