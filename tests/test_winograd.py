@@ -404,3 +404,24 @@ def test_without_the_kernel_torch_ops_compute_the_conv():
     assert winograd_kernel.DISABLE_ENV in reason
     # fp32 F(4x4) on an 8-channel conv: within error_growth(4) x a few ulps of the output
     assert float(error) < error_growth(4) * 1e-6
+
+
+def test_vector_width_from_the_environment():
+    import os
+    import subprocess
+    import sys
+    if not winograd_kernel.load_kernel():
+        pytest.skip(f'the C++ Winograd kernel is not available: {winograd_kernel.load_error()}')
+    narrowest = winograd_kernel.vector_widths()[-1]
+    script = ('import torch; from mmrepvgg.ops import winograd_kernel as k; k.load_kernel(); '
+              'print(torch.ops.mmrepvgg.winograd_set_vector_width(0))')
+    for value, expected in ((str(narrowest), f'{narrowest}\n'), ('32', None)):
+        env = dict(os.environ, **{winograd_kernel.WIDTH_ENV: value})
+        result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                                text=True, timeout=300)
+        if expected:
+            assert result.stdout == expected, result.stderr[-3000:]
+        else:
+            assert result.returncode != 0
+            assert f"{winograd_kernel.WIDTH_ENV}='32': the Winograd op here is built with" \
+                in result.stderr

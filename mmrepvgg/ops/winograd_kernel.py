@@ -35,6 +35,10 @@ OP_VERSION = 2
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'winograd_conv.cpp')
 #: Environment variable that turns the kernel off (``WinogradConv2d`` then uses torch ops).
 DISABLE_ENV = 'MMREPVGG_NO_WINOGRAD_KERNEL'
+#: Environment variable that picks the products' vector width (floats, one of
+#: ``vector_widths()``) for the process instead of the widest: on CPUs that split 512-bit
+#: operations in two (AMD Zen 4), 8 can be as fast (docs/benchmark.md).
+WIDTH_ENV = 'MMREPVGG_WINOGRAD_VECTOR_WIDTH'
 _state = dict(loaded=False, error=None)
 
 
@@ -119,6 +123,12 @@ def load_kernel(verbose: bool = False) -> bool:
         _state['error'] = f'{type(err).__name__}: {last_line}'
         return False
     _state['loaded'] = True
+    width = os.environ.get(WIDTH_ENV)
+    if width:
+        if width.strip() not in [str(w) for w in vector_widths()]:
+            raise ValueError(f'{WIDTH_ENV}={width!r}: the Winograd op here is built with '
+                             f'{", ".join(map(str, vector_widths()))}-float vectors')
+        torch.ops.mmrepvgg.winograd_set_vector_width(int(width))
     return True
 
 
