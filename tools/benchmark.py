@@ -10,8 +10,11 @@ and whole models from config files, all timed in ONE process, interleaved round-
   # the models exported to ONNX, in ONNX Runtime and OpenVINO (CPU only), against torch
   python tools/benchmark.py --archs B1g2 --resnets 101 \\
       --modes eager,compile,onnxruntime,openvino,openvino-bf16
-  # which engine to deploy a config's fused model with on this machine
+  # which engine to deploy a config's fused model with on this machine (--metric: each
+  # form scored on the config's test data too, here the bundled mini data)
   python tools/benchmark.py --recommend configs/pspnet_repvgg_b1g2_cityscapes.py CKPT
+  python tools/benchmark.py --recommend configs/pspnet_repvgg_b1g2_cityscapes.py CKPT \\
+      --metric --mini
   # GPU: fp32 and AMP, results and a speed/accuracy plot
   python tools/benchmark.py --device cuda --batch-size 128 --precision fp32,amp \\
       --archs A0,A1,A2,B0,B1g4,B1g2,B1 --json out.json --plot out.png
@@ -36,7 +39,8 @@ from mmrepvgg.apis.benchmark_models import BACKEND_MODES, RESNET_DEPTHS
 from mmrepvgg.apis.benchmark_plot import write_plot
 from mmrepvgg.apis.benchmark_report import format_report, write_json
 from mmrepvgg.apis.benchmark_run import BenchmarkOptions, run_benchmark
-from mmrepvgg.apis.recommend import format_recommendation, recommend
+from mmrepvgg.apis.recommend import (DEFAULT_MAX_DROP, DEFAULT_METRIC_DROP, DEFAULT_TIME_LIMIT,
+                                     format_recommendation, recommend)
 from mmrepvgg.models import ARCH_SETTINGS
 from mmrepvgg.numerics import PRECISIONS
 from mmrepvgg.ops.inference import AUTO_MODE, MODES, resolve_device
@@ -89,6 +93,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='timed rounds over all candidates (default 20)')
     parser.add_argument('--warmup', type=int, default=3,
                         help='untimed rounds before them (default 3)')
+    parser.add_argument('--time-limit', type=float, default=None, metavar='SECONDS',
+                        help='a candidate stops being timed once its calls (warm-up '
+                             'included, set-up not) took this long, after at least one '
+                             'timed run; default: no limit, with --recommend '
+                             f'{DEFAULT_TIME_LIMIT:g}')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch.set_num_threads (default: torch\'s choice)')
     parser.add_argument('--baseline', default=None,
@@ -117,20 +126,34 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='write a PNG of backbone speed vs ImageNet top-1 (paper values)')
     parser.add_argument('--recommend', nargs='+', metavar=('CONFIG', 'CHECKPOINT'),
                         help='time every deployable form of CONFIG\'s fused model (random '
-                             'weights, or CHECKPOINT\'s) on this CPU at its test input size '
-                             'and name the fastest within --max-drop, with its commands')
-    parser.add_argument('--max-drop', type=float, default=1e-3,
-                        help='--recommend: the largest relative output difference from the '
-                             'fp32 model allowed (default 1e-3)')
+                             'weights, or CHECKPOINT\'s) on this CPU at its test input size, '
+                             'a progress line per form on stderr, and name the fastest '
+                             'within --max-drop, with its commands')
+    parser.add_argument('--metric', action='store_true',
+                        help='--recommend: also write and test each form as its commands '
+                             'would, with the config\'s metric on its test data (needs '
+                             'CHECKPOINT; --mini: the bundled mini data); the budget is then '
+                             'in metric points from the eager fp32 model')
+    parser.add_argument('--max-drop', type=float, default=None,
+                        help='--recommend: the accuracy budget: the largest relative output '
+                             f'difference from the fp32 model (default {DEFAULT_MAX_DROP:g}), '
+                             'with --metric the largest metric drop in points (default '
+                             f'{DEFAULT_METRIC_DROP:g})')
     parser.add_argument('--mini', action='store_true',
-                        help='--recommend: the input size of the --mini test pipeline')
+                        help='--recommend: the input size of the --mini test pipeline, and '
+                             'with --metric its mini test data')
     args = parser.parse_args(argv)
+    if args.time_limit is not None and args.time_limit <= 0:
+        parser.error(f'--time-limit takes seconds > 0, got {args.time_limit:g}')
     if args.recommend is not None:
         if len(args.recommend) > 2:
             parser.error(f'--recommend takes CONFIG [CHECKPOINT], got {args.recommend}')
-        if args.max_drop < 0:
+        if args.max_drop is not None and args.max_drop < 0:
             parser.error(f'--max-drop must be >= 0, got {args.max_drop}')
         return args
+    extra = [name for name in ('metric', 'mini', 'max_drop') if getattr(args, name)]
+    if extra:
+        parser.error(f'--{extra[0].replace("_", "-")} is an option of --recommend')
 
     archs = _csv(args.archs)
     if archs == ['all']:
@@ -188,15 +211,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     command = 'python tools/benchmark.py ' + ' '.join(
         sys.argv[1:] if argv is None else list(argv))
     if args.recommend is not None:
+        limit = DEFAULT_TIME_LIMIT if args.time_limit is None else args.time_limit
         result = recommend(*args.recommend, cfg_options=args.cfg_options, mini=args.mini,
                            max_drop=args.max_drop, repeats=min(args.repeats, 5),
-                           warmup=min(args.warmup, 1), command=command)
+                           warmup=min(args.warmup, 1), command=command, time_limit=limit,
+                           metric=args.metric)
         print(format_recommendation(result))
         if args.json:
             write_json(args.json, result)
         return result
     options = {k: v for k, v in vars(args).items()
-               if k not in ('recommend', 'max_drop', 'mini')}
+               if k not in ('recommend', 'max_drop', 'mini', 'metric')}
     result = run_benchmark(BenchmarkOptions(**options), command)
     print(format_report(result))
     if args.plot:

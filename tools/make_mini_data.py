@@ -7,16 +7,16 @@
 import argparse
 import sys
 
-from mmrepvgg.testing.mini_data import (DEFAULT_SIZES, OutDirNotEmpty, make_cityscapes,
-                                        make_coco)
+from mmrepvgg.testing.mini_data import (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZES,
+                                        OutDirNotEmpty, make_cityscapes, make_coco)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
     p.add_argument('kind', choices=sorted(DEFAULT_SIZES), help='which layout to write')
     p.add_argument('out_dir', help='dataset root to create (use it as data_root)')
-    p.add_argument('--num-train', type=int, default=24)
-    p.add_argument('--num-val', type=int, default=8)
+    p.add_argument('--num-train', type=int, default=DEFAULT_NUM_TRAIN)
+    p.add_argument('--num-val', type=int, default=DEFAULT_NUM_VAL)
     p.add_argument('--size', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'),
                    help='image size (default: cityscapes 256 128, coco 256 192)')
     p.add_argument('--seed', type=int, default=0)

@@ -19,7 +19,7 @@ import argparse
 
 from mmengine.config import DictAction
 
-from mmrepvgg.apis.deploy import quantize
+from mmrepvgg.apis.deploy import DEFAULT_CALIB, quantize
 from mmrepvgg.deploy import PARTS
 from mmrepvgg.deploy.quantize import METHODS
 
@@ -30,8 +30,8 @@ def parse_args(argv=None):
     parser.add_argument('model', help='fp32 ONNX file written by tools/export.py, or a '
                                       'checkpoint to export first')
     parser.add_argument('output', help='the INT8 ONNX file to write')
-    parser.add_argument('--calib', type=int, default=32,
-                        help='number of calibration images (default 32)')
+    parser.add_argument('--calib', type=int, default=DEFAULT_CALIB,
+                        help=f'number of calibration images (default {DEFAULT_CALIB})')
     parser.add_argument('--method', choices=METHODS, default='minmax',
                         help='how activation ranges are chosen (default minmax)')
     parser.add_argument('--split', choices=('test', 'val', 'train'), default='test',

@@ -145,7 +145,8 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Tuple[Optional[i
 class Candidate:
     """One thing to time: ``setup()`` returns the callable to time (``fn()`` runs one
     batch); it is called lazily by ``benchmark_interleaved`` so that a failing candidate
-    is reported instead of stopping the run."""
+    is reported instead of stopping the run. ``time_limited``: its timed runs were cut
+    short by the run's time limit."""
     name: str
     setup: Callable[[], Callable[[], Any]]
     info: Dict[str, Any] = field(default_factory=dict)
@@ -155,6 +156,7 @@ class Candidate:
     peak_memory: Optional[int] = None
     memory_method: Optional[str] = None
     error: Optional[str] = None
+    time_limited: bool = False
 
     def stats(self) -> Dict[str, Optional[float]]:
         return summarize(self.times)
@@ -173,55 +175,121 @@ def summarize(times: Sequence[float]) -> Dict[str, Optional[float]]:
                 n=len(data))
 
 
+class Progress:
+    """What ``benchmark_interleaved`` says as it goes, through ``log``: a line when a
+    candidate is ready (or its setup failed), when a call fails, and every few rounds.
+    A caller that shows candidates its own way overrides the methods."""
+
+    def __init__(self, log: Optional[Callable[[str], None]] = None):
+        self.log = log or (lambda msg: None)
+
+    def start(self, candidates: Sequence[Candidate]) -> None:
+        """Before any set-up: the candidates to come."""
+
+    def setting_up(self, cand: Candidate) -> None:
+        """Before ``cand.setup()``: nothing by default (setups are quick or say so)."""
+
+    def ready(self, cand: Candidate) -> None:
+        """After ``cand.setup()``; ``cand.error`` is set if it failed."""
+        if cand.error is not None:
+            self.log(f'  {cand.name}: setup failed: {cand.error}')
+        else:
+            self.log(f'  {cand.name}: ready in {cand.prep_seconds:.1f} s')
+
+    def done(self, cand: Candidate) -> None:
+        """``cand`` is timed: all its rounds ran, the time limit cut them, or a call
+        failed (``cand.error``)."""
+        if cand.error is not None:
+            self.log(f'  {cand.name}: failed: {cand.error}')
+
+
+def _set_up(cand: Candidate, device: torch.device, progress: Progress) -> None:
+    """``cand.fn`` from its setup, or ``cand.error``; ``prep_seconds`` include the
+    setup's first call."""
+    progress.setting_up(cand)
+    start = time.perf_counter()
+    try:
+        cand.fn = cand.setup()
+        synchronize(device)
+    except Exception as exc:  # noqa: BLE001  (reported per candidate)
+        cand.error = describe_error(exc)
+    else:
+        cand.prep_seconds = time.perf_counter() - start
+    progress.ready(cand)
+
+
+def _timed_call(cand: Candidate, device: torch.device) -> Optional[float]:
+    """Seconds of one call of ``cand.fn``, bracketed by device synchronisation; None
+    (and ``cand.error``) if it raised."""
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        out = cand.fn()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001
+        cand.error = describe_error(exc)
+        return None
+    del out
+    return elapsed
+
+
+def _over_limit(cand: Candidate, spent: float, time_limit: Optional[float]) -> bool:
+    """Whether ``cand`` has spent its time (and has the one timed run it must have)."""
+    return (time_limit is not None and cand.error is None and bool(cand.times)
+            and spent >= time_limit)
+
+
 def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats: int = 20,
                           warmup: int = 3, measure_memory: bool = True,
                           memory_repeats: int = 3,
-                          log: Optional[Callable[[str], None]] = None) -> None:
+                          log: Optional[Callable[[str], None]] = None,
+                          time_limit: Optional[float] = None,
+                          progress: Optional[Progress] = None) -> None:
     """Time every candidate in one process, interleaved.
 
     Each candidate is set up (its ``prep_seconds`` include the setup's first call), then
     ``warmup`` untimed rounds and ``repeats`` timed rounds run over all candidates in
     turn; the starting candidate rotates from round to round so that none always follows
     the same neighbour. Every call is bracketed by a device synchronisation. A candidate
-    whose setup or call raises keeps the error and is skipped from then on. Finally the
-    peak memory of one call of each is measured outside the timed rounds (the median of
-    ``memory_repeats`` calls: on CPU the RSS-based figure moves with the allocator's state).
+    whose setup or call raises keeps the error and is skipped from then on. With
+    ``time_limit`` (seconds), a candidate whose calls (warm-up included, not its setup)
+    add up to it leaves the rounds once it has one timed run (``time_limited``): a slow
+    model costs a bounded time. Finally the peak memory of one call of each is measured
+    outside the timed rounds (the median of ``memory_repeats`` calls: on CPU the
+    RSS-based figure moves with the allocator's state).
+
+    ``progress`` hears of each candidate as it is set up and as it is done; by default
+    the lines go to ``log``.
     """
     device = torch.device(device)
-    log = log or (lambda msg: None)
+    progress = progress or Progress(log)
+    progress.start(candidates)
     for cand in candidates:
-        start = time.perf_counter()
-        try:
-            cand.fn = cand.setup()
-            synchronize(device)
-        except Exception as exc:  # noqa: BLE001  (reported per candidate)
-            cand.error = describe_error(exc)
-            log(f'  {cand.name}: setup failed: {cand.error}')
-            continue
-        cand.prep_seconds = time.perf_counter() - start
-        log(f'  {cand.name}: ready in {cand.prep_seconds:.1f} s')
+        _set_up(cand, device, progress)
     live = [c for c in candidates if c.error is None]
-    for rnd in range(warmup + repeats):
+    spent = {id(c): 0.0 for c in live}
+    rounds = warmup + repeats
+    for rnd in range(rounds):
         shift = rnd % len(live) if live else 0
         for cand in live[shift:] + live[:shift]:
-            if cand.error is not None:
+            elapsed = _timed_call(cand, device)
+            if elapsed is None:
                 continue
-            try:
-                synchronize(device)
-                start = time.perf_counter()
-                out = cand.fn()
-                synchronize(device)
-                elapsed = time.perf_counter() - start
-            except Exception as exc:  # noqa: BLE001
-                cand.error = describe_error(exc)
-                log(f'  {cand.name}: failed: {cand.error}')
-                continue
-            del out
+            spent[id(cand)] += elapsed
             if rnd >= warmup:
                 cand.times.append(elapsed)
-        if rnd == warmup - 1 or rnd == warmup + repeats - 1 or (
+        last = rnd == rounds - 1
+        for cand in list(live):
+            cand.time_limited = not last and _over_limit(cand, spent[id(cand)], time_limit)
+            if last or cand.error is not None or cand.time_limited:
+                live.remove(cand)
+                progress.done(cand)
+        if rnd == warmup - 1 or rnd == rounds - 1 or (
                 rnd >= warmup and (rnd - warmup + 1) % max(1, repeats // 4) == 0):
-            log(f'  round {rnd + 1}/{warmup + repeats} done')
+            progress.log(f'  round {rnd + 1}/{rounds} done')
+        if not live:
+            break
     if measure_memory:
         for cand in candidates:
             if cand.error is None:

@@ -19,8 +19,9 @@ def _fmt(value: Optional[float], spec: str = '.1f', none: str = '-') -> str:
 
 def result_rows(candidates: Sequence[Candidate], batch: int,
                 baseline: Optional[Candidate]) -> List[Dict[str, Any]]:
-    """One row per candidate: its info, timings in ms, images/s, speed relative to
-    ``baseline``, TFLOP/s, peak memory, set-up time and error."""
+    """One row per candidate: its info, timings in ms (``runs`` of them, fewer than asked
+    where ``time_limited``), images/s, speed relative to ``baseline``, TFLOP/s, peak
+    memory, set-up time and error."""
     base = baseline.stats()['median'] if baseline is not None else None
     rows = []
     for cand in candidates:
@@ -39,7 +40,8 @@ def result_rows(candidates: Sequence[Candidate], batch: int,
             tflops=None if med is None or not flops else flops / med / 1e12,
             peak_memory_mb=None if cand.peak_memory is None else cand.peak_memory / 2**20,
             memory_method=cand.memory_method, prep_s=cand.prep_seconds,
-            times_ms=[t * 1e3 for t in cand.times], error=cand.error))
+            times_ms=[t * 1e3 for t in cand.times], runs=st['n'],
+            time_limited=cand.time_limited, error=cand.error))
     return rows
 
 
@@ -73,6 +75,9 @@ MAIN_COLUMNS = (
     ('x peak', lambda r: _fmt(r.get('x_peak'), '.2f'), False),
     ('prep s', lambda r: _fmt(r['prep_s'], '.1f'), False),
     ('load s', lambda r: _fmt(r.get('load_s'), '.1f'), False),
+    ('1st call s', lambda r: _fmt(r.get('first_call_s'), '.2f'), False),
+    ('file MB', lambda r: _fmt(r.get('file_mb'), '.0f'), False),
+    ('Winograd MB', lambda r: _fmt(r.get('winograd_mb'), '.0f'), False),
     ('max|diff|', lambda r: _fmt(r.get('max_abs_diff'), '.1e'), False),
 )
 
@@ -220,8 +225,10 @@ def _backend_notes(result: Dict[str, Any]) -> List[str]:
             'aoti_compile_and_package, frozen weights, NHWC; winograd-aoti with Winograd '
             f'convs, tile {args["winograd_tile"]}) and loaded back by '
             'mmrepvgg.deploy.load_backend; prep s: conversion + export + compile + load + '
-            'first call, paid once per package; load s: loading the package file, what '
-            'a process that uses it pays.')
+            'first call, paid once per package; load s and 1st call s: loading the '
+            'package file and its first call, what a process that uses it pays (the '
+            'first call transforms the Winograd convs\' weights); file MB: the package; '
+            'Winograd MB: the transformed weights held in memory from the first call on.')
     if any(r['precision'] == 'int8' for r in exported_rows):
         lines.append(
             'int8 rows: the exported file quantized to static INT8 first '
@@ -256,6 +263,9 @@ def format_report(result: Dict[str, Any]) -> str:
             lines.append(f'FAILED {r["name"]}: {r["error"]}')
         elif r.get('note'):
             lines.append(f'note {r["name"]}: {r["note"].split(" (")[0]}')
+        if r.get('time_limited'):
+            lines.append(f'time limit {r["name"]}: the median of {r["runs"]} runs '
+                         '(--time-limit cut the rest)')
     if any(r['kind'] == 'model' and r.get('scope') == 'mmdet' and r.get('method') == '_forward'
            for r in rows):
         lines.append('detectors: _forward runs the RPN and RoI heads on proposals, which '

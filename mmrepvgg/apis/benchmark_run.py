@@ -24,8 +24,9 @@ from ..deploy import export_module, load_backend, package_module, quantize_onnx
 from ..numerics import output_error
 from ..ops.inference import optimize_for_inference, resolve_device
 from ..ops.winograd import FASTEST_TILE, convert_to_winograd
-from .benchmark import (MEMORY_METHODS, Candidate, benchmark_interleaved, environment, log,
-                        matmul_peak, ratio)
+from ..ops.winograd_kernel import transformed_bytes
+from .benchmark import (MEMORY_METHODS, Candidate, Progress, benchmark_interleaved,
+                        environment, log, matmul_peak, ratio)
 from .benchmark_models import (BACKEND_MODES, ModelSpec, config_specs, prepare_specs,
                                repvgg_specs, resnet_specs)
 from .benchmark_report import comparisons, result_rows
@@ -54,6 +55,7 @@ class BenchmarkOptions:
     input_size: Sequence[int] = (224, 224)
     repeats: int = 20
     warmup: int = 3
+    time_limit: Optional[float] = None  # seconds of calls per candidate, then it stops
     threads: Optional[int] = None
     baseline: Optional[str] = None
     winograd_tile: Union[str, int] = FASTEST_TILE
@@ -108,10 +110,18 @@ def _package_setup(cand: Candidate, network: nn.Module, inputs: torch.Tensor,
     path = osp.join(folder, 'network.pt2')
     times = package_module(network, inputs, path, metadata={'mmrepvgg.part': 'benchmark'})
     runner = load_backend(path, 'aoti', threads=torch.get_num_threads())
+    # the first call transforms the Winograd convs' weights (held from then on in memory)
+    held = transformed_bytes() if winograd is not None else 0
+    first = time.perf_counter()
+    runner(inputs)
     cand.info.update(export_s=round(times['export_s'], 3),
                      compile_s=round(times['compile_s'], 3),
                      load_s=round(runner.load_seconds, 3),
+                     first_call_s=round(time.perf_counter() - first, 3),
+                     file_mb=round(osp.getsize(path) / 2**20, 1),
                      prep_total_s=round(time.perf_counter() - start, 3))
+    if winograd is not None:
+        cand.info['winograd_mb'] = round((transformed_bytes() - held) / 2**20, 1)
     return runner
 
 
@@ -253,8 +263,10 @@ def _configure_torch(options: BenchmarkOptions) -> None:
     warnings.filterwarnings('ignore', category=FutureWarning)
 
 
-def run_benchmark(options: BenchmarkOptions, command: str = '') -> Dict[str, Any]:
-    """Build the models, time every candidate and compare them (progress on stderr).
+def run_benchmark(options: BenchmarkOptions, command: str = '',
+                  progress: Optional[Progress] = None) -> Dict[str, Any]:
+    """Build the models, time every candidate and compare them (progress on stderr;
+    ``progress`` replaces the per-candidate lines, see :class:`Progress`).
 
     Returns the result ``tools/benchmark.py`` writes as JSON: ``command`` (as given),
     ``environment``, ``args`` (the options), ``baseline`` (the name of the candidate the
@@ -292,10 +304,13 @@ def run_benchmark(options: BenchmarkOptions, command: str = '') -> Dict[str, Any
         log(msg)
         skipped.append(msg)
     timed = [c for c in candidates if 'skipped' not in c.info]
+    limit = (f' (a candidate stops after {options.time_limit:g} s of calls)'
+             if options.time_limit is not None else '')
     log(f'setting up {len(timed)} candidates, then {options.warmup} warm-up and '
-        f'{options.repeats} timed rounds over all of them...')
+        f'{options.repeats} timed rounds over all of them{limit}...')
     benchmark_interleaved(timed, device, repeats=options.repeats, warmup=options.warmup,
-                          measure_memory=not options.no_memory, log=log)
+                          measure_memory=not options.no_memory, log=log,
+                          time_limit=options.time_limit, progress=progress)
     env['loadavg_end'] = environment().get('loadavg')
 
     baseline = find_baseline(candidates, options.baseline)

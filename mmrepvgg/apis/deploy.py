@@ -11,7 +11,10 @@ from ..deploy.quantize import calibration_inputs, quantize_onnx
 from ..ops.winograd import TILES
 from .config import load_config, scope_of
 
-__all__ = ['export', 'quantize', 'winograd_tile']
+__all__ = ['DEFAULT_CALIB', 'export', 'quantize', 'winograd_tile']
+
+#: Calibration images tools/quantize.py takes by default.
+DEFAULT_CALIB = 32
 
 
 def winograd_tile(value: Optional[str]) -> Union[None, str, int]:
@@ -52,7 +55,8 @@ def export(config: str, checkpoint: str, output: str, format: str = 'onnx',
     return report
 
 
-def quantize(config: str, model: str, output: str, calib: int = 32, method: str = 'minmax',
+def quantize(config: str, model: str, output: str, calib: int = DEFAULT_CALIB,
+             method: str = 'minmax',
              split: str = 'test', per_channel: bool = True, reduce_range: bool = False,
              part: str = 'model', dynamic: bool = False,
              shape: Optional[Sequence[int]] = None, cfg_options: Optional[dict] = None,

@@ -32,8 +32,8 @@ _PREPARE = {
 }
 
 
-def _datasets(cfg: Config) -> Iterable[dict]:
-    for split in _SPLITS:
+def _datasets(cfg: Config, splits: Iterable[str] = _SPLITS) -> Iterable[dict]:
+    for split in splits:
         loader = cfg.get(split)
         dataset = loader.get('dataset') if loader else None
         while dataset is not None and 'dataset' in dataset:  # RepeatDataset and the like
@@ -42,13 +42,15 @@ def _datasets(cfg: Config) -> Iterable[dict]:
             yield dataset
 
 
-def data_problems(cfg: Config, mini: bool = False) -> List[str]:
-    """What is missing of the files the config's train, val and test datasets read: the
-    annotation file and image/label folders under ``data_root``, and for Cityscapes the
-    ``*_labelTrainIds.png`` maps that mmseg's converter writes. ``mini``: the data is the
-    synthetic one, and the hint says how to write it."""
+def data_problems(cfg: Config, mini: bool = False,
+                  splits: Iterable[str] = _SPLITS) -> List[str]:
+    """What is missing of the files the config's datasets read (``splits``: its train,
+    val and test loaders by default): the annotation file and image/label folders under
+    ``data_root``, and for Cityscapes the ``*_labelTrainIds.png`` maps that mmseg's
+    converter writes. ``mini``: the data is the synthetic one, and the hint says how to
+    write it."""
     problems, seen = [], set()
-    for dataset in _datasets(cfg):
+    for dataset in _datasets(cfg, splits):
         kind = dataset.get('type', '')
         kind = kind.split('.')[-1] if isinstance(kind, str) else getattr(kind, '__name__', '')
         root = dataset.get('data_root') or ''

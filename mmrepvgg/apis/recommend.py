@@ -1,32 +1,55 @@
 """Which engine to deploy a config's fused model with, on this machine: every form the
 project can write that this CPU can run, timed in one interleaved benchmark run at the
-config's test input size, each with its output difference from the fp32 model, and the
-fastest form within an accuracy budget, with the commands that write and test it."""
+config's test input size (each form's runs bounded in time), each with its output
+difference from the fp32 model and, with ``metric``, the config's own metric on its test
+data; and the fastest form within an accuracy budget, with the commands that write and
+test it."""
 import importlib.util
-import json
 import os
 import os.path as osp
-import shlex
-from typing import Any, Dict, List, Optional, Sequence
+import tempfile
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from ..deploy.export import config_input_shape
 from ..env import cpu_info
+from ..testing.mini_data import DEFAULT_NUM_VAL
+from .benchmark import Candidate, Progress, log
+from .benchmark_models import BACKEND_MODES
+from .benchmark_report import format_table
 from .benchmark_run import BenchmarkOptions, run_benchmark
-from .config import load_config
+from .config import load_config, scope_of
+from .deploy import DEFAULT_CALIB
+from .deploy_steps import Step, form_commands, form_steps, run_steps
+from .experiments import config_stem, reference_for
+from .preflight import data_problems
 
-__all__ = ['FORMS', 'cpu_class', 'recommend', 'format_recommendation']
+__all__ = ['FORMS', 'DEFAULT_MAX_DROP', 'DEFAULT_METRIC_DROP', 'DEFAULT_TIME_LIMIT',
+           'cpu_class', 'recommend', 'format_recommendation']
 
 #: (benchmark mode, precision): every form of the fused model this project can deploy on
-#: a CPU, from plain to most specialised.
+#: a CPU, from plain to most specialised (``winograd bf16``: Winograd convs with bfloat16
+#: products, in ``torch.compile``; the packages are fp32).
 FORMS = (('eager', 'fp32'), ('compile', 'fp32'), ('winograd-aoti', 'fp32'),
          ('onnxruntime', 'fp32'), ('openvino', 'fp32'), ('eager', 'bf16'),
-         ('compile', 'bf16'), ('openvino-bf16', 'bf16'), ('onnxruntime-int8', 'int8'),
-         ('openvino-int8', 'int8'))
-_NEEDS = {'onnxruntime': 'onnxruntime', 'onnxruntime-int8': 'onnxruntime',
-          'openvino': 'openvino', 'openvino-bf16': 'openvino', 'openvino-int8': 'openvino'}
-_DEFAULT_BUDGET = 1e-3
+         ('compile', 'bf16'), ('winograd', 'bf16'), ('openvino-bf16', 'bf16'),
+         ('onnxruntime-int8', 'int8'), ('openvino-int8', 'int8'))
+#: The accuracy budget by default: the relative output difference from the fp32 model,
+#: or with ``metric`` the drop in the config's metric, in points (OpenMMLab's benchmark
+#: lists accept 0.5).
+DEFAULT_MAX_DROP = 1e-3
+DEFAULT_METRIC_DROP = 0.5
+#: Seconds of calls (warm-up and timed, not set-up) after which a form's timing stops:
+#: a full-size input, seconds per call on a small CPU, still takes minutes in all.
+DEFAULT_TIME_LIMIT = 30.0
+#: What a form's set-up does besides building the model: worth a line before it starts.
+_SETUP_WORK = {'compile': 'torch.compile', 'winograd-aoti': 'torch.export and AOTInductor '
+               'compile', 'onnxruntime': 'ONNX export', 'openvino': 'ONNX export, OpenVINO '
+               'compile', 'openvino-bf16': 'ONNX export, OpenVINO compile',
+               'onnxruntime-int8': 'ONNX export, INT8 quantization',
+               'openvino-int8': 'ONNX export, INT8 quantization, OpenVINO compile'}
 
 
 def cpu_class() -> str:
@@ -41,119 +64,307 @@ def cpu_class() -> str:
     return 'AVX2' if 'avx2' in flags else 'pre-AVX2 or unknown'
 
 
-def _option_text(cfg_options: Optional[dict]) -> str:
-    """``cfg_options`` back as the ``--cfg-options`` of a command line."""
-    if not cfg_options:
-        return ''
-    pairs = [f'{k}={json.dumps(v, separators=(",", ":")) if isinstance(v, (list, tuple)) else v}'
-             for k, v in cfg_options.items()]
-    return ' --cfg-options ' + ' '.join(shlex.quote(p) for p in pairs)
+def _form(mode: str, precision: str) -> str:
+    return f'{mode} {precision}'
 
 
-def _commands(mode: str, precision: str, config: str, checkpoint: str, shape: Sequence[int],
-              mini: bool, cfg_options: Optional[dict]) -> List[str]:
-    """The commands that write this form and score it with the config's own metric."""
-    q = shlex.quote
-    tail = (' --mini' if mini else '') + _option_text(cfg_options)
-    test = f'python tools/test.py {q(config)}'
-    export = f'python tools/export.py {q(config)} {q(checkpoint)}'
-    size = f' --shape {shape[0]} {shape[1]}'
-    if mode == 'winograd-aoti':
-        return [f'{export} model.pt2 --format aoti --winograd{size}{tail}',
-                f'{test} model.pt2 --backend aoti{tail}']
-    if mode in _NEEDS:
-        backend = _NEEDS[mode]
-        files = [f'{export} model.onnx{tail}']
-        onnx = 'model.onnx'
-        if precision == 'int8':
-            files.append(f'python tools/quantize.py {q(config)} model.onnx model_int8.onnx'
-                         f'{tail}')
-            onnx = 'model_int8.onnx'
-        bf16 = ' --precision bf16' if precision == 'bf16' else ''
-        return files + [f'{test} {onnx} --backend {backend}{bf16}{tail}']
-    recipe = '' if mode == 'eager' else f", mode='{mode}'"
-    recipe += '' if precision == 'fp32' else f", precision='{precision}'"
-    return [f'{test} {q(checkpoint)} --deploy{tail}  (the fused model in PyTorch; in a '
-            f'program: mmrepvgg.deploy.optimize_for_inference(model, example{recipe}))']
+def _runs(count: int) -> str:
+    return f'{count} run' + ('' if count == 1 else 's')
 
 
-def recommend(config: str, checkpoint: Optional[str] = None,
-              cfg_options: Optional[dict] = None, mini: bool = False,
-              max_drop: float = _DEFAULT_BUDGET, forms: Sequence[tuple] = FORMS,
-              repeats: int = 5, warmup: int = 1, command: str = '') -> Dict[str, Any]:
-    """Time every form in ``forms`` this machine can run, for the config's fused model at
-    its test input size, batch 1, on the CPU; each form's ``rel_diff`` is its largest
-    output difference from the fp32 training-form model over that model's largest output.
-    Returns the rows (fastest first), the forms left out and why, the machine, and
-    ``recommended``: the fastest row with ``rel_diff <= max_drop`` (None if none)."""
-    cfg = load_config(config, cfg_options=cfg_options, mini=mini)
-    shape = config_input_shape(cfg)
-    if shape is None:
-        raise SystemExit('the config\'s test pipeline gives no image size to time at')
-    left_out = {}
+def _rel_text(rel: Optional[float]) -> str:
+    return '-' if rel is None else f'{rel:.1e}'
+
+
+class _FormProgress(Progress):
+    """A line per form on stderr, numbered as mmengine's progress bar counts: before a
+    slow set-up starts, and when the form's timing ends (or failed)."""
+
+    def __init__(self):
+        super().__init__(log)
+        self.total = self.started = self.finished = 0
+
+    def start(self, candidates: Sequence[Candidate]) -> None:
+        self.total = len(candidates)
+
+    def _line(self, count: int, cand: Candidate, text: str) -> None:
+        self.log(f'[{count}/{self.total}] {_form(cand.info["mode"], cand.info["precision"])}'
+                 f': {text}')
+
+    def setting_up(self, cand: Candidate) -> None:
+        self.started += 1
+        work = _SETUP_WORK.get(cand.info['mode'])
+        if work:
+            self._line(self.started, cand, f'setting up ({work})...')
+
+    def ready(self, cand: Candidate) -> None:
+        if cand.error is not None:
+            self.finished += 1
+            self._line(self.finished, cand, f'setup failed: {cand.error}')
+
+    def done(self, cand: Candidate) -> None:
+        self.finished += 1
+        if cand.error is not None:
+            self._line(self.finished, cand, f'failed: {cand.error}')
+            return
+        stats = cand.stats()
+        cut = ', time limit reached' if cand.time_limited else ''
+        self._line(self.finished, cand,
+                   f'{stats["median"] * 1e3:.1f} ms (median of {_runs(stats["n"])}{cut}), rel '
+                   f'diff {_rel_text(cand.info.get("rel_diff"))}, set up in '
+                   f'{cand.prep_seconds:.1f} s')
+
+
+def _metric_of(cfg, config: str, checkpoint: Optional[str], mini: bool):
+    """(name, scale to points) of the config's headline metric, after checking that it
+    can be scored: trained weights and the test data are there."""
+    reference = reference_for(config_stem(config), scope_of(cfg))
+    if not reference.metric:
+        raise SystemExit(f'--metric scores mmseg and mmdet configs (mIoU, coco/bbox_mAP); '
+                         f'{osp.basename(config)} is of scope {scope_of(cfg)!r}')
+    if checkpoint is None:
+        raise SystemExit('--metric scores trained weights: give CHECKPOINT after CONFIG')
+    problems = data_problems(cfg, mini, splits=('test_dataloader',))
+    if problems:
+        hint = '' if mini else '; or score on the bundled mini data with --mini'
+        raise SystemExit('--metric needs the config\'s test data: ' + '; '.join(problems)
+                         + hint)
+    return reference.metric, reference.scale
+
+
+def _calibration_size(cfg, mini: bool) -> Optional[int]:
+    """``--calib`` of the INT8 forms' quantize step: the test set's size where it holds
+    fewer images than the tool's default, else None (the default). Data that is not here
+    to count: the size of the mini data tools/make_mini_data.py writes, or None."""
+    if data_problems(cfg, splits=('test_dataloader',)):
+        size = DEFAULT_NUM_VAL if mini else DEFAULT_CALIB
+    else:
+        from mmengine.registry import DATASETS, init_default_scope
+        init_default_scope(scope_of(cfg))
+        size = len(DATASETS.build(cfg.test_dataloader.dataset))
+    return size if size < DEFAULT_CALIB else None
+
+
+def _available(forms: Sequence[tuple], left_out: Dict[str, str]) -> List[tuple]:
+    """The forms whose runtime is installed; the others into ``left_out``."""
     runnable = []
     for mode, precision in forms:
-        module = _NEEDS.get(mode)
-        if module and importlib.util.find_spec(module) is None:
-            left_out[f'{mode} {precision}'] = f'{module} is not installed (the deploy extra)'
+        module = BACKEND_MODES.get(mode, ('',))[0]
+        if module in ('onnxruntime', 'openvino') and importlib.util.find_spec(module) is None:
+            left_out[_form(mode, precision)] = f'{module} is not installed (the deploy extra)'
         else:
             runnable.append((mode, precision))
+    return runnable
+
+
+def _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmup,
+                time_limit, command) -> Dict[str, Any]:
+    """One interleaved benchmark run of the fused model over the modes and precisions of
+    ``runnable``, a progress line per form."""
     modes = list(dict.fromkeys(m for m, _ in runnable))
-    precisions = list(dict.fromkeys(p for m, p in runnable if m in ('eager', 'compile')))
+    precisions = list(dict.fromkeys(p for m, p in runnable if m not in BACKEND_MODES))
     options = BenchmarkOptions(
         archs=(), forms=('fused',), resnets=(), config=[config], cfg_options=cfg_options,
         checkpoint=checkpoint, device='cpu', modes=modes, precision=precisions or ['fp32'],
-        batch_size=1, input_size=list(shape), repeats=repeats, warmup=warmup, no_memory=True)
-    result = run_benchmark(options, command)
+        batch_size=1, input_size=list(shape), repeats=repeats, warmup=warmup,
+        time_limit=time_limit, no_memory=True)
+    return run_benchmark(options, command, progress=_FormProgress())
+
+
+class _Scorer:
+    """Scores forms as their commands would, in this process (a file two forms share,
+    the ONNX export, is written once)."""
+
+    def __init__(self, config: str, checkpoint: str, cfg_options: Optional[dict],
+                 mini: bool, steps: Callable[[str, str], List[Step]], metric: str,
+                 scale: float):
+        self.config, self.checkpoint, self.cfg_options = config, checkpoint, cfg_options
+        self.mini, self.steps, self.metric, self.scale = mini, steps, metric, scale
+        self.done: set = set()
+
+    def __call__(self, form: tuple, count: str, folder: str) -> Union[float, str]:
+        """The form's metric in points, its files in ``folder``, or why it could not be
+        scored (a failed step is the form's, as a failed timing is: the other forms
+        still count)."""
+        start = time.perf_counter()
+        log(f'{count} {_form(*form)}: scoring...')
+        try:
+            metrics = run_steps(self.steps(*form), self.config, self.checkpoint, folder,
+                                self.done, self.cfg_options, self.mini)
+            if self.metric not in metrics:
+                raise KeyError(f'the test gave no {self.metric} (it gave '
+                               f'{", ".join(metrics)})')
+            score = float(metrics[self.metric]) * self.scale
+        except (Exception, SystemExit) as exc:  # noqa: BLE001  (the tools exit with the cause)
+            why = f'{type(exc).__name__}: {exc}'
+            log(f'{count} {_form(*form)}: scoring failed: {why}')
+            return why
+        log(f'{count} {_form(*form)}: {self.metric} {score:.2f}, scored in '
+            f'{time.perf_counter() - start:.1f} s')
+        return score
+
+
+def _score_forms(rows: List[dict], scorer: _Scorer) -> float:
+    """Each row's ``metric`` (in points) and ``drop`` from the eager fp32 form, or its
+    ``metric_error``. Returns the eager fp32 metric (scored also when that form was not
+    timed)."""
+    forms = [(r['mode'], r['precision']) for r in rows]
+    if ('eager', 'fp32') not in forms:
+        forms.insert(0, ('eager', 'fp32'))
+    log(f'scoring {len(forms)} forms with {scorer.metric} on the '
+        f'{"mini " if scorer.mini else ""}test data, as their commands would...')
+    with tempfile.TemporaryDirectory(prefix='mmrepvgg-recommend-') as folder:
+        scores = {form: scorer(form, f'[{n}/{len(forms)}]', folder)
+                  for n, form in enumerate(forms, 1)}
+    base = scores[('eager', 'fp32')]
+    if not isinstance(base, float):
+        raise SystemExit(f'--metric: the eager fp32 model, which the drops are measured '
+                         f'from, could not be scored: {base}')
+    for row in rows:
+        score = scores[(row['mode'], row['precision'])]
+        scored = isinstance(score, float)
+        row.update(metric=score if scored else None, drop=base - score if scored else None,
+                   metric_error=None if scored else score)
+    return base
+
+
+def _rows(result: Dict[str, Any], runnable: Sequence[tuple], left_out: Dict[str, str],
+          commands) -> List[dict]:
+    """The timed forms, fastest first, with their speed-up over eager fp32."""
     wanted = set(runnable)
     rows = []
     for row in result['candidates']:
-        if (row['mode'], row['precision']) not in wanted:
+        form = (row['mode'], row['precision'])
+        if form not in wanted:
             continue
         if row.get('median_ms') is None:
-            left_out[f'{row["mode"]} {row["precision"]}'] = row.get('error') or 'failed'
+            left_out[_form(*form)] = row.get('error') or 'failed'
             continue
-        rel = row.get('rel_diff')
-        rows.append(dict(mode=row['mode'], precision=row['precision'], ms=row['median_ms'],
-                         rel_diff=rel, within=rel is not None and rel <= max_drop,
-                         commands=_commands(row['mode'], row['precision'], config,
-                                            checkpoint or 'CHECKPOINT', shape, mini,
-                                            cfg_options)))
+        rows.append(dict(mode=form[0], precision=form[1], ms=row['median_ms'],
+                         runs=row['runs'], time_limited=row['time_limited'],
+                         setup_s=row['prep_s'], rel_diff=row.get('rel_diff'),
+                         commands=commands(*form)))
     rows.sort(key=lambda r: r['ms'])
     base = next((r['ms'] for r in rows if (r['mode'], r['precision']) == ('eager', 'fp32')),
                 None)
     for row in rows:
         row['speedup'] = base / row['ms'] if base else None
+    return rows
+
+
+def _within(row: dict, max_drop: float, metric: bool) -> bool:
+    value = row.get('drop') if metric else row['rel_diff']
+    return value is not None and value <= max_drop
+
+
+def recommend(config: str, checkpoint: Optional[str] = None,
+              cfg_options: Optional[dict] = None, mini: bool = False,
+              max_drop: Optional[float] = None, forms: Sequence[tuple] = FORMS,
+              repeats: int = 5, warmup: int = 1, command: str = '',
+              time_limit: Optional[float] = DEFAULT_TIME_LIMIT,
+              metric: bool = False) -> Dict[str, Any]:
+    """Time every form in ``forms`` this machine can run, for the config's fused model at
+    its test input size, batch 1, on the CPU: ``warmup`` and up to ``repeats`` timed
+    runs, stopped once its calls took ``time_limit`` seconds. Each form's ``rel_diff``
+    is its largest output difference from the fp32 training-form model over that
+    model's largest output; with ``metric``, each form is also written and tested as its
+    commands would (``metric``, in points, and ``drop`` from the eager fp32 form).
+
+    ``max_drop``: the budget, in ``rel_diff`` or, with ``metric``, in metric points
+    (default :data:`DEFAULT_MAX_DROP` or :data:`DEFAULT_METRIC_DROP`). Returns the rows
+    (fastest first), the forms left out and why, the machine, and ``recommended``: the
+    fastest row within the budget (None if none).
+    """
+    if max_drop is None:
+        max_drop = DEFAULT_METRIC_DROP if metric else DEFAULT_MAX_DROP
+    cfg = load_config(config, cfg_options=cfg_options, mini=mini)
+    shape = config_input_shape(cfg)
+    if shape is None:
+        raise SystemExit('the config\'s test pipeline gives no image size to time at')
+    metric_name, scale = _metric_of(cfg, config, checkpoint, mini) if metric else (None, 1)
+    left_out: Dict[str, str] = {}
+    runnable = _available(forms, left_out)
+    calib = _calibration_size(cfg, mini) if any(p == 'int8' for _, p in runnable) else None
+    result = _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmup,
+                         time_limit, command)
+
+    def steps(mode, precision):
+        return form_steps(mode, precision, shape, calib)
+
+    def commands(mode, precision):
+        return _with_program_note(mode, precision, form_commands(
+            steps(mode, precision), config, checkpoint or 'CHECKPOINT', mini, cfg_options))
+    rows = _rows(result, runnable, left_out, commands)
+    base_metric = (_score_forms(rows, _Scorer(config, checkpoint, cfg_options, mini, steps,
+                                              metric_name, scale)) if metric else None)
+    for row in rows:
+        row['within'] = _within(row, max_drop, metric)
     env = result['environment']
     machine = dict(cpu=env.get('cpu'), cpu_class=cpu_class(), cores=os.cpu_count(),
                    threads=env.get('threads'), torch=torch.__version__,
                    backends=env.get('backends') or {})
-    return dict(config=config, checkpoint=checkpoint, input=[1, 3, *shape],
-                max_drop=max_drop, machine=machine, rows=rows, left_out=left_out,
-                recommended=next((r for r in rows if r['within']), None))
+    return dict(config=config, checkpoint=checkpoint, input=[1, 3, *shape], mini=mini,
+                max_drop=max_drop, repeats=repeats, warmup=warmup, time_limit=time_limit,
+                metric=metric_name, base_metric=base_metric, machine=machine, rows=rows,
+                left_out=left_out, recommended=next((r for r in rows if r['within']), None))
+
+
+def _with_program_note(mode: str, precision: str, commands: List[str]) -> List[str]:
+    """A torch form is deployed in a program: say the call, as a shell comment."""
+    if mode in BACKEND_MODES:
+        return commands
+    return commands[:-1] + [
+        f'{commands[-1]}  # in a program: mmrepvgg.deploy.optimize_for_inference(model, '
+        f"example, mode='{mode}', precision='{precision}')"]
+
+
+def _header(result: Dict[str, Any]) -> List[str]:
+    m = result['machine']
+    libs = ', '.join(f'{k} {v}' for k, v in m['backends'].items())
+    limit = (f', at most {result["time_limit"]:g} s of runs per form'
+             if result['time_limit'] is not None else '')
+    if result['metric']:
+        data = 'mini ' if result['mini'] else ''
+        budget = (f'{result["metric"]} drop <= {result["max_drop"]:g} points from eager fp32 '
+                  f'({result["base_metric"]:.2f} on the {data}test data)')
+    else:
+        budget = f'relative output difference <= {result["max_drop"]:g}'
+    return [f'# {m["cpu"]} ({m["cpu_class"]}), {m["cores"]} cores, {m["threads"]} threads; '
+            f'torch {m["torch"]}' + (f', {libs}' if libs else ''),
+            f'# {osp.basename(result["config"])}, fused, input '
+            f'{"x".join(map(str, result["input"]))}; median of up to {result["repeats"]} '
+            f'timed runs after {result["warmup"]} warm-up{limit}',
+            f'# accuracy budget: {budget}']
+
+
+def _columns(metric: Optional[str]) -> List[tuple]:
+    def number(key, spec):
+        return lambda r: '-' if r.get(key) is None else format(r[key], spec)
+    columns = [('form', lambda r: _form(r['mode'], r['precision']), True),
+               ('ms', number('ms', '.1f'), False), ('runs', number('runs', 'd'), False),
+               ('x eager', number('speedup', '.2f'), False),
+               ('setup s', number('setup_s', '.1f'), False),
+               ('rel diff', lambda r: _rel_text(r['rel_diff']), False)]
+    if metric:
+        columns += [(metric, number('metric', '.2f'), False),
+                    ('drop', number('drop', '.2f'), False)]
+    return columns + [('within', lambda r: 'yes' if r['within'] else 'no', True)]
 
 
 def format_recommendation(result: Dict[str, Any]) -> str:
     """The table (machine first, fastest form first) and the one-line recommendation."""
-    m = result['machine']
-    libs = ', '.join(f'{k} {v}' for k, v in m['backends'].items())
-    lines = [f'# {m["cpu"]} ({m["cpu_class"]}), {m["cores"]} cores, {m["threads"]} threads; '
-             f'torch {m["torch"]}' + (f', {libs}' if libs else ''),
-             f'# {osp.basename(result["config"])}, fused, input '
-             f'{"x".join(map(str, result["input"]))}; accuracy budget: relative output '
-             f'difference <= {result["max_drop"]:g}',
-             f'{"form":<28} {"ms":>9} {"x eager":>8} {"rel diff":>9}  within']
-    for r in result['rows']:
-        rel = '-' if r['rel_diff'] is None else f'{r["rel_diff"]:.1e}'
-        speed = '-' if r['speedup'] is None else f'{r["speedup"]:.2f}'
-        lines.append(f'{r["mode"] + " " + r["precision"]:<28} {r["ms"]:>9.1f} {speed:>8} '
-                     f'{rel:>9}  {"yes" if r["within"] else "no"}')
+    lines = _header(result) + [format_table(result['rows'], _columns(result['metric']))]
+    for row in result['rows']:
+        if row.get('metric_error'):
+            lines.append(f'{_form(row["mode"], row["precision"])}: not scored: '
+                         f'{row["metric_error"]}')
     for form, why in result['left_out'].items():
-        lines.append(f'{form:<28} not timed: {why}')
+        lines.append(f'{form}: not timed: {why}')
     best = result['recommended']
     if best is None:
         lines.append('recommended: none within the budget; raise --max-drop')
     else:
-        lines.append(f'recommended: {best["mode"]} {best["precision"]} ({best["ms"]:.1f} ms, '
-                     f'{best["speedup"]:.2f}x eager fp32): ' + ' && '.join(best['commands']))
+        speed = '' if best['speedup'] is None else f', {best["speedup"]:.2f}x eager fp32'
+        lines.append(f'recommended: {_form(best["mode"], best["precision"])} '
+                     f'({best["ms"]:.1f} ms{speed}): ' + ' && '.join(best['commands']))
     return '\n'.join(lines)

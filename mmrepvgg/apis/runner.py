@@ -13,7 +13,7 @@ from ..env import cuda_unusable_reason
 from .config import apply_deploy, apply_test_args, apply_train_args, load_config
 
 __all__ = ['train', 'test', 'build_runner', 'resolve_checkpoint', 'LoadReadCheckpoint',
-           'finish_distributed']
+           'UseRecipe', 'finish_distributed']
 
 
 def train(config: str, work_dir: Optional[str] = None, cfg_options: Optional[dict] = None,
@@ -35,16 +35,21 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
          precision: str = 'fp32', out: Optional[str] = None, show: bool = False,
          show_dir: Optional[str] = None, wait_time: float = 2,
          work_dir: Optional[str] = None, cfg_options: Optional[dict] = None,
-         launcher: str = 'none', mini: bool = False, local_rank: int = 0) -> dict:
+         launcher: str = 'none', mini: bool = False, local_rank: int = 0,
+         mode: Optional[str] = None) -> dict:
     """Evaluate ``checkpoint`` with the config's own evaluator, as ``tools/test.py`` does.
 
     ``deploy``: the fused model (a training checkpoint fused by ReparamHook, a fused one
     loaded as it is). ``backend``: ``checkpoint`` is an exported file, run in that backend
-    (:func:`mmrepvgg.deploy.use_backend`). A URL is fetched once, and the file is read
-    once: the form check and the model see the same object. Returns the metrics.
+    (:func:`mmrepvgg.deploy.use_backend`) in ``precision``. ``mode`` (one of
+    ``mmrepvgg.ops.MODES``), or a ``precision`` other than fp32 without ``backend``: the
+    network runs in torch with that recipe of ``optimize_for_inference``
+    (:class:`UseRecipe`). A URL is fetched once, and the file is read once: the form
+    check and the model see the same object. Returns the metrics.
     """
     cfg = load_config(config, work_dir, cfg_options, launcher, mini, local_rank)
     state, source = None, checkpoint
+    recipe = _recipe(cfg, backend, mode, precision)
     if backend:
         if deploy:
             raise SystemExit('--deploy fuses a checkpoint; an exported file is fused '
@@ -62,6 +67,8 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
         run_backend_in(runner, checkpoint, backend, precision)
     else:
         runner.register_hook(LoadReadCheckpoint(state, source), priority='LOWEST')
+    if recipe:
+        runner.register_hook(recipe, priority='LOWEST')
     metrics = runner.test()
     finish_distributed()
     return metrics
@@ -87,6 +94,53 @@ class LoadReadCheckpoint(Hook):
         runner._has_loaded = True  # load_or_resume, next, then loads nothing more
         runner.logger.info(f'Load checkpoint from {self.source}')
         self.checkpoint = None  # the weights are in the model now
+
+
+def _recipe(cfg: Config, backend: Optional[str], mode: Optional[str],
+            precision: str) -> Optional['UseRecipe']:
+    """The :class:`UseRecipe` hook ``mode`` and ``precision`` ask for, or None (the
+    model as built, or the backend's arithmetic)."""
+    from ..ops.inference import MODES
+    if backend:
+        if mode:
+            raise SystemExit(f'--mode {mode} prepares the network in torch; --backend '
+                             f'{backend} runs the exported file: give one of them')
+        return None
+    if mode is None and precision == 'fp32':
+        return None
+    if mode is not None and mode not in MODES:
+        raise SystemExit(f'unknown --mode {mode!r}; valid: {", ".join(MODES)}')
+    from ..deploy.export import config_input_shape
+    shape = config_input_shape(cfg)
+    if shape is None:
+        raise SystemExit('--mode/--precision prepare the network for the test images\' '
+                         'size, and the config\'s test pipeline gives none (no Resize '
+                         'scale)')
+    batch = cfg.test_dataloader.get('batch_size', 1)
+    return UseRecipe(mode or 'eager', precision, [batch, 3, *shape])
+
+
+class UseRecipe(Hook):
+    """Run the network (the part ``tools/export.py`` would export) with an inference
+    recipe, prepared at the start of the test epoch: after the checkpoint is loaded
+    (``before_run``), fused (ReparamHook, ``before_test``) and any EMA weights swapped in
+    (``before_test_epoch``, at a higher priority than this hook's LOWEST)."""
+
+    def __init__(self, mode: str, precision: str, input_shape: list):
+        self.mode, self.precision, self.input_shape = mode, precision, input_shape
+
+    def before_test_epoch(self, runner) -> None:
+        import torch
+        from mmengine.model import is_model_wrapper
+
+        from ..deploy import use_recipe
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        example = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0))
+        prepared = use_recipe(model, example, self.mode, self.precision)
+        runner.logger.info(f'testing the network with the {self.mode} recipe in '
+                           f'{self.precision} (prepared in {prepared.prep_seconds:.1f} s '
+                           f'for {"x".join(map(str, self.input_shape))}); the rest of the '
+                           'model runs as built')
 
 
 def resolve_checkpoint(checkpoint: str) -> str:

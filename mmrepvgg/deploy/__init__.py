@@ -7,7 +7,7 @@ that backend into the model so its own evaluator judges it.
 from ..ops import (MODES, InferenceRunner, WinogradConv2d, convert_to_winograd,
                    optimize_for_inference)
 from .aoti import PackageRunner, package_module
-from .backend_model import use_backend
+from .backend_model import use_backend, use_recipe
 from .backends import BACKENDS, BackendRunner, load_backend
 from .export import FORMATS, config_input_shape, export_model
 from .onnx_export import DEFAULT_OPSET, ExportFailure, export_module, onnx_parity
@@ -16,7 +16,8 @@ from .parts import PARTS, ExportedPart
 from .quantize import METHODS as CALIBRATION_METHODS
 from .quantize import calibration_inputs, quantize_onnx
 
-__all__ = ['BACKENDS', 'BackendRunner', 'load_backend', 'use_backend', 'DEFAULT_OPSET',
+__all__ = ['BACKENDS', 'BackendRunner', 'load_backend', 'use_backend', 'use_recipe',
+           'DEFAULT_OPSET',
            'ExportFailure', 'FORMATS', 'PackageRunner', 'config_input_shape', 'package_module',
            'export_model', 'export_module', 'onnx_parity', 'runner_parity', 'PARTS',
            'ExportedPart', 'CALIBRATION_METHODS', 'calibration_inputs', 'quantize_onnx',

@@ -1,23 +1,26 @@
 """An MMLab model whose exported network runs in ONNX Runtime, OpenVINO or from an
-AOTInductor package.
+AOTInductor package, or in torch with an inference recipe.
 
 ``tools/test.py CONFIG MODEL.onnx --backend B`` (``MODEL.pt2 --backend aoti``) builds the
 config's model as usual, then :func:`use_backend` replaces its exported part by the file
 (``parts.attach_backend``) and loads the weights of the Python part from beside it. The
 runner, the data pipeline and the evaluator stay the config's own, so every format is
-scored by the same metric.
+scored by the same metric. :func:`use_recipe` does the same with the network kept in
+torch and prepared by ``optimize_for_inference`` (``tools/test.py --deploy --mode M``).
 """
+import copy
 import json
 import os.path as osp
 from typing import Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..ops.inference import optimize_for_inference
 from .backends import load_backend
 from .parts import ExportedPart, attach_backend
 
-__all__ = ['use_backend']
+__all__ = ['use_backend', 'use_recipe']
 
 
 def _load_torch_part(model: nn.Module, runner) -> None:
@@ -89,4 +92,27 @@ def use_backend(model: nn.Module, path: str, backend: str = 'onnxruntime',
     _check_matches(model, kind, runner)
     _load_torch_part(model, runner)
     attach_backend(model, runner, kind, json.loads(groups))
+    return runner
+
+
+@torch.no_grad()
+def use_recipe(model: nn.Module, example_input: Tensor, mode: str = 'eager',
+               precision: str = 'fp32'):
+    """Make ``model`` compute the part ``tools/export.py`` would export with a copy of it
+    prepared by ``optimize_for_inference(copy, example_input, mode=..., precision=...)``
+    (prepared now, for ``example_input``'s shape); its outputs come back in float32 to
+    the model's own post-processing, as a backend's do. ``model`` is changed in place;
+    returns the :class:`mmrepvgg.ops.InferenceRunner`."""
+    model.eval()
+    part = ExportedPart(model)
+    device = next(model.parameters()).device
+    part(example_input.to(device))  # in fp32: how the outputs nest (part.groups)
+    # a copy: the recipe casts and re-lays out its module, the torch rest stays fp32
+    runner = optimize_for_inference(ExportedPart(copy.deepcopy(model)), example_input,
+                                    device, mode, precision)
+
+    def run(inputs: Tensor):
+        return [t.float() for t in runner(inputs)]
+
+    attach_backend(model, run, part.kind, part.groups)
     return runner

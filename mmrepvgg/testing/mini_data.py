@@ -17,6 +17,8 @@ from .coco import write_coco
 
 #: Image size (width, height) per layout when none is given.
 DEFAULT_SIZES = {'cityscapes': (256, 128), 'coco': (256, 192)}
+#: Images per split when no count is given.
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL = 24, 8
 
 
 class OutDirNotEmpty(FileExistsError):
@@ -78,8 +80,8 @@ def _check_counts(num_train, num_val):
         raise ValueError('--num-train and --num-val must be >= 0')
 
 
-def make_cityscapes(out_dir, num_train=24, num_val=8, size=(256, 128), seed=0,
-                    force=False):
+def make_cityscapes(out_dir, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL,
+                    size=(256, 128), seed=0, force=False):
     """Write a Cityscapes-layout dataset (leftImg8bit/ + gtFine/ labelTrainIds) to out_dir.
 
     Returns the absolute path written. Raises OutDirNotEmpty if out_dir holds anything
@@ -93,7 +95,8 @@ def make_cityscapes(out_dir, num_train=24, num_val=8, size=(256, 128), seed=0,
         out_dir, force, lambda d: write_cityscapes(d, num_train, num_val, (w, h), seed))
 
 
-def make_coco(out_dir, num_train=24, num_val=8, size=(256, 192), seed=0, force=False):
+def make_coco(out_dir, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL,
+              size=(256, 192), seed=0, force=False):
     """Write a COCO-layout dataset (annotations/instances_*2017.json + images) to out_dir.
 
     Returns the absolute path written. Raises OutDirNotEmpty if out_dir holds anything
