@@ -264,11 +264,11 @@ def vector_width(request):
 @pytest.mark.parametrize('channels,groups,bias,relu,size', [
     ((16, 16), 1, True, False, (9, 9)),
     # output channels a group not a multiple of either weight panel (16 or 32 channels),
-    # 4-7 rows of products (not a multiple of the 6 or 14-row register block), a 1x3 map
+    # 4-7 rows of products (not a multiple of the 6 or 7-row register block), a 1x3 map
     ((12, 20), 2, False, True, (1, 3)),
     # more than 256 input channels a group (passes over the depth at either width), 70 =
     # 64 + 6 channels a group (two channel blocks in the transforms; panels 32 + 32 + 6),
-    # 40 rows at tile 2 (three blocks of 14 or fewer), odd map
+    # 40 rows at tile 2 (blocks of 6 or 7 rows and fewer), odd map
     ((600, 140), 2, True, True, (7, 10)),
 ])
 def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, groups, bias,

@@ -114,9 +114,12 @@ template <> struct Lanes<8> {  // AVX2: 16 registers -> 6 x 2 accumulators + 3
   static constexpr int kRows = 6;
 };
 #if defined(__AVX512F__)
-template <> struct Lanes<16> {  // AVX-512: 32 registers -> 14 x 2 accumulators + 3
+// AVX-512: 32 vector registers would hold 14 x 2 accumulators, but 14 rows need 14 row
+// pointers, more than the general registers, and the spills made it slower (measured on
+// an AVX-512 AMD EPYC); 7 rows, and twice AVX2's outputs per panel.
+template <> struct Lanes<16> {
   typedef float Vec __attribute__((vector_size(64)));
-  static constexpr int kRows = 14;
+  static constexpr int kRows = 7;
 };
 constexpr int kWidths[] = {16, 8};  // widest first
 #else
