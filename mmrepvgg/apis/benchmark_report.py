@@ -217,7 +217,8 @@ def _backend_notes(result: Dict[str, Any]) -> List[str]:
             '(mmrepvgg.deploy.export_module, static shape) and run on the CPU by '
             f'mmrepvgg.deploy.load_backend with {env["threads"]} threads; ms/batch is the '
             'runner\'s call, numpy conversion of input and outputs included; prep s: '
-            'export + compile + first call.')
+            'export + compile + first call (one export per model, and one INT8 '
+            'quantization, shared by its rows: counted in the first row set up).')
     if any(BACKEND_MODES[r['mode']][0] == 'aoti' for r in exported_rows):
         lines.append(
             'aoti/winograd-aoti rows: the eval-mode network compiled into an AOTInductor '

@@ -11,11 +11,12 @@ import copy
 import datetime
 import importlib
 import os.path as osp
+import re
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ class BenchmarkOptions:
     no_flush_denormal: bool = False
     no_memory: bool = False
     no_check: bool = False
+    # only these (mode, precision) pairs of modes x precision (None: all of them)
+    pairs: Optional[Sequence[Tuple[str, str]]] = None
     seed: int = 0
     json: Optional[str] = None
     plot: Optional[str] = None
@@ -125,35 +128,56 @@ def _package_setup(cand: Candidate, network: nn.Module, inputs: torch.Tensor,
     return runner
 
 
+def _onnx_file(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor, precision: str,
+               folder: str) -> str:
+    """The spec's network exported to ONNX in ``folder`` (and quantized, for int8): once
+    per run, shared by every backend that runs the same file (at a config's full test
+    size an export takes minutes); the candidate that wrote it records the seconds."""
+    stem = osp.join(folder, re.sub(r'[^\w.-]', '_', spec.key))
+    path = stem + '.onnx'
+    if not osp.isfile(path):
+        start = time.perf_counter()
+        network = spec.exported_network(copy.deepcopy(spec.model))
+        export_module(network, inputs, path, dynamic=False,
+                      metadata={'mmrepvgg.part': spec.kind})
+        cand.info['export_s'] = round(time.perf_counter() - start, 3)
+    if precision != 'int8':
+        return path
+    int8 = stem + '_int8.onnx'
+    if not osp.isfile(int8):
+        start = time.perf_counter()
+        quantize_onnx(path, int8, list(inputs.split(1)))
+        cand.info['quantize_s'] = round(time.perf_counter() - start, 3)
+    return int8
+
+
 def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: str,
-                   inputs: torch.Tensor, winograd=None) -> Callable[[], Callable[[], Any]]:
-    """The spec's network exported to a temporary ONNX file and compiled by ``backend``,
-    or compiled into an AOTInductor package and loaded (all set-up time); what is timed is
+                   inputs: torch.Tensor, folder: Optional[str],
+                   winograd=None) -> Callable[[], Callable[[], Any]]:
+    """The spec's network exported to ONNX (in ``folder``, which the run keeps until its
+    end; None: a temporary folder of the candidate's own) and compiled by ``backend``, or
+    compiled into an AOTInductor package and loaded (all set-up time); what is timed is
     the runner's call alone."""
     def setup():
+        if folder is None:
+            with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as own:
+                return set_up(own)
+        return set_up(folder)
+
+    def set_up(where: str):
         if spec.export_error:
             raise ValueError(spec.export_error)
-        network = spec.exported_network(copy.deepcopy(spec.model))
-        with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as folder:
-            if backend == 'aoti':
-                runner = _package_setup(cand, network, inputs, winograd, folder)
-                return _checked_call(cand, spec, runner, inputs)
-            path = osp.join(folder, 'network.onnx')
-            start = time.perf_counter()
-            export_module(network, inputs, path, dynamic=False,
-                          metadata={'mmrepvgg.part': spec.kind})
-            exported = ready = time.perf_counter()
-            run_precision = precision
-            if precision == 'int8':
-                int8 = osp.join(folder, 'network_int8.onnx')
-                quantize_onnx(path, int8, list(inputs.split(1)))
-                ready = time.perf_counter()
-                cand.info['quantize_s'] = round(ready - exported, 3)
-                path, run_precision = int8, 'fp32'
-            runner = load_backend(path, backend, run_precision,
-                                  threads=torch.get_num_threads())
-            cand.info.update(export_s=round(exported - start, 3),
-                             compile_s=round(time.perf_counter() - ready, 3))
+        if backend == 'aoti':
+            network = spec.exported_network(copy.deepcopy(spec.model))
+            with tempfile.TemporaryDirectory(dir=where) as package_folder:
+                runner = _package_setup(cand, network, inputs, winograd, package_folder)
+            return _checked_call(cand, spec, runner, inputs)
+        path = _onnx_file(cand, spec, inputs, precision, where)
+        start = time.perf_counter()
+        # an int8 file is run as given: its QDQ nodes carry the arithmetic
+        runner = load_backend(path, backend, 'fp32' if precision == 'int8' else precision,
+                              threads=torch.get_num_threads())
+        cand.info['compile_s'] = round(time.perf_counter() - start, 3)
         return _checked_call(cand, spec, runner, inputs)
     return setup
 
@@ -171,11 +195,16 @@ def _checked_call(cand: Candidate, spec: ModelSpec, runner, inputs: torch.Tensor
 def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                     precisions: Sequence[str], inputs: torch.Tensor, device: Any,
                     compile_mode: Optional[str] = None, cudnn_benchmark: bool = True,
-                    winograd_tile: Union[str, int] = FASTEST_TILE) -> List[Candidate]:
-    """Every (model, mode, precision) to time. A backend mode sets its own precision, so
-    it gives one row per model; off the CPU its rows are marked ``skipped``.
-    ``compile_mode``, ``cudnn_benchmark`` and ``winograd_tile`` go to
-    ``optimize_for_inference`` (the tile also to the winograd-aoti mode)."""
+                    winograd_tile: Union[str, int] = FASTEST_TILE,
+                    pairs: Optional[Sequence[Tuple[str, str]]] = None,
+                    folder: Optional[str] = None) -> List[Candidate]:
+    """Every (model, mode, precision) to time, or with ``pairs`` those of its (mode,
+    precision) pairs. A backend mode sets its own precision, so it gives one row per
+    model; off the CPU its rows are marked ``skipped``. ``compile_mode``,
+    ``cudnn_benchmark`` and ``winograd_tile`` go to ``optimize_for_inference`` (the tile
+    also to the winograd-aoti mode). ``folder``: where the backend modes write their
+    files, one export per model shared by its rows (kept by the caller until the
+    candidates are set up; None: each candidate exports into a folder of its own)."""
     device = torch.device(device)
     candidates = []
     for precision in precisions:
@@ -184,6 +213,8 @@ def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
             if backend and precision != precisions[0]:
                 continue
             row_precision = backend[1] if backend else precision
+            if pairs is not None and (mode, row_precision) not in pairs:
+                continue
             for spec in specs:
                 name = f'{spec.key} @{mode}' + (
                     f' {row_precision}' if len(precisions) > 1 else '')
@@ -200,7 +231,7 @@ def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                 else:
                     cand.info.update(spec.exported_info)
                     cand.setup = _backend_setup(
-                        cand, spec, *backend, inputs,
+                        cand, spec, *backend, inputs, folder,
                         winograd_tile if mode == 'winograd-aoti' else None)
                 candidates.append(cand)
     return candidates
@@ -294,10 +325,12 @@ def run_benchmark(options: BenchmarkOptions, command: str = '',
     inputs = torch.randn(options.batch_size, 3, *options.input_size, generator=gen)
     prepare_specs(specs, inputs, device, check=not options.no_check,
                   exported=bool(backend_modes) and on_cpu)
+    files = tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-')
     candidates = make_candidates(specs, options.modes, options.precision, inputs, device,
                                  compile_mode=options.compile_mode,
                                  cudnn_benchmark=not options.no_cudnn_benchmark,
-                                 winograd_tile=options.winograd_tile)
+                                 winograd_tile=options.winograd_tile, pairs=options.pairs,
+                                 folder=files.name)
     if backend_modes and not on_cpu:
         msg = (f'skipped the {", ".join(backend_modes)} rows: ONNX Runtime and OpenVINO run '
                f'on the CPU here, this run is on {device} (time them with --device cpu)')
@@ -308,9 +341,10 @@ def run_benchmark(options: BenchmarkOptions, command: str = '',
              if options.time_limit is not None else '')
     log(f'setting up {len(timed)} candidates, then {options.warmup} warm-up and '
         f'{options.repeats} timed rounds over all of them{limit}...')
-    benchmark_interleaved(timed, device, repeats=options.repeats, warmup=options.warmup,
-                          measure_memory=not options.no_memory, log=log,
-                          time_limit=options.time_limit, progress=progress)
+    with files:  # the exported files, shared by the candidates that run them
+        benchmark_interleaved(timed, device, repeats=options.repeats, warmup=options.warmup,
+                              measure_memory=not options.no_memory, log=log,
+                              time_limit=options.time_limit, progress=progress)
     env['loadavg_end'] = environment().get('loadavg')
 
     baseline = find_baseline(candidates, options.baseline)

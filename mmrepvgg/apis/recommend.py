@@ -167,7 +167,7 @@ def _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmu
         archs=(), forms=('fused',), resnets=(), config=[config], cfg_options=cfg_options,
         checkpoint=checkpoint, device='cpu', modes=modes, precision=precisions or ['fp32'],
         batch_size=1, input_size=list(shape), repeats=repeats, warmup=warmup,
-        time_limit=time_limit, no_memory=True)
+        time_limit=time_limit, no_memory=True, pairs=list(runnable))
     return run_benchmark(options, command, progress=_FormProgress())
 
 
