@@ -124,6 +124,26 @@ def test_time_limit_cuts_a_slow_candidates_runs():
     assert done == [('slow', 1), ('fast', 10)]
 
 
+def test_one_at_a_time_sets_up_each_candidate_after_the_last_is_released():
+    """--recommend's order: each candidate set up, timed and let go before the next is
+    set up, so that memory holds one prepared form at a time."""
+    events = []
+
+    def candidate(name):
+        def setup():
+            events.append(('setup', name, [c.fn is None for c in cands]))
+            return lambda: events.append(('call', name))
+        return Candidate(name, setup)
+    cands = [candidate('a'), candidate('b')]
+    benchmark_interleaved(cands, 'cpu', repeats=2, warmup=1, measure_memory=False,
+                          one_at_a_time=True, progress=Progress(lambda _: None))
+    # b was set up after a's three calls, with a released (and b not yet set up)
+    assert events == [('setup', 'a', [True, True]), ('call', 'a'), ('call', 'a'),
+                      ('call', 'a'), ('setup', 'b', [True, True]), ('call', 'b'),
+                      ('call', 'b'), ('call', 'b')]
+    assert [len(c.times) for c in cands] == [2, 2] and all(c.fn is None for c in cands)
+
+
 def test_metric_without_the_test_data_names_it_and_suggests_mini(tmp_path):
     with _cwd(tmp_path), pytest.raises(SystemExit) as error:
         recommend(SEG_CONFIG, 'trained.pth', metric=True)

@@ -118,6 +118,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='keep denormal floats on CPU (by default they are flushed to '
                              'zero, as random weights can underflow through deep stacks)')
     parser.add_argument('--no-memory', action='store_true', help='skip the memory pass')
+    parser.add_argument('--one-at-a-time', action='store_true',
+                        help='set up, time and release each candidate in turn instead of '
+                             'interleaving them (memory holds one at a time: whole models '
+                             'at full input size; --recommend always does)')
     parser.add_argument('--no-check', action='store_true',
                         help='skip comparing each candidate\'s output with eager fp32')
     parser.add_argument('--seed', type=int, default=0)

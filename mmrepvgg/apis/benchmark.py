@@ -245,7 +245,8 @@ def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats:
                           memory_repeats: int = 3,
                           log: Optional[Callable[[str], None]] = None,
                           time_limit: Optional[float] = None,
-                          progress: Optional[Progress] = None) -> None:
+                          progress: Optional[Progress] = None,
+                          one_at_a_time: bool = False) -> None:
     """Time every candidate in one process, interleaved.
 
     Each candidate is set up (its ``prep_seconds`` include the setup's first call), then
@@ -259,14 +260,35 @@ def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats:
     outside the timed rounds (the median of ``memory_repeats`` calls: on CPU the
     RSS-based figure moves with the allocator's state).
 
+    ``one_at_a_time``: set up, time and release each candidate in turn instead, so that
+    memory holds one at a time (at a whole model's full input size, a dozen prepared
+    forms need more than a small machine has); the timings are then not interleaved.
+
     ``progress`` hears of each candidate as it is set up and as it is done; by default
     the lines go to ``log``.
     """
     device = torch.device(device)
     progress = progress or Progress(log)
     progress.start(candidates)
-    for cand in candidates:
-        _set_up(cand, device, progress)
+    for group in [[c] for c in candidates] if one_at_a_time else [list(candidates)]:
+        for cand in group:
+            _set_up(cand, device, progress)
+        _run_rounds(group, device, warmup, repeats, time_limit, progress)
+        if measure_memory:
+            for cand in group:
+                if cand.error is None:
+                    peaks = [peak_memory(cand.fn, device)
+                             for _ in range(max(1, memory_repeats))]
+                    cand.peak_memory = int(statistics.median(p for p, _ in peaks))
+                    cand.memory_method = peaks[0][1]
+        if one_at_a_time:
+            for cand in group:
+                cand.fn = None  # the prepared model, runner and buffers go with it
+
+
+def _run_rounds(candidates: Sequence[Candidate], device: torch.device, warmup: int,
+                repeats: int, time_limit: Optional[float], progress: Progress) -> None:
+    """The warm-up and timed rounds of ``benchmark_interleaved`` over ``candidates``."""
     live = [c for c in candidates if c.error is None]
     spent = {id(c): 0.0 for c in live}
     rounds = warmup + repeats
@@ -290,12 +312,6 @@ def benchmark_interleaved(candidates: Sequence[Candidate], device: Any, repeats:
             progress.log(f'  round {rnd + 1}/{rounds} done')
         if not live:
             break
-    if measure_memory:
-        for cand in candidates:
-            if cand.error is None:
-                peaks = [peak_memory(cand.fn, device) for _ in range(max(1, memory_repeats))]
-                cand.peak_memory = int(statistics.median(p for p, _ in peaks))
-                cand.memory_method = peaks[0][1]
 
 
 def log(msg: str) -> None:

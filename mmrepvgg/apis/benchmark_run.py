@@ -67,6 +67,7 @@ class BenchmarkOptions:
     no_check: bool = False
     # only these (mode, precision) pairs of modes x precision (None: all of them)
     pairs: Optional[Sequence[Tuple[str, str]]] = None
+    one_at_a_time: bool = False  # set up, time, release each candidate in turn
     seed: int = 0
     json: Optional[str] = None
     plot: Optional[str] = None
@@ -339,12 +340,17 @@ def run_benchmark(options: BenchmarkOptions, command: str = '',
     timed = [c for c in candidates if 'skipped' not in c.info]
     limit = (f' (a candidate stops after {options.time_limit:g} s of calls)'
              if options.time_limit is not None else '')
-    log(f'setting up {len(timed)} candidates, then {options.warmup} warm-up and '
-        f'{options.repeats} timed rounds over all of them{limit}...')
+    if options.one_at_a_time:
+        log(f'{len(timed)} candidates, one at a time: each set up, then {options.warmup} '
+            f'warm-up and {options.repeats} timed calls{limit}, then released...')
+    else:
+        log(f'setting up {len(timed)} candidates, then {options.warmup} warm-up and '
+            f'{options.repeats} timed rounds over all of them{limit}...')
     with files:  # the exported files, shared by the candidates that run them
         benchmark_interleaved(timed, device, repeats=options.repeats, warmup=options.warmup,
                               measure_memory=not options.no_memory, log=log,
-                              time_limit=options.time_limit, progress=progress)
+                              time_limit=options.time_limit, progress=progress,
+                              one_at_a_time=options.one_at_a_time)
     env['loadavg_end'] = environment().get('loadavg')
 
     baseline = find_baseline(candidates, options.baseline)

@@ -1,6 +1,7 @@
 """Which engine to deploy a config's fused model with, on this machine: every form the
-project can write that this CPU can run, timed in one interleaved benchmark run at the
-config's test input size (each form's runs bounded in time), each with its output
+project can write that this CPU can run, timed one after another (each set up, timed
+and released, so that memory holds one form) at the config's test input size (each
+form's runs bounded in time), each with its output
 difference from the fp32 model and, with ``metric``, the config's own metric on its test
 data; and the fastest form within an accuracy budget, with the commands that write and
 test it."""
@@ -159,15 +160,16 @@ def _available(forms: Sequence[tuple], left_out: Dict[str, str]) -> List[tuple]:
 
 def _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmup,
                 time_limit, command) -> Dict[str, Any]:
-    """One interleaved benchmark run of the fused model over the modes and precisions of
-    ``runnable``, a progress line per form."""
+    """One benchmark run of the fused model over the forms of ``runnable``, one form at a
+    time (at a config's full test size the forms together outgrow a 24 GB machine), a
+    progress line per form."""
     modes = list(dict.fromkeys(m for m, _ in runnable))
     precisions = list(dict.fromkeys(p for m, p in runnable if m not in BACKEND_MODES))
     options = BenchmarkOptions(
         archs=(), forms=('fused',), resnets=(), config=[config], cfg_options=cfg_options,
         checkpoint=checkpoint, device='cpu', modes=modes, precision=precisions or ['fp32'],
         batch_size=1, input_size=list(shape), repeats=repeats, warmup=warmup,
-        time_limit=time_limit, no_memory=True, pairs=list(runnable))
+        time_limit=time_limit, no_memory=True, pairs=list(runnable), one_at_a_time=True)
     return run_benchmark(options, command, progress=_FormProgress())
 
 
