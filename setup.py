@@ -19,7 +19,7 @@ setup(
                 'OpenMMLab detection and segmentation',
     packages=find_packages(include=['mmrepvgg', 'mmrepvgg.*']),
     # the C++ Winograd kernel is compiled on the user's machine, from its source
-    package_data={'mmrepvgg.ops': ['csrc/*.cpp'], 'mmrepvgg.testing': ['configs/*.py']},
+    package_data={'mmrepvgg.ops': ['csrc/*.cpp', 'csrc/*.h'], 'mmrepvgg.testing': ['configs/*.py']},
     python_requires='>=3.8',
     install_requires=[
         # Users bring their own CUDA build of torch: a floor only. 2.6 is the first

@@ -32,7 +32,8 @@ OP_NAME = 'mmrepvgg::winograd_conv3x3'
 #: The op's interface generation, recorded in packages that call it: 2 takes the 3x3
 #: weights and transforms them itself on first use (1 took weights transformed in Python).
 OP_VERSION = 2
-_SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'winograd_conv.cpp')
+_CSRC = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc')
+_SOURCE = osp.join(_CSRC, 'winograd_conv.cpp')  # includes the other files of csrc/
 #: Environment variable that turns the kernel off (``WinogradConv2d`` then uses torch ops).
 DISABLE_ENV = 'MMREPVGG_NO_WINOGRAD_KERNEL'
 #: Environment variable that picks the products' vector width (floats, one of
@@ -108,7 +109,8 @@ def load_kernel(verbose: bool = False) -> bool:
     try:
         folder = _build_directory()
         library = osp.join(folder, _NAME + '.so')
-        if osp.isfile(library) and osp.getmtime(library) >= osp.getmtime(_SOURCE):
+        newest_source = max(osp.getmtime(osp.join(_CSRC, f)) for f in os.listdir(_CSRC))
+        if osp.isfile(library) and osp.getmtime(library) >= newest_source:
             torch.ops.load_library(library)  # built: skip the build system's checks (~2 s)
         else:
             from torch.utils.cpp_extension import load
