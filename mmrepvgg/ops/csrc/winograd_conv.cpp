@@ -3,10 +3,11 @@
 // One op, mmrepvgg::winograd_conv3x3, in three steps: the input transform writes every
 // tile's B^T d B, laid out [position, group, tile, channel]; the products are one matrix
 // product per (tile position, group), by the register-blocked kernel of
-// winograd_products.h, against the transformed weights G w G^T; the output transform applies A^T M A, adds the bias,
-// optionally the ReLU, and writes the NHWC output. The transforms run over tiles in
-// parallel with the channels innermost (contiguous in NHWC), so the compiler vectorises
-// them; the tile side S is a template parameter so that the small matrix products unroll.
+// winograd_products.h, against the transformed weights G w G^T; the output transform
+// applies A^T M A, adds the bias, optionally the ReLU, and writes the NHWC output. The
+// transforms run over tiles in parallel with the channels innermost (contiguous in
+// NHWC), so the compiler vectorises them; the tile side S is a template parameter so
+// that the small matrix products unroll.
 //
 // The op takes the 3x3 weights as they are and transforms them itself, once: the first
 // call with a weight tensor computes and packs G w G^T and keeps it in a cache keyed by
@@ -125,18 +126,27 @@ void drop_dead_entries() {  // with cache_mutex held
     it = it->second.storage.expired() ? cache.erase(it) : std::next(it);
 }
 
-template <int W, int S>
-at::Tensor packed_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
-                          int64_t groups) {
+// The cached transform of `weight` for tile side S and product path `path` (the vector
+// width, or 0 for the bfloat16 products), made by `make()` the first time or after the
+// weights were written to.
+template <typename Make>
+at::Tensor cached_weights(const at::Tensor& weight, int64_t side, int64_t path, Make make) {
   std::lock_guard<std::mutex> lock(cache_mutex);
   drop_dead_entries();
-  const CacheKey key(weight.storage().unsafeGetStorageImpl(), weight.data_ptr(), S, W);
+  const CacheKey key(weight.storage().unsafeGetStorageImpl(), weight.data_ptr(), side, path);
   const int64_t version = tensor_version(weight);
   auto it = cache.find(key);
   if (it != cache.end() && it->second.version == version) return it->second.packed;
-  at::Tensor packed = pack_weights<W, S>(weight, kernel_transform, groups);
-  cache.insert_or_assign(key, PackedWeights{weight.storage().getWeakStorageImpl(), version, packed});
-  return packed;
+  at::Tensor made = make();
+  cache.insert_or_assign(key, PackedWeights{weight.storage().getWeakStorageImpl(), version, made});
+  return made;
+}
+
+template <int W, int S>
+at::Tensor packed_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
+                          int64_t groups) {
+  return cached_weights(weight, S, W,
+                        [&] { return pack_weights<W, S>(weight, kernel_transform, groups); });
 }
 
 // The products in bfloat16, for a model run in bfloat16: the transformed weights (from
@@ -145,24 +155,18 @@ at::Tensor packed_weights(const at::Tensor& weight, const at::Tensor& kernel_tra
 template <int S>
 at::Tensor bf16_weights(const at::Tensor& weight, const at::Tensor& kernel_transform,
                         int64_t groups) {
-  std::lock_guard<std::mutex> lock(cache_mutex);
-  drop_dead_entries();
-  const CacheKey key(weight.storage().unsafeGetStorageImpl(), weight.data_ptr(), S, 0);
-  const int64_t version = tensor_version(weight);
-  auto it = cache.find(key);
-  if (it != cache.end() && it->second.version == version) return it->second.packed;
-  constexpr int W = 8, kPanel = 2 * W;
-  const int64_t out_per_group = weight.size(0) / groups, depth = weight.size(1);
-  const int64_t panels = (out_per_group + kPanel - 1) / kPanel;
-  const at::Tensor packed = pack_weights<W, S>(weight.to(at::kFloat), kernel_transform, groups);
-  at::Tensor bf16 = packed.view({S * S * groups, panels, depth, kPanel})
-                        .permute({0, 2, 1, 3})
-                        .reshape({S * S * groups, depth, panels * kPanel})
-                        .narrow(2, 0, out_per_group)
-                        .to(at::kBFloat16)
-                        .contiguous();
-  cache.insert_or_assign(key, PackedWeights{weight.storage().getWeakStorageImpl(), version, bf16});
-  return bf16;
+  return cached_weights(weight, S, 0, [&] {
+    constexpr int W = 8, kPanel = 2 * W;
+    const int64_t out_per_group = weight.size(0) / groups, depth = weight.size(1);
+    const int64_t panels = (out_per_group + kPanel - 1) / kPanel;
+    const at::Tensor packed = pack_weights<W, S>(weight.to(at::kFloat), kernel_transform, groups);
+    return packed.view({S * S * groups, panels, depth, kPanel})
+        .permute({0, 2, 1, 3})
+        .reshape({S * S * groups, depth, panels * kPanel})
+        .narrow(2, 0, out_per_group)
+        .to(at::kBFloat16)
+        .contiguous();
+  });
 }
 
 // The conv, with activations of type T (float or BFloat16) in memory; the transforms
@@ -222,9 +226,9 @@ at::Tensor winograd_conv(const at::Tensor& input, const at::Tensor& weight,
   });
 
   // products: [S*S*groups, tiles, out_per_group]
-  const at::Tensor prod = scratch(1, {S * S * groups, tiles, out_per_group}, x.options());
+  at::Tensor prod = scratch(1, {S * S * groups, tiles, out_per_group}, x.options());
   if constexpr (kBF16) {
-    at::bmm_out(const_cast<at::Tensor&>(prod), v, bf16_weights<S>(weight, kernel_transform, groups));
+    at::bmm_out(prod, v, bf16_weights<S>(weight, kernel_transform, groups));
   } else {
     const at::Tensor packed = packed_weights<W, S>(weight, kernel_transform, groups);
     batched_product<W>(S * S * groups, tiles, in_per_group, out_per_group, v_data,
