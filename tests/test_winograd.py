@@ -341,6 +341,25 @@ def test_kernel_keeps_the_weights_at_their_size_and_transforms_them_once(vector_
     assert winograd_kernel.transformed_bytes() == before
 
 
+def test_torch_form_keeps_its_kernel_only_where_the_cpp_kernel_does_not_run():
+    """Moved to a dtype (or device, e.g. CUDA) the C++ kernel does not take, the module
+    keeps the transformed kernel as a buffer for its torch ops instead of transforming the
+    weights at every call; back where the C++ kernel runs, the buffer goes."""
+    module = _kernel_module(16, 24, 4, 2)
+    assert module.kernel is None
+    x = torch.randn(1, 16, 9, 9, dtype=torch.float64)
+    conv = _conv(16, 24, 2)
+    module.double()
+    assert module.kernel.dtype == torch.float64 and module.kernel.shape == (36 * 2, 8, 12)
+    assert torch.equal(module.kernel, module.transformed_kernel())
+    with torch.no_grad():
+        out, expected = module(x), conv(x)
+    # as in test_exact_in_float64: fp64 rounding, even magnified, far below 1e-10
+    assert (out - expected).abs().max() < 1e-10 * expected.abs().max()
+    module.float()
+    assert module.kernel is None
+
+
 def test_kernel_refuses_weights_that_do_not_fit_naming_shapes():
     module = _kernel_module(16, 32, 4)
     op = torch.ops.mmrepvgg.winograd_conv3x3

@@ -187,8 +187,8 @@ class WinogradConv2d(nn.Module):
     converting a module to channels_last leaves it alone), and ``bias``: a package or a
     state dict holds the weights at their own size. The C++ kernel transforms them (G w
     G^T, in float64) on its first call and keeps the result while ``weight`` lives; the
-    torch-op form uses ``transformed_kernel()``, kept as buffer ``kernel`` when the C++
-    kernel is not available.
+    torch-op form uses ``transformed_kernel()``, kept as buffer ``kernel`` while the
+    module's device or dtype leave it to the torch ops (no C++ kernel, CUDA, float16).
     """
 
     def __init__(self, conv: nn.Conv2d, tile: int = 4, relu: bool = False):
@@ -212,8 +212,8 @@ class WinogradConv2d(nn.Module):
         weight = conv.weight.detach()
         self.register_buffer('weight', weight.reshape(weight.shape[0], weight.shape[1], 9)
                              .clone(memory_format=torch.contiguous_format))
-        self.register_buffer('kernel', None if self.uses_kernel else self.transformed_kernel(),
-                             persistent=False)
+        self.register_buffer('kernel', None, persistent=False)
+        self._keep_torch_kernel()
         bias = None if conv.bias is None else conv.bias.detach().clone()
         self.register_buffer('bias', bias)
 
@@ -223,14 +223,27 @@ class WinogradConv2d(nn.Module):
                      kernel_transform=torch.float64)
 
     def _apply(self, fn, recurse=True):
-        """``module.to(...)``/``.bfloat16()`` etc. move the matrices but keep their dtypes."""
+        """``module.to(...)``/``.bfloat16()`` etc. move the matrices but keep their dtypes,
+        and keep the torch-op form's kernel where the C++ kernel will not run."""
         super()._apply(fn, recurse)
         for name, dtype in self._MATRICES.items():
             current = getattr(self, name)
             if current.dtype != dtype:  # from the exact values: no double rounding
                 setattr(self, name, torch.tensor(getattr(self, '_' + name), dtype=dtype,
                                                  device=current.device))
+        self._keep_torch_kernel()
         return self
+
+    def _keep_torch_kernel(self) -> None:
+        """Buffer ``kernel`` (``transformed_kernel()``) exactly when the weights' device or
+        dtype leave the forward to the torch ops (no C++ kernel, another device or dtype):
+        transformed once, not at every call."""
+        kernel_runs = (self.uses_kernel and self.weight.device.type == 'cpu'
+                       and self.weight.dtype in KERNEL_DTYPES)
+        if kernel_runs:
+            self.kernel = None
+        elif self.kernel is None:
+            self.kernel = self.transformed_kernel()
 
     def transformed_kernel(self) -> Tensor:
         """(G w G^T) for every (out, in) pair, computed in float64, laid out for one matmul
