@@ -230,15 +230,12 @@ def _score_forms(rows: List[dict], scorer: _Scorer) -> float:
     return base
 
 
-def _rows(result: Dict[str, Any], runnable: Sequence[tuple], left_out: Dict[str, str],
-          commands) -> List[dict]:
-    """The timed forms, fastest first, with their speed-up over eager fp32."""
-    wanted = set(runnable)
+def _rows(result: Dict[str, Any], left_out: Dict[str, str], commands) -> List[dict]:
+    """The timed forms (the run timed only those asked for), fastest first, with their
+    speed-up over eager fp32."""
     rows = []
     for row in result['candidates']:
         form = (row['mode'], row['precision'])
-        if form not in wanted:
-            continue
         if row.get('median_ms') is None:
             left_out[_form(*form)] = row.get('error') or 'failed'
             continue
@@ -296,7 +293,7 @@ def recommend(config: str, checkpoint: Optional[str] = None,
     def commands(mode, precision):
         return _with_program_note(mode, precision, form_commands(
             steps(mode, precision), config, checkpoint or 'CHECKPOINT', mini, cfg_options))
-    rows = _rows(result, runnable, left_out, commands)
+    rows = _rows(result, left_out, commands)
     base_metric = (_score_forms(rows, _Scorer(config, checkpoint, cfg_options, mini, steps,
                                               metric_name, scale)) if metric else None)
     for row in rows:
