@@ -8,6 +8,7 @@ missing URL or an unsupported scheme is a clear error. Every test points TORCH_H
 (torch's and mmengine's download cache) and MMENGINE_HOME at its own tmp folders, so
 nothing is cached across tests, and nothing leaves the machine.
 """
+import errno
 import fractions
 import functools
 import glob
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -421,3 +423,69 @@ def test_processes_sharing_a_cache_download_once(server, tmp_path):
     assert all(f'loaded {len(state)} tensors' in out for out in outputs), outputs
     assert server.gets == ['/weights.pth'], outputs
     assert sum('using the copy downloaded before' in out for out in outputs) == 1, outputs
+
+
+@pytest.fixture
+def flock_calls(monkeypatch):
+    """fcntl.flock counted; ``calls.fail`` set to an errno makes every lock raise it, as
+    a filesystem mounted without locks (Lustre without flock, NFS with nolock) does."""
+    import fcntl
+    from mmrepvgg.checkpoint import fetch
+    monkeypatch.setattr(fetch, '_warned_unlocked', set())  # a fresh process
+    real = fcntl.flock
+
+    class Calls(list):
+        fail = None
+
+    calls = Calls()
+
+    def flock(fd, op):
+        calls.append(op)
+        if calls.fail is not None and op != fcntl.LOCK_UN:
+            raise OSError(calls.fail, os.strerror(calls.fail))
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, 'flock', flock)
+    return calls
+
+
+@pytest.mark.parametrize('code', [errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS],
+                         ids=errno.errorcode.get)
+def test_cache_on_a_filesystem_without_locks_downloads_with_one_warning(
+        server, tmp_path, flock_calls, code):
+    state = _weights_file(tmp_path / 'w.pth', megabytes=1)
+    first = server.serve(tmp_path / 'w.pth', 'first.pth')
+    second = server.serve(tmp_path / 'w.pth', 'second.pth')
+    flock_calls.fail = code
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        _assert_same_state(load_file(first), state)
+        _assert_same_state(load_file(second), state)  # locks again, warns no more
+        _assert_same_state(load_file(first), state)  # cached: no lock asked for
+    assert len(flock_calls) == 2
+    unlocked = [w for w in caught if 'has no file locks' in str(w.message)]
+    assert len(unlocked) == 1, [str(w.message) for w in caught]
+    assert '.mmrepvgg-download.lock' in str(unlocked[0].message)
+    assert sorted(os.listdir(server.cache)) == ['first.pth', 'second.pth']
+    assert server.gets == ['/first.pth', '/second.pth']
+
+
+def test_a_whole_cached_file_is_read_without_the_lock(server, tmp_path, flock_calls):
+    state = _weights_file(tmp_path / 'w.pth', megabytes=1)
+    url = server.serve(tmp_path / 'w.pth', 'weights.pth')
+    _assert_same_state(load_file(url), state)  # downloads under the lock
+    import fcntl
+    assert flock_calls == [fcntl.LOCK_EX, fcntl.LOCK_UN]
+    flock_calls.fail = errno.EIO  # any lock asked for now would raise
+    _assert_same_state(load_file(url), state)
+    assert flock_calls == [fcntl.LOCK_EX, fcntl.LOCK_UN]
+
+
+def test_other_lock_errors_are_not_swallowed(server, tmp_path, flock_calls):
+    _weights_file(tmp_path / 'w.pth', megabytes=1)
+    url = server.serve(tmp_path / 'w.pth', 'weights.pth')
+    flock_calls.fail = errno.EIO  # a real I/O failure, not a missing feature
+    with pytest.raises(OSError) as err:
+        load_file(url)
+    assert err.value.errno == errno.EIO
+    assert server.gets == []

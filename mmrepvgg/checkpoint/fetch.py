@@ -10,9 +10,12 @@ prefix>.pth``), and the file loads as a checkpoint. Until then it lives under a
 temporary name beside the cache, so an interrupted download leaves nothing that a later
 run would mistake for the checkpoint. A cached copy that is no longer whole (left by
 another tool, or by a full disk) is downloaded again. Processes that share the cache take
-turns, so the ranks of a distributed job download a file once, not once each.
+turns (a file lock), so the ranks of a distributed job download a file once, not once
+each; a whole cached file is read without the lock, and on a filesystem without locks
+each process goes on unlocked after one warning.
 """
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
@@ -21,6 +24,7 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from typing import Any, Optional, Tuple, Union
 
@@ -204,11 +208,30 @@ def _drop_cached(cached: str, what: str, problem: str) -> None:
               'it again', logger='current', level=30)
 
 
+# flock's answers on a filesystem that has no locks (Lustre or NFS mounted without them)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+_warned_unlocked = set()  # lock files already warned about in this process
+
+
+def _warn_unlocked(lock_path: str, err: OSError) -> None:
+    if lock_path in _warned_unlocked:
+        return
+    _warned_unlocked.add(lock_path)
+    warnings.warn(
+        f'cannot lock {lock_path} ({err.strerror or err}): the filesystem of the checkpoint '
+        'cache has no file locks, so processes sharing it may each download the same '
+        'checkpoint (every download is still verified and renamed into place whole). '
+        'Point TORCH_HOME at a folder on a filesystem with locks to download once.',
+        RuntimeWarning)
+
+
 @contextlib.contextmanager
 def _one_download_at_a_time(cache_dir: str):
     """Processes sharing a cache (the ranks of a distributed job on one node, or on
     nodes sharing the folder; two tools at once) download one after another: the first
-    fetches and verifies, the others then find its file in the cache."""
+    fetches and verifies, the others then find its file in the cache. Where the
+    filesystem cannot lock, each goes on without the lock (downloads are published by
+    an atomic rename, so the worst case is a download per process), warning once."""
     try:
         import fcntl
     except ImportError:  # not on POSIX: every process downloads for itself
@@ -216,12 +239,29 @@ def _one_download_at_a_time(cache_dir: str):
         return
     os.makedirs(cache_dir, exist_ok=True)
     # beside the checkpoints folder, not in it: that holds checkpoints only
-    with open(os.path.join(os.path.dirname(cache_dir), '.mmrepvgg-download.lock'), 'a') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = os.path.join(os.path.dirname(cache_dir), '.mmrepvgg-download.lock')
+    with open(lock_path, 'a') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+            _warn_unlocked(lock_path, err)
+            yield
+            return
         try:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _whole_cached(local: str) -> bool:
+    """``local`` is a whole checkpoint. Safe to ask without the lock: a download only
+    ever appears under its cached name by an atomic rename, verified."""
+    try:
+        return os.path.isfile(local) and _cached_problem(local) is None
+    except OSError:  # removed meanwhile by a process that found it broken
+        return False
 
 
 def _fetch(name: Union[str, os.PathLike], map_location: Any = 'cpu') -> Tuple[str, Any]:
@@ -232,10 +272,14 @@ def _fetch(name: Union[str, os.PathLike], map_location: Any = 'cpu') -> Tuple[st
     if url is None:
         return local, None
     from mmengine.logging import print_log
+    # a whole cached copy needs no lock: every rank of a job reads it at once
+    if _whole_cached(local):
+        print_log(f'{what}: using the copy downloaded before, {local}', logger='current')
+        return local, None
     with _one_download_at_a_time(os.path.dirname(local)):
         if os.path.isfile(local):
             problem = _cached_problem(local)
-            if problem is None:
+            if problem is None:  # another process downloaded it while this one waited
                 print_log(f'{what}: using the copy downloaded before, {local}',
                           logger='current')
                 return local, None
