@@ -1,11 +1,43 @@
 #!/usr/bin/env bash
-# Usage: tools/slurm_run.sh PARTITION JOB_NAME SCRIPT [args...]: tools/SCRIPT on GPUS
-# tasks (one per GPU) with srun; mmengine's slurm launcher reads the ranks from SLURM_*.
+# Usage: tools/slurm_run.sh PARTITION JOB_NAME SCRIPT [args...]: SCRIPT (a file of tools/,
+# or a path) on GPUS tasks (one per GPU) with srun; mmengine's slurm launcher reads the
+# ranks from SLURM_*.
+# PYTHON: the interpreter (default: the repository's .venv/bin/python, else python3).
+# MASTER_PORT: the rendezvous port; default one derived from the job and step ids, so
+# jobs sharing a node do not collide (set it if that port is taken).
+# RECORD_ENV=FILE: the first task writes its node's environment there (JSON) first.
 set -euo pipefail
 PARTITION=$1; JOB_NAME=$2; SCRIPT=$3; shift 3
+TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(dirname "$TOOLS")
+if [ -z "${PYTHON:-}" ]; then
+    # nothing activated on a fresh machine: `python` on PATH is not the set-up one
+    if [ -x "$ROOT/.venv/bin/python" ]; then
+        PYTHON=$ROOT/.venv/bin/python
+    elif PYTHON=$(command -v python3); then
+        echo "slurm_run.sh: no $ROOT/.venv/bin/python (make setup creates it); using" \
+             "$PYTHON. Set PYTHON=/path/to/python to choose another." >&2
+    else
+        echo "slurm_run.sh: no $ROOT/.venv/bin/python and no python3 on PATH: run make" \
+             "setup, or set PYTHON=/path/to/python" >&2
+        exit 1
+    fi
+fi
+case $SCRIPT in /*) ;; *) SCRIPT=$TOOLS/$SCRIPT ;; esac
 GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(( GPUS < 8 ? GPUS : 8 ))}
+# What each task runs, on its node: the port every task of the step agrees on (from
+# ids they share; 10000-29999, below Linux's ephemeral ports), the record, the script.
+TASK='
+if [ -z "${MASTER_PORT:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+    export MASTER_PORT=$(( 10000 + (SLURM_JOB_ID % 2000) * 10 + ${SLURM_STEP_ID:-0} % 10 ))
+fi
+if [ -n "${RECORD_ENV:-}" ] && [ "${SLURM_PROCID:-0}" = 0 ]; then
+    "$1" -m mmrepvgg.apis.preflight --record "$RECORD_ENV" ||
+        echo "slurm_run.sh: could not write this node'"'"'s environment to $RECORD_ENV" >&2
+fi
+exec "$@"'
 exec srun -p "$PARTITION" --job-name="$JOB_NAME" --gres=gpu:"$GPUS_PER_NODE" \
     --ntasks="$GPUS" --ntasks-per-node="$GPUS_PER_NODE" \
     --cpus-per-task="${CPUS_PER_TASK:-5}" --kill-on-bad-exit=1 ${SRUN_ARGS:-} \
-    "${PYTHON:-python}" -u "$(dirname "$0")/$SCRIPT" "$@" --launcher slurm
+    bash -c "$TASK" slurm-task "$PYTHON" -u "$SCRIPT" "$@" --launcher slurm
