@@ -1,6 +1,8 @@
 """tools/check_env.py (mmrepvgg.env.environment_checks, and what the tool prints) and the
 refusal to run on the CPU of a machine whose GPU torch cannot use (a driver older than
-the torch build needs): the GPU is simulated, as these machines have none."""
+the torch build needs, GPU device files this process may not open): the GPU is simulated,
+as these machines have none."""
+import errno
 import os
 
 import pytest
@@ -23,6 +25,52 @@ def test_an_unusable_gpu_says_which_driver_torch_needs(old_driver):
     reason = env.cuda_unusable_reason()
     assert '>= 580.65.06' in reason and 'the driver is 535.104.05' in reason
     assert 'TORCH_CUDA=cu128' in reason
+
+
+@pytest.fixture
+def gpu_device_files(monkeypatch, tmp_path):
+    """Eight GPU device files (stand-ins, which open) and /dev/nvidiactl beside them."""
+    for name in [f'nvidia{i}' for i in range(8)] + ['nvidiactl']:
+        (tmp_path / name).touch()
+    monkeypatch.setattr(env, 'DEVICE_FILES', str(tmp_path / 'nvidia[0-9]*'))
+    return tmp_path
+
+
+def test_gpus_not_allotted_to_this_process_are_said_so_not_blamed_on_the_driver(
+        old_driver, gpu_device_files, monkeypatch):
+    """A slurm job given no GPU on a GPU node: the device files are there, its cgroup
+    refuses to open them, the driver is new enough."""
+    monkeypatch.setattr(env, 'driver_version', lambda: '580.95.05')
+
+    def refused(path):
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+    monkeypatch.setattr(env, '_open_device', refused)
+    reason = env.cuda_unusable_reason()
+    assert reason.startswith(
+        f'this machine has NVIDIA GPU device files ({gpu_device_files}/nvidia0 to '
+        f'{gpu_device_files}/nvidia7), but this process may not open them (Operation not '
+        'permitted): no GPU is allotted to it (under slurm, ask for GPUs with --gres=gpu:N')
+    assert reason.endswith('hide the GPUs with CUDA_VISIBLE_DEVICES=')
+    assert 'driver' not in reason
+    assert _verdicts(env.environment_checks(None, winograd=False))['CUDA usable'] == \
+        (False, reason)
+
+
+def test_a_driver_new_enough_for_torch_is_not_blamed(old_driver, gpu_device_files,
+                                                     monkeypatch):
+    monkeypatch.setattr(env, 'driver_version', lambda: '580.95.05')
+    monkeypatch.setattr(env, '_cuda_start_error',
+                        lambda: 'CUDA driver initialization failed, you might not have a '
+                                'CUDA gpu.')
+    reason = env.cuda_unusable_reason()
+    assert reason.startswith(f'this machine has an NVIDIA GPU and driver 580.95.05, new '
+                             f'enough for torch {torch.__version__} (CUDA 13.0 needs >= '
+                             '580.65.06), but CUDA does not start: CUDA driver '
+                             'initialization failed')
+    assert 'Update the driver' not in reason
+    monkeypatch.setattr(env, 'driver_version', lambda: '535.104.05')  # the files open
+    assert 'needs an NVIDIA driver >= 580.65.06, the driver is 535.104.05' in \
+        env.cuda_unusable_reason()
 
 
 def _verdicts(checks):

@@ -7,56 +7,82 @@
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0" bash tools/build_mmcv_cuda.sh
 #
 # Run tools/bootstrap.sh first (its .venv's torch is built against). The CUDA toolkit is
-# $CUDA_HOME, else the one whose nvcc is on PATH, else pip's packages of torch's CUDA
-# version (nvcc, crt, cccl, nvvm, runtime) gathered in a scratch folder. Long: tens of
-# minutes per arch on 2 cores; not part of CI. The wheel is then loaded from a scratch
-# folder: the CUDA version its ops were compiled for is printed, NMS and RoIAlign run on
-# the CPU.
+# the installed one ($CUDA_HOME, else the one whose nvcc is on PATH, else /usr/local/cuda)
+# where its major version is torch's CUDA's (torch's builder refuses another), else pip's
+# packages of torch's CUDA version gathered in a scratch folder (CUDA 13: nvcc, crt, cccl,
+# nvvm, runtime; CUDA 12: the -cu12 nvcc, cccl and runtime); one line says which. Long:
+# tens of minutes per arch on 2 cores; not part of CI. The wheel is then loaded from a
+# scratch folder: the CUDA version its ops were compiled for is printed, NMS and RoIAlign
+# run on the CPU.
+#
+# --for-bootstrap (tools/bootstrap.sh, which chose and named the toolkit): CUDA_HOME as
+# given, empty for pip's; no load check (the set-up checks the installed wheel).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$ROOT/.venv/bin/python"
 MMCV_VERSION=2.1.0
+FOR_BOOTSTRAP=0
+[ "${1:-}" != --for-bootstrap ] || FOR_BOOTSTRAP=1
 [ -x "$PY" ] || { echo "run tools/bootstrap.sh first (no $PY)" >&2; exit 1; }
+env_py() {
+  "$PY" -c 'import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' \
+    "$ROOT/mmrepvgg/env.py" "$@"
+}
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 CUDA_VERSION="$("$PY" -c 'import torch; print(torch.version.cuda or "")')"
-[ -n "$CUDA_VERSION" ] || { echo "the .venv's torch is a CPU-only build" >&2; exit 1; }
+[ -n "$CUDA_VERSION" ] || { echo "the .venv's torch is a CPU-only build: set it up with a CUDA build (TORCH_CUDA=cu128 or cu130, or unset)" >&2; exit 1; }
+CUDA_MAJOR="${CUDA_VERSION%%.*}"
 SCRATCH="$(mktemp -d)"
 trap 'rm -rf "$SCRATCH"' EXIT
 
-if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
-  # the toolkit nvcc belongs to, as nvcc itself reports it (nvcc on PATH may be a wrapper)
-  TOP="$(nvcc -v -x cu /dev/null -E 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n1)"
-  CUDA_HOME="$(cd "$TOP" && pwd)"
+if [ "$FOR_BOOTSTRAP" = 0 ]; then
+  TOOLKIT="$(env_py cuda-toolkit)"
+  eval "$TOOLKIT"  # CUDA_HOME: the installed toolkit, empty for pip's; TOOLKIT_NOTE
+  echo "[build_mmcv_cuda] $TOOLKIT_NOTE"
 fi
 if [ -z "${CUDA_HOME:-}" ]; then
-  echo "[build_mmcv_cuda] no CUDA toolkit here: installing pip's for CUDA $CUDA_VERSION"
-  V="$CUDA_VERSION.*"
-  "$PY" -m pip --disable-pip-version-check install -q --target "$SCRATCH/pip" \
-      "nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V" "nvidia-nvvm==$V" \
-      "nvidia-cuda-runtime==$V"
+  # pip's CUDA toolkit: CUDA 13's packages are unsuffixed; CUDA 12's are the -cu12 ones
+  # (nvcc there holds crt and nvvm itself). The toolkit's minor version may be newer than
+  # torch's: torch's builder only warns about that.
+  case "$CUDA_MAJOR" in
+    13) V="$CUDA_VERSION.*"
+        PACKAGES=("nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V"
+                  "nvidia-nvvm==$V" "nvidia-cuda-runtime==$V") ;;
+    12) V=">=$CUDA_VERSION,<13"
+        PACKAGES=("nvidia-cuda-nvcc-cu12$V" "nvidia-cuda-cccl-cu12$V"
+                  "nvidia-cuda-runtime-cu12$V") ;;
+    *) echo "[build_mmcv_cuda] pip has no CUDA $CUDA_VERSION toolkit this script knows: set" \
+            "CUDA_HOME to an installed CUDA $CUDA_MAJOR toolkit" >&2
+       exit 1 ;;
+  esac
+  echo "[build_mmcv_cuda] installing pip's CUDA $CUDA_VERSION toolkit: ${PACKAGES[*]}"
+  "$PY" -m pip --disable-pip-version-check install -q --target "$SCRATCH/pip" "${PACKAGES[@]}"
   CUDA_HOME="$(dirname "$(dirname "$(find "$SCRATCH/pip" -path '*/bin/nvcc' -type f | head -n1)")")"
-  # torch's headers include the CUDA libraries' own (cusparse.h, cublas_v2.h, ...): those
-  # come with torch's NVIDIA wheels, beside it; one CUDA_HOME gets both
+  # One CUDA_HOME must hold every header and library: the other toolkit packages' (CUDA
+  # 12's are one folder each) and the CUDA libraries' that torch's headers include
+  # (cusparse.h, cublas_v2.h, ...), which come with torch's NVIDIA wheels, beside it.
   NVIDIA="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
   for part in include lib; do
-    for entry in "$NVIDIA"/*/"$part"/*; do
+    mkdir -p "$CUDA_HOME/$part"
+    for entry in "$SCRATCH"/pip/nvidia/*/"$part"/* "$NVIDIA"/*/"$part"/*; do
+      [ -e "$entry" ] || continue
       [ -e "$CUDA_HOME/$part/$(basename "$entry")" ] || ln -s "$entry" "$CUDA_HOME/$part/"
     done
   done
   # torch's extension builder links -L$CUDA_HOME/lib64 -lcudart
-  ln -s lib "$CUDA_HOME/lib64"
+  [ -e "$CUDA_HOME/lib64" ] || ln -s lib "$CUDA_HOME/lib64"
   ln -sf "$(basename "$(ls "$CUDA_HOME"/lib/libcudart.so.* | head -n1)")" "$CUDA_HOME/lib/libcudart.so"
 fi
 export CUDA_HOME PATH="$CUDA_HOME/bin:$PATH"
 echo "[build_mmcv_cuda] CUDA_HOME=$CUDA_HOME ($(nvcc --version | tail -n1)), archs $TORCH_CUDA_ARCH_LIST"
 
-DEVICE="cuda$CUDA_VERSION-sm${TORCH_CUDA_ARCH_LIST//[;. +]/_}"
-TORCH_ID="$("$PY" -c 'import sys, torch; print(f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}")')"
-OUT="${MMREPVGG_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mmrepvgg/wheels}/mmcv-$MMCV_VERSION-$TORCH_ID-$DEVICE"
+PLAN="$(FORCE_CUDA=1 env_py mmcv-plan "$MMCV_VERSION")"
+eval "$PLAN"  # WHEELS: the cache folder tools/bootstrap.sh looks in
 START=$SECONDS
-MMCV_CUDA=1 bash "$ROOT/tools/build_mmcv.sh" "$PY" "$MMCV_VERSION" "$OUT"
-WHEEL="$(ls "$OUT"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
+MMCV_CUDA=1 bash "$ROOT/tools/build_mmcv.sh" "$PY" "$MMCV_VERSION" "$WHEELS"
+WHEEL="$(ls "$WHEELS"/mmcv-"$MMCV_VERSION"-*.whl | head -n1)"
 echo "[build_mmcv_cuda] built $WHEEL ($(du -h "$WHEEL" | cut -f1)) in $((SECONDS - START)) s"
+[ "$FOR_BOOTSTRAP" = 0 ] || exit 0
 
 "$PY" -m pip --disable-pip-version-check install -q --no-deps --target "$SCRATCH/mmcv" "$WHEEL"
 PYTHONPATH="$SCRATCH/mmcv" "$PY" - <<'PY'

@@ -25,6 +25,8 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from ..env import tools_on_path, torch_build_id
+
 __all__ = ['OP_NAME', 'OP_VERSION', 'load_kernel', 'load_error', 'vector_widths',
            'use_vector_width', 'transformed_bytes']
 
@@ -75,12 +77,14 @@ _NAME = 'mmrepvgg_winograd'
 
 def _build_directory() -> str:
     """Where the library is built: torch's extension cache (``TORCH_EXTENSIONS_DIR``, else
-    ~/.cache/torch_extensions), a folder per torch build, which the library links against."""
+    ~/.cache/torch_extensions), a folder per torch build (version and CUDA flavour: a
+    torch replaced by another build gets a library built against it), which the library
+    links against."""
     root = (os.environ.get('TORCH_EXTENSIONS_DIR')
             or osp.join(osp.expanduser('~'), '.cache', 'torch_extensions'))
     # built for this CPU (-march=native): the instruction set is part of the folder's name
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    folder = osp.join(root, f'{_NAME}_torch{torch.__version__}_{isa}'.replace('+', '_'))
+    folder = osp.join(root, f'{_NAME}_torch{torch_build_id()}_{isa}'.replace('+', '_'))
     os.makedirs(folder, exist_ok=True)
     return folder
 
@@ -116,9 +120,12 @@ def load_kernel(verbose: bool = False) -> bool:
             from torch.utils.cpp_extension import load
             print(f'building the C++ Winograd op for this CPU into {folder} (once, about '
                   'half a minute)', file=sys.stderr)
-            load(name=_NAME, sources=[_SOURCE], build_directory=folder,
-                 extra_cflags=['-O3', '-march=native', '-fopenmp'],
-                 extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
+            # torch finds ninja only on PATH: a virtual environment's own (beside this
+            # python) is there only while it is activated
+            with tools_on_path():
+                load(name=_NAME, sources=[_SOURCE], build_directory=folder,
+                     extra_cflags=['-O3', '-march=native', '-fopenmp'],
+                     extra_ldflags=['-fopenmp'], is_python_module=False, verbose=verbose)
         _register_fake()
     except Exception as err:  # a missing compiler or headers: fall back, say why
         last_line = (str(err).strip().splitlines() or [''])[-1]
