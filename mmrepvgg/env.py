@@ -171,7 +171,8 @@ def cuda_unusable_reason() -> Optional[str]:
     if torch.version.cuda is None:
         return (f'this machine has an NVIDIA GPU, but torch {torch.__version__} is a '
                 'CPU-only build: install a CUDA build')
-    hide = 'to run on the CPU on purpose, hide the GPUs with CUDA_VISIBLE_DEVICES='
+    hide = ('to run on the CPU on purpose, hide the GPUs (CUDA_VISIBLE_DEVICES= before '
+            'the command)')
     blocked = device_files_error()
     if blocked is not None:
         files = _span(device_files())
@@ -230,11 +231,10 @@ def setup_gpu_problem() -> Optional[str]:
             'CUDA_VISIBLE_DEVICES= make setup')
 
 
-def torch_flavour(cuda: Optional[str] = None, hip: Optional[str] = None) -> str:
-    """The build of torch as PyTorch's indexes name it: 'cu130', 'cu128', 'rocm6.4',
-    'cpu' (default: the installed torch's)."""
-    if cuda is None and hip is None:
-        cuda, hip = torch.version.cuda, getattr(torch.version, 'hip', None)
+def torch_flavour() -> str:
+    """The installed torch's build as PyTorch's indexes name it: 'cu130', 'cu128',
+    'rocm6.4', 'cpu'."""
+    cuda, hip = torch.version.cuda, getattr(torch.version, 'hip', None)
     if cuda:
         major, minor = _version_tuple(cuda)[:2]
         return f'cu{major}{minor}'
@@ -404,9 +404,10 @@ def _cgroup_memory_room(cgroup_root: str) -> Optional[int]:
             usage = _read(os.path.join(folder, usage_file))
             if not limit or not usage:
                 continue
-            # v2 writes "max" and v1 a number near 2**63 for no limit
+            # v2 writes "max" and v1 a number near 2**63 for no limit (here; a folder
+            # above may still set one)
             if limit == 'max' or int(limit) >= 1 << 60:
-                return None
+                continue
             stat = _read(os.path.join(folder, 'memory.stat')) or ''
             cache = re.search(rf'^{cache_key} (\d+)$', stat, re.M)
             return int(limit) - int(usage) + (int(cache.group(1)) if cache else 0)

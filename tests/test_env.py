@@ -50,7 +50,7 @@ def test_gpus_not_allotted_to_this_process_are_said_so_not_blamed_on_the_driver(
         f'this machine has NVIDIA GPU device files ({gpu_device_files}/nvidia0 to '
         f'{gpu_device_files}/nvidia7), but this process may not open them (Operation not '
         'permitted): no GPU is allotted to it (under slurm, ask for GPUs with --gres=gpu:N')
-    assert reason.endswith('hide the GPUs with CUDA_VISIBLE_DEVICES=')
+    assert reason.endswith('hide the GPUs (CUDA_VISIBLE_DEVICES= before the command)')
     assert 'driver' not in reason
     assert _verdicts(env.environment_checks(None, winograd=False))['CUDA usable'] == \
         (False, reason)
