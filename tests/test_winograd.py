@@ -1,6 +1,8 @@
 """Winograd convs compute the same convolution as F.conv2d (eager; compiled runs are in
 test_speed.py through optimize_for_inference(mode='winograd'))."""
+import contextlib
 import copy
+import re
 from fractions import Fraction
 
 import pytest
@@ -11,32 +13,22 @@ from torch import nn
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.ops import winograd_kernel
 from mmrepvgg.ops.gemm_conv import GemmConv2d
-from mmrepvgg.ops.winograd import (MIN_CHANNELS_PER_GROUP, TILES, WinogradConv2d, auto_tile,
-                                   convert_to_winograd, tile_products, transform_matrices,
-                                   winograd_pays, winograd_unsupported_reason)
+from mmrepvgg.numerics import fp32_math
+from mmrepvgg.ops import winograd
+from mmrepvgg.ops.winograd import (BF16_PRODUCTS, BF16_TILES, FP16_TILES, MAX_WORST_CASE_ERROR,
+                                   MIN_CHANNELS_PER_GROUP, TF32, TILES, WinogradConv2d,
+                                   allowed_tiles, auto_tile, convert_to_winograd,
+                                   error_growth, range_growth, tile_products, tile_refusal,
+                                   transform_matrices, winograd_pays,
+                                   winograd_unsupported_reason, worst_case_error)
 from mmrepvgg.reparam import rounding_errors
 from test_tools import run_tools
 
 
-def error_growth(tile):
-    """How much F(tile x tile, 3x3) can magnify rounding errors over a direct 3x3 conv.
-
-    Winograd rounds the transformed tiles, whose entries are bounded by
-    |A^T| (|G| |g| |G|^T (.) |B^T| |d| |B|) |A| where a direct conv's are bounded by
-    sum |g||d|; with every |g| = |d| = 1 that is, per axis (the transforms are
-    separable), max(|A^T| (|G| 1 (.) |B^T| 1)) against 3, squared for two axes:
-    (8/3)^2 = 7.1 for tile 2, (48/3)^2 = 256 for tile 4 (the fractions of G and the
-    powers of 2 in A^T), more for tiles 6 and 7. Worst cases: random data stays well below.
-    """
-    m = {k: torch.tensor([[float(c) for c in row] for row in v], dtype=torch.float64).abs()
-         for k, v in transform_matrices(tile).items()}
-    per_axis = (m['AT'] @ (m['G'].sum(1) * m['BT'].sum(1))).max().item() / 3
-    return per_axis ** 2
-
-
 def assert_within_growth(out, direct, reference, tile):
-    """Winograd's fp32 error against fp64 is within error_growth(tile) x a direct fp32
-    conv's own (floored at a few fp32 ulps of the output: mmrepvgg.reparam)."""
+    """Winograd's error against fp64 is within error_growth(tile) x a direct conv's own in
+    the same precision (floored at a few fp32 ulps of the output: mmrepvgg.reparam).
+    error_growth (mmrepvgg.ops.winograd) bounds how much the transforms magnify rounding."""
     errors = rounding_errors(out, direct, reference, factor=error_growth(tile))
     assert errors['within'], (tile, errors)
     return errors
@@ -291,7 +283,7 @@ def test_kernel_computes_the_conv_within_the_rounding_bound(tile, channels, grou
         assert out.min() == 0
 
 
-@pytest.mark.parametrize('tile', [2, 4])
+@pytest.mark.parametrize('tile', BF16_TILES)
 def test_kernel_in_bfloat16_within_the_rounding_bound(tile):
     """A bfloat16 model's convs: bfloat16 products (torch's matmul), float32 transforms.
     Against float64 on the same bfloat16 inputs and weights, the error grows by at most
@@ -312,9 +304,191 @@ def test_kernel_in_bfloat16_within_the_rounding_bound(tile):
         assert not torch.equal(out.float(), module.float()(x.float()))
 
 
-def test_auto_takes_tile_2_for_a_bfloat16_model(randomize):
-    model = reparameterize(randomize(RepVGG('A0', out_indices=(3,))).eval()).bfloat16()
-    convert_to_winograd(model, 'auto', torch.randn(1, 3, 224, 224).bfloat16())
+# -- reduced precision: which tiles each precision computes (mmrepvgg.ops.winograd's
+# allowed_tiles), and what float16, bfloat16 and autocast compute with them.
+def test_allowed_tiles_follow_the_worst_case_bound():
+    # the bound: F(2x2) in bfloat16, 3 roundings of eps/2 = 2^-8 magnified by (8/3)^2
+    assert MAX_WORST_CASE_ERROR == pytest.approx(3 * 2 ** -8 * (8 / 3) ** 2)
+    assert worst_case_error(2, torch.bfloat16) == MAX_WORST_CASE_ERROR
+    # F(4x4) in float16 (eps/2 = 2^-11): 3 x 2^-11 x 256 = 37.5%, far beyond it
+    assert worst_case_error(4, torch.float16) == pytest.approx(0.375)
+    # float32's F(7x7): 3 x 2^-24 x 4176 = 0.075%: every tile stays
+    assert worst_case_error(7, torch.float32) < 1e-3
+    assert allowed_tiles(torch.float32) == allowed_tiles(torch.float64) == TILES
+    for precision in (torch.float16, torch.bfloat16, TF32, BF16_PRODUCTS):
+        assert allowed_tiles(precision) == (2,)
+    assert FP16_TILES == BF16_TILES == (2,)
+    # range: F(2x2)'s transformed inputs reach 4x the input (two rows of 1, -1), products
+    # stay within a direct conv's sum |w||x|, transformed weights are no smaller; F(7x7)'s
+    # point 3 makes its G row sum 3/350, its B^T rows sum to 250/9
+    assert range_growth(2) == dict(input=4.0, products=1.0, kernel=1.0)
+    assert range_growth(7)['kernel'] == pytest.approx((350 / 3) ** 2)
+    assert range_growth(7)['input'] == pytest.approx((250 / 9) ** 2)
+    assert tile_refusal(2, torch.float16) is None
+
+
+def _conv_128():
+    """The 128-channel 28x28 conv of a RepVGG stage, with nn.Conv2d's default init
+    (weights up to 1/sqrt(9 x 128) = 0.029), on a unit-variance input."""
+    torch.manual_seed(0)
+    return nn.Conv2d(128, 128, 3, padding=1), torch.randn(1, 128, 28, 28)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize('how', ['model', 'autocast'])
+def test_reduced_precision_allowed_tiles_within_the_bound(dtype, how):
+    """Each allowed tile against float64, within error_growth(tile) x a direct conv's own
+    error in the same precision on the same data: a float16 / bfloat16 model (its
+    weights and inputs rounded; the reference computes those in float64), and a float32
+    model under CPU autocast (the reference: the float32 data in float64; autocast's
+    rounding of them is part of both convs' error). float16 and autocast run the torch-op
+    form with float16 matmuls, as on CUDA."""
+    conv, x = _conv_128()
+    if how == 'model':
+        conv, x = conv.to(dtype), x.to(dtype)
+        context = contextlib.nullcontext()
+    else:
+        context = torch.autocast('cpu', dtype=dtype)
+    reference = copy.deepcopy(conv).double()(x.double()).detach()
+    with torch.no_grad(), context:
+        direct = conv(x)
+        for tile in allowed_tiles(dtype):
+            out = WinogradConv2d(conv, tile)(x)
+            assert out.dtype == direct.dtype == dtype  # computed in it, not in float32
+            assert_within_growth(out, direct, reference, tile)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_reduced_precision_refuses_the_other_tiles(dtype):
+    refused = [t for t in TILES if t not in allowed_tiles(dtype)]
+    assert refused == [4, 6, 7]
+    name = str(dtype).replace('torch.', '')
+    x = torch.randn(1, 8, 8, 8)
+    for tile in refused:
+        worst = f'{100 * worst_case_error(tile, dtype):.3g}%'
+        message = (rf'F\({tile}x{tile}, 3x3\) in {name} is refused: .*worst-case error '
+                   rf'is {re.escape(worst)} .*Tiles allowed in {name}: \(2,\)')
+        with pytest.raises(ValueError, match=message):
+            WinogradConv2d(nn.Conv2d(8, 8, 3, padding=1).to(dtype), tile)
+        # a model: refused before any of its convs is replaced; a float32 model too when
+        # its convs will run in that precision (dtype=, or converted under autocast)
+        for model, kwargs, context in (
+                (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)).to(dtype), {}, None),
+                (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), dict(dtype=dtype), None),
+                (nn.Sequential(nn.Conv2d(8, 8, 3, padding=1)), {},
+                 torch.autocast('cpu', dtype=dtype))):
+            with context or contextlib.nullcontext(), pytest.raises(ValueError,
+                                                                    match=message):
+                convert_to_winograd(model, tile, **kwargs)
+            assert type(model[0]) is nn.Conv2d
+        # converted in float32, then cast: refused at the forward, saying what to do
+        module = WinogradConv2d(nn.Conv2d(8, 8, 3, padding=1), tile).to(dtype)
+        with pytest.raises(ValueError, match=message + r".*converted with tile "
+                                                       rf"{tile}: convert the model"):
+            module(x.to(dtype))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_autocast_computes_refused_tiles_directly(dtype):
+    """Under autocast a float32 model's products would run in autocast's dtype: where it
+    refuses the tile, the module computes the conv it replaced, as autocast runs it."""
+    conv, x = _conv_128()
+    module = WinogradConv2d(conv, 7, relu=True)
+    with torch.no_grad(), torch.autocast('cpu', dtype=dtype):
+        out, expected = module(x), F.relu(conv(x))
+    assert out.dtype == dtype and torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():  # outside autocast: float32 Winograd again
+        assert not torch.equal(module(x), F.relu(conv(x)))
+
+
+def test_float16_tile_7_weights_fall_below_the_normal_range():
+    """Why F(7x7) is refused in float16 beyond its rounding: at the point 3 the
+    transformed weights are (3/350)^2 times the weights at most (range_growth), so for
+    the weights of a 128-channel conv (below 0.03) that whole position of the
+    transformed kernel lies below float16's smallest normal number, losing bits."""
+    conv, _ = _conv_128()
+    module = WinogradConv2d(conv.double(), 7)
+    side, points = 9, list(winograd.POINTS[7])
+    kernel = module.transformed_kernel().reshape(side, side, 128, 128)
+    at_3 = kernel[points.index(3), points.index(3)].abs().max()
+    assert at_3 <= conv.weight.abs().max() / range_growth(7)['kernel']
+    assert at_3 < torch.finfo(torch.float16).tiny
+    # F(2x2)'s smallest G row sums to 1: every position keeps the weights' magnitude
+    kernel = WinogradConv2d(conv.double(), 2).transformed_kernel().reshape(16, -1)
+    assert kernel.abs().amax(1).min() >= conv.weight.abs().max() / 4
+
+
+def test_float16_tile_2_keeps_the_range_it_promises():
+    """F(2x2)'s transformed inputs reach 4x the input (range_growth), so float16 inputs
+    up to 65504 / 4 stay finite, with products no larger than a direct conv's sum
+    |w||x| (weights here keep that below float16's largest)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1).half()
+    with torch.no_grad():
+        conv.weight.uniform_(-0.02, 0.02)
+    limit = torch.finfo(torch.float16).max / range_growth(2)['input']
+    x = (torch.rand(1, 16, 8, 8) * 2 - 1).sign() * limit * 0.97
+    x = x.half()
+    # the direct conv's largest possible output: sum |w||x| over 9 x 16 taps
+    assert float(conv.weight.detach().abs().sum((1, 2, 3)).max()) * limit < 65504
+    with torch.no_grad():
+        out, direct = WinogradConv2d(conv, 2)(x), conv(x)
+        reference = copy.deepcopy(conv).double()(x.double())
+    assert out.isfinite().all()
+    assert_within_growth(out, direct, reference, 2)
+
+
+def test_reduced_float32_matmuls_compute_refused_tiles_directly():
+    """float32 tensors whose matmuls multiply in bfloat16 (CPU: oneDNN's fp32_precision
+    'bf16'; CUDA's TF32 the same way): the torch-op form (as on CUDA, or without the C++
+    kernel) would run its products there, so a refused tile computes the conv directly,
+    with the same settings; an allowed one stays within its bound."""
+    conv, x = _conv_128()
+    reference = copy.deepcopy(conv).double()(x.double()).detach()
+    modules = {tile: WinogradConv2d(conv, tile) for tile in (2, 7)}
+    for module in modules.values():
+        module.uses_kernel = False  # the torch-op form, as on CUDA
+    with torch.no_grad(), fp32_math(torch.device('cpu'), 'tf32'):
+        assert winograd._fp32_products('cpu') == 'bf16'
+        direct = conv(x)
+        assert torch.equal(modules[7](x), direct.contiguous(memory_format=torch.channels_last))
+        assert_within_growth(modules[2](x), direct, reference, 2)
+    assert winograd._fp32_products('cpu') == 'ieee'
+
+
+def test_cuda_tf32_matmuls_are_read_without_a_gpu():
+    # torch's CUDA matmul setting is readable on any machine: what a CUDA forward checks
+    old = torch.backends.cuda.matmul.fp32_precision
+    try:
+        torch.backends.cuda.matmul.fp32_precision = 'tf32'
+        assert winograd._fp32_products('cuda') == 'tf32'
+        torch.backends.cuda.matmul.fp32_precision = 'ieee'
+        assert winograd._fp32_products('cuda') == 'ieee'
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = old
+    assert tile_refusal(7, TF32) and tile_refusal(2, TF32) is None
+
+
+@pytest.mark.parametrize('how', ['bfloat16 model', 'float16 model', 'dtype=float16',
+                                 'under float16 autocast'])
+def test_auto_takes_the_allowed_tile(randomize, how):
+    model = reparameterize(randomize(RepVGG('A0', out_indices=(3,))).eval())
+    x = torch.randn(1, 3, 64, 64)
+    fp32 = copy.deepcopy(model)
+    convert_to_winograd(fp32, 'auto', x)
+    # float32 takes larger tiles on these maps: the restriction is not vacuous
+    assert max(m.tile for m in fp32.modules() if isinstance(m, WinogradConv2d)) > 2
+    kwargs, context = {}, contextlib.nullcontext()
+    if how.endswith('model'):
+        dtype = torch.bfloat16 if how.startswith('bfloat16') else torch.float16
+        model, x = model.to(dtype), x.to(dtype)
+    elif how == 'dtype=float16':
+        kwargs = dict(dtype=torch.float16)
+    else:
+        context = torch.autocast('cpu', dtype=torch.float16)
+    with context:
+        convert_to_winograd(model, 'auto', x, **kwargs)
     assert {m.tile for m in model.modules() if isinstance(m, WinogradConv2d)} == {2}
 
 
