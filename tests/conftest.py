@@ -6,9 +6,25 @@ import pytest
 def pytest_configure(config):
     # Under pytest-xdist every worker is a process of its own: one torch thread each, so
     # the workers share the cores instead of each spreading over all of them.
-    if os.environ.get('PYTEST_XDIST_WORKER'):
+    # MMREPVGG_TEST_THREADS sets another count (make test-isa runs the workers at 2 while
+    # the processes they start run at 1: the numbers must not depend on either).
+    threads = os.environ.get('MMREPVGG_TEST_THREADS')
+    if threads or os.environ.get('PYTEST_XDIST_WORKER'):
         import torch
-        torch.set_num_threads(1)
+        torch.set_num_threads(int(threads or 1))
+
+
+#: What pins the arithmetic a CPU runs (see Makefile's test-isa): the instruction sets
+#: oneDNN and ATen may use, the Winograd op's vector width, the thread count. A test that
+#: starts a process to compare its numbers with its own passes these on.
+CPU_CLASS_VARIABLES = ('DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPABILITY',
+                       'MMREPVGG_WINOGRAD_VECTOR_WIDTH', 'OMP_NUM_THREADS')
+
+
+@pytest.fixture
+def cpu_class_env():
+    """The variables of CPU_CLASS_VARIABLES this process runs under."""
+    return {k: os.environ[k] for k in CPU_CLASS_VARIABLES if k in os.environ}
 
 
 @pytest.fixture

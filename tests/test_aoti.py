@@ -61,22 +61,25 @@ FRESH_PROCESS = """
 import sys, time, torch
 from mmrepvgg.deploy import load_backend
 start = time.perf_counter()
-runner = load_backend(sys.argv[1], 'aoti')
+runner = load_backend(sys.argv[1], 'aoti', threads=int(sys.argv[4]))
 outputs = runner(torch.load(sys.argv[2]))
 torch.save(dict(outputs=outputs, load_s=time.perf_counter() - start), sys.argv[3])
 """
 
 
 @pytest.mark.parametrize('name', ['direct', 'winograd'])
-def test_package_loads_in_a_fresh_process_and_matches_the_model(packages, name):
+def test_package_loads_in_a_fresh_process_and_matches_the_model(packages, name,
+                                                                 cpu_class_env):
     folder, x, made = packages
     entry = made[name]
     assert entry['times']['compile_s'] > 0
     torch.save(x, folder / 'x.pt')
     result = folder / f'{name}_out.pt'
+    # at this process's thread count and CPU class: oneDNN's kernels (hence the rounding)
+    # depend on both, and the two runs are compared bit for bit below
     subprocess.run([sys.executable, '-c', FRESH_PROCESS, entry['path'], str(folder / 'x.pt'),
-                    str(result)], check=True, cwd=ROOT, timeout=600,
-                   env={'PATH': '/usr/bin:/bin'})
+                    str(result), str(torch.get_num_threads())], check=True, cwd=ROOT,
+                   timeout=600, env={'PATH': '/usr/bin:/bin', **cpu_class_env})
     fresh = torch.load(result)['outputs']
     # the compiled code computes what the module does, within fp32 reordering (against a
     # float64 run of the same module, as export checks fusion)

@@ -16,8 +16,9 @@ from torch import nn
 
 from ..deploy import ExportedPart
 from ..models import RepVGG
-from ..numerics import flatten_outputs
-from ..reparam import count_unfused, fusable_modules, randomize_norm_stats, reparameterize
+from ..numerics import flatten_outputs, fp32_math
+from ..reparam import (copy_module, count_unfused, fusable_modules, randomize_norm_stats,
+                       reparameterize)
 from .benchmark import count_conv_flops, log
 
 __all__ = ['BACKEND_MODES', 'RESNET_DEPTHS', 'ModelSpec', 'repvgg_specs', 'resnet_specs',
@@ -49,9 +50,13 @@ class ModelSpec:
     reference: Optional['ModelSpec'] = None   # whose eager output this one must match
     info: Dict[str, Any] = field(default_factory=dict)
     output: Any = None     # eager fp32 output on the benchmark input
+    # The same computed in float64 (None: not checked, or the model cannot run in fp64):
+    # what each row's own rounding is measured against, in the process that timed it.
+    exact_output: Any = None
     # The same for the network the backend modes export, and what it runs where that is
     # not `method` (a whole model's ExportedPart); why it cannot be exported, if so.
     exported_output: Any = None
+    exact_exported_output: Any = None
     exported_info: Dict[str, Any] = field(default_factory=dict)
     export_error: Optional[str] = None
 
@@ -218,18 +223,40 @@ def config_specs(paths: Sequence[str], forward: str, input_size: Sequence[int], 
 @torch.no_grad()
 def _eager_pass(model: nn.Module, forward: Callable, inputs: torch.Tensor,
                 check: bool) -> tuple:
-    """The MAC counts of ``forward(inputs)`` and, with ``check``, its outputs on CPU."""
-    counts = count_conv_flops(model, inputs, forward=forward)
-    output = [t.detach().cpu() for t in flatten_outputs(forward(inputs))] if check else None
+    """The MAC counts of ``forward(inputs)`` and, with ``check``, its outputs on CPU,
+    computed in IEEE fp32 (the reference of every row: never TF32 on CUDA, nor bf16
+    products on CPU, whatever the process-wide default)."""
+    with fp32_math(inputs.device, 'fp32'):
+        counts = count_conv_flops(model, inputs, forward=forward)
+        output = ([t.detach().cpu() for t in flatten_outputs(forward(inputs))] if check
+                  else None)
     return dict(macs_per_image=counts['macs'] / inputs.shape[0],
                 flops_per_batch=counts['flops']), output
+
+
+@torch.no_grad()
+def _exact_pass(model: nn.Module, call: Callable, inputs: torch.Tensor) -> Optional[list]:
+    """``call(copy, inputs)`` with a float64 copy of ``model``, outputs on CPU; None where
+    the model cannot run in float64 (e.g. a head that builds fp32 tensors of its own)."""
+    exact = copy_module(model).double()
+    try:
+        return [t.detach().cpu() for t in flatten_outputs(call(exact, inputs.double()))]
+    except (RuntimeError, TypeError) as exc:
+        log(f'no float64 reference ({type(exc).__name__}: {str(exc).splitlines()[0]}); '
+            'rows report no fp64 error')
+        return None
+    finally:
+        del exact
 
 
 def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torch.device,
                   check: bool, exported: bool = False) -> None:
     """One eager fp32 forward of each spec on the device: FLOPs, and the reference output;
-    with ``exported``, also of the network the backend modes export. A spec's reference
-    (the training form of a fused model) gets its pass even when it is not timed."""
+    with ``exported``, also of the network the backend modes export. With ``check``, the
+    same again in float64, so each row's error can be judged against the reference's own
+    fp32 rounding computed here, in the process (and thread count) that ran both. A
+    spec's reference (the training form of a fused model) gets its passes even when it
+    is not timed."""
     untimed = [s.reference for s in specs if s.reference is not None
                and all(s.reference is not t for t in specs)]
     for spec in list(specs) + list({id(r): r for r in untimed}.values()):
@@ -239,9 +266,13 @@ def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torc
         extra = spec.extra_args(inputs.shape[0])
         macs, spec.output = _eager_pass(model, lambda x: fwd(x, *extra), inputs.to(device),
                                         check)
+        if check:
+            spec.exact_output = _exact_pass(
+                model, lambda m, x: getattr(m, spec.method)(x, *extra), inputs.to(device))
         spec.info.update(macs, params=sum(p.numel() for p in spec.model.parameters()))
         if exported and spec.kind == 'backbone':
             spec.exported_output = spec.output
+            spec.exact_exported_output = spec.exact_output
         elif exported:
             try:
                 network = spec.exported_network(model)
@@ -250,5 +281,8 @@ def prepare_specs(specs: Sequence[ModelSpec], inputs: torch.Tensor, device: torc
             else:
                 macs, spec.exported_output = _eager_pass(network, network, inputs.to(device),
                                                          check)
+                if check:
+                    spec.exact_exported_output = _exact_pass(
+                        model, lambda m, x: spec.exported_network(m)(x), inputs.to(device))
                 spec.exported_info = dict(macs, method=f'ExportedPart ({network.kind})')
         del model

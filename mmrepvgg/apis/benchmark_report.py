@@ -79,6 +79,7 @@ MAIN_COLUMNS = (
     ('file MB', lambda r: _fmt(r.get('file_mb'), '.0f'), False),
     ('Winograd MB', lambda r: _fmt(r.get('winograd_mb'), '.0f'), False),
     ('max|diff|', lambda r: _fmt(r.get('max_abs_diff'), '.1e'), False),
+    ('vs fp64', lambda r: _fmt(r.get('fp64_abs_diff'), '.1e'), False),
 )
 
 
@@ -257,7 +258,8 @@ def format_report(result: Dict[str, Any]) -> str:
              'TFLOP/s = 2 x MACs per batch / median time.']
     lines += [f'peak MB: {method}.' for method in result['memory_method'].values()]
     lines.append('prep s: build + optimise + first call (tracing/compiling); max|diff|: '
-                 'against the eager fp32 output (fused rows: against the training form).')
+                 'against the eager fp32 output (fused rows: against the training form); '
+                 'vs fp64: the same against that model run in float64.')
     lines += _backend_notes(result)
     for r in rows:
         if r['error']:

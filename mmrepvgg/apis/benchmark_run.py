@@ -76,15 +76,37 @@ class BenchmarkOptions:
         self.device = resolve_device(self.device)
 
 
-def _record_error(info: Dict[str, Any], output: Any, reference: Any) -> None:
-    """``max_abs_diff`` (max |output - reference|) and ``rel_diff`` (over the reference's
-    largest value) into ``info``; None where the two hold no comparable tensors."""
+def _record_error(info: Dict[str, Any], output: Any, spec: ModelSpec,
+                  exported: bool = False) -> None:
+    """How far ``output`` (a run of ``spec``'s model, or with ``exported`` of its exported
+    network) is from the eager fp32 output of the spec's reference (the training form
+    for a fused model, else the spec itself), into ``info``: ``max_abs_diff`` (max
+    |output - reference|), ``output_scale`` (the reference's largest value) and
+    ``rel_diff`` (the first over the second). Where the models also ran in float64:
+    ``fp64_abs_diff`` (this output against the reference in float64),
+    ``reference_fp64_abs_diff`` (the reference's own fp32 output against the same) and,
+    for a fused model, ``fusion_fp64_abs_diff`` (its fp32 weights computed in float64
+    against the same: what fusion itself changed, free of any kernel's rounding). All are
+    computed here, in the process and thread count that ran the row: the numbers a check
+    of this row must use. None where the two hold no comparable tensors."""
+    ref = spec.reference or spec
+    fp32, exact = ((ref.exported_output, ref.exact_exported_output) if exported
+                   else (ref.output, ref.exact_output))
+    own_exact = spec.exact_exported_output if exported else spec.exact_output
+    keys = ('max_abs_diff', 'output_scale', 'rel_diff', 'fp64_abs_diff',
+            'reference_fp64_abs_diff', 'fusion_fp64_abs_diff')
+    info.update(dict.fromkeys(keys))
     try:
-        error = output_error(output, reference)
+        error = output_error(output, fp32)
     except ValueError:
-        info['max_abs_diff'] = info['rel_diff'] = None
-    else:
-        info['max_abs_diff'], info['rel_diff'] = error.max_abs, error.relative
+        return
+    info.update(max_abs_diff=error.max_abs, output_scale=error.scale,
+                rel_diff=error.relative)
+    if exact is not None:
+        info['fp64_abs_diff'] = output_error(output, exact).max_abs
+        info['reference_fp64_abs_diff'] = output_error(fp32, exact).max_abs
+        if spec.reference is not None and own_exact is not None:
+            info['fusion_fp64_abs_diff'] = output_error(own_exact, exact).max_abs
 
 
 def _torch_setup(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor,
@@ -100,7 +122,7 @@ def _torch_setup(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor,
         prepared = runner.prepare_input(inputs)
         ref = spec.reference or spec
         if ref.output is not None:
-            _record_error(cand.info, runner.run(prepared), ref.output)
+            _record_error(cand.info, runner.run(prepared), spec)
         return lambda: runner.run(prepared)
     return setup
 
@@ -189,7 +211,7 @@ def _checked_call(cand: Candidate, spec: ModelSpec, runner, inputs: torch.Tensor
     output = runner(inputs)
     ref = spec.reference or spec
     if ref.exported_output is not None:
-        _record_error(cand.info, output, ref.exported_output)
+        _record_error(cand.info, output, spec, exported=True)
     return lambda: runner(inputs)
 
 

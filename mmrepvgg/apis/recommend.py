@@ -230,6 +230,11 @@ def _score_forms(rows: List[dict], scorer: _Scorer) -> float:
     return base
 
 
+#: What a row keeps of the benchmark's measure of its rounding (mmrepvgg.apis.benchmark_run
+#: ._record_error): its error and the fp32 reference's, both against float64, and the scale.
+_ROUNDING_KEYS = ('fp64_abs_diff', 'reference_fp64_abs_diff', 'output_scale')
+
+
 def _rows(result: Dict[str, Any], left_out: Dict[str, str], commands) -> List[dict]:
     """The timed forms (the run timed only those asked for), fastest first, with their
     speed-up over eager fp32."""
@@ -242,6 +247,7 @@ def _rows(result: Dict[str, Any], left_out: Dict[str, str], commands) -> List[di
         rows.append(dict(mode=form[0], precision=form[1], ms=row['median_ms'],
                          runs=row['runs'], time_limited=row['time_limited'],
                          setup_s=row['prep_s'], rel_diff=row.get('rel_diff'),
+                         **{k: row.get(k) for k in _ROUNDING_KEYS},
                          commands=commands(*form)))
     rows.sort(key=lambda r: r['ms'])
     base = next((r['ms'] for r in rows if (r['mode'], r['precision']) == ('eager', 'fp32')),
