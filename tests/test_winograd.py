@@ -228,6 +228,33 @@ def test_check_tool_reports_each_tile_against_the_direct_convs():
     assert 'A0 tile 6' in failed.stderr
 
 
+def test_check_tool_tabulates_one_conv_per_precision_and_tile():
+    """tools/check_winograd.py --conv: each precision's tiles, allowed or refused, against
+    float64 next to the direct conv in that precision."""
+    (result,) = run_tools(('check_winograd', '--conv', '16', '8', '--tiles', '2', '7',
+                           '--precisions', 'fp32', 'fp16', 'fp16-autocast', 'bf16'))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    lines = result.stdout.splitlines()
+    assert '16 -> 16 channels, 3x3, batch 1, 8x8' in lines[0]
+    rows = [line.strip('| ').split(' | ') for line in lines[3:]]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ('fp32', '2', 'yes'), ('fp32', '7', 'yes'), ('fp16', '2', 'yes'),
+        ('fp16', '7', 'refused'), ('fp16-autocast', '2', 'yes'),
+        ('fp16-autocast', '7', 'refused'), ('bf16', '2', 'yes'), ('bf16', '7', 'refused')]
+    for r in rows:
+        tile, dtype = int(r[1]), PRECISION_DTYPES[r[0]]
+        assert float(r[3]) == pytest.approx(worst_case_error(tile, dtype), rel=0.05)
+        assert float(r[4]) > 0 and float(r[5]) > 0  # both round: not a vacuous ratio
+        # within the bound the tests hold it to (float32's may sit on the floor of a few
+        # ulps instead, which the exit status covers)
+        if r[2] == 'yes' and r[0] != 'fp32':
+            assert float(r[6]) <= error_growth(tile)
+
+
+PRECISION_DTYPES = {'fp32': torch.float32, 'fp16': torch.float16,
+                    'fp16-autocast': torch.float16, 'bf16': torch.bfloat16}
+
+
 # -- the C++ kernel (mmrepvgg.ops.winograd_kernel): what WinogradConv2d calls on CPU
 # float32. Built for this machine by the bootstrap; the tests need it built.
 def _kernel_module(in_channels, out_channels, tile, groups=1, bias=True, relu=False):

@@ -3,6 +3,8 @@ Winograd convs is from the same network with direct convs.
 
     python tools/check_winograd.py [--archs B1g2 ...] [--tiles 2 4 6 7 auto] [--batch 4]
                                    [--size 224] [--limit 1e-4] [--seed 0] [--repeats 3]
+    python tools/check_winograd.py --conv 128 28 [--precisions fp16 fp16-autocast bf16 ...]
+                                   [--tiles 2 4 6 7] [--batch 1] [--seed 0]
 
 The network is the fused backbone (batch norms with random statistics first, all four
 stages' outputs); every conv Winograd can compute is replaced (``auto``: those where it
@@ -17,26 +19,46 @@ Eager torch computes the same arithmetic as the compiled package (inductor reord
 sums, within fp32 rounding). Exits with status 1 if a row is further than --limit from
 the direct convs.
 
+``--conv CHANNELS SIZE`` checks one CHANNELS -> CHANNELS 3x3 conv (nn.Conv2d's default
+init) on a SIZE x SIZE unit-variance input instead, per precision (``--precisions``:
+``fp32``, ``fp16``/``bf16``, a model cast to that dtype, and ``fp16-autocast``/
+``bf16-autocast``, a float32 model under CPU autocast) and tile, against the conv in
+float64 (on the cast data for a cast model; on the float32 data under autocast, whose
+rounding of them is part of the error). Columns: whether the precision allows the tile
+(``mmrepvgg.ops.winograd.allowed_tiles``) and its worst-case error
+(``worst_case_error``); the largest difference from float64 over the largest output, of
+the Winograd conv (a refused tile computed anyway with the torch-op form, as CUDA runs
+it) and of the direct conv in the same precision; their ratio, and ``error_growth``,
+which an allowed tile's ratio must stay within (else exit status 1).
+
 Memory and time, per tile: the transformed weights the C++ op holds once the network has
 run (``Winograd MB``, next to the fused weights' own size: (tile+2)^2 / 9 times those of
 the convs it computes), and the median of --repeats eager calls (``ms``; indicative:
 ``tools/benchmark.py --modes winograd-aoti --winograd-tile T`` times the package).
 """
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
 import time
 
 import torch
+from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.env import cpu_info
 from mmrepvgg.numerics import flatten_outputs, output_error
-from mmrepvgg.ops.winograd import TILES, convert_to_winograd
+from mmrepvgg.ops.winograd import (TILES, WinogradConv2d, allowed_tiles, convert_to_winograd,
+                                   error_growth, worst_case_error)
 from mmrepvgg.ops.winograd_kernel import load_kernel, transformed_bytes, vector_widths
 from mmrepvgg.models import ARCH_SETTINGS
-from mmrepvgg.reparam import randomize_norm_stats
+from mmrepvgg.reparam import randomize_norm_stats, rounding_errors
+
+#: --precisions: name -> (dtype, under autocast)
+PRECISIONS = {'fp32': (torch.float32, False), 'fp16': (torch.float16, False),
+              'fp16-autocast': (torch.float16, True), 'bf16': (torch.bfloat16, False),
+              'bf16-autocast': (torch.bfloat16, True)}
 
 
 def _median_ms(fn, repeats):
@@ -73,6 +95,62 @@ def check(arch, tiles, x, seed, repeats=3):
     return rows
 
 
+@torch.no_grad()
+def check_conv(channels, size, precisions, tiles, seed, batch=1):
+    """Rows (precision, tile, allowed, worst case, vs fp64, direct vs fp64, ratio,
+    error_growth, within) for one ``channels`` -> ``channels`` 3x3 conv on a ``size`` x
+    ``size`` map."""
+    torch.manual_seed(seed)
+    conv32 = nn.Conv2d(channels, channels, 3, padding=1)
+    x32 = torch.randn(batch, channels, size, size)
+    rows = []
+    for name in precisions:
+        dtype, autocast = PRECISIONS[name]
+        conv, x = (conv32, x32) if autocast else (copy.deepcopy(conv32).to(dtype),
+                                                  x32.to(dtype))
+        reference = copy.deepcopy(conv).double()(x.double())
+        context = (torch.autocast('cpu', dtype=dtype) if autocast
+                   else contextlib.nullcontext())
+        allowed = allowed_tiles(dtype)
+        with context:
+            direct = conv(x)
+            for tile in tiles:
+                if tile in allowed:
+                    out = WinogradConv2d(conv, tile)(x)
+                else:  # refused: what it would compute, by the torch-op form
+                    out = WinogradConv2d(conv32, tile).to(conv.weight.dtype)._forward_torch(
+                        x, dtype)
+                errors = rounding_errors(out, direct, reference, factor=error_growth(tile))
+                scale = errors['output_scale']
+                rows.append((name, tile, tile in allowed, worst_case_error(tile, dtype),
+                             errors['candidate_abs'] / scale, errors['baseline_abs'] / scale,
+                             errors['margin'], error_growth(tile),
+                             errors['within'] or tile not in allowed))
+    return rows
+
+
+def main_conv(args):
+    channels, size = args.conv
+    tiles = [int(t) for t in args.tiles if t != 'auto']
+    print(f'# {cpu_info()[0]}, {torch.get_num_threads()} threads, torch {torch.__version__}; '
+          f'{channels} -> {channels} channels, 3x3, batch {args.batch}, {size}x{size}, '
+          f'seed {args.seed}')
+    print('| precision | tile | allowed | worst case | vs fp64 | direct vs fp64 | ratio '
+          '| error_growth |\n|---|---|---|---|---|---|---|---|')
+    failed = []
+    for (name, tile, allowed, worst, error, direct, ratio, growth,
+         within) in check_conv(channels, size, args.precisions, tiles, args.seed, args.batch):
+        print(f'| {name} | {tile} | {"yes" if allowed else "refused"} | {worst:.2g} | '
+              f'{error:.2e} | {direct:.2e} | {ratio:.1f} | {growth:.0f} |', flush=True)
+        if not within:
+            failed.append(f'{name} tile {tile}: {ratio:.3g}x the direct conv\'s error '
+                          f'> error_growth {growth:.3g}')
+    if failed:
+        print('Winograd check failed:\n' + '\n'.join(failed), file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,7 +163,16 @@ def main(argv=None):
                         help='largest allowed difference from the direct convs, relative')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--repeats', type=int, default=3, help='timed eager calls per tile')
+    parser.add_argument('--conv', type=int, nargs=2, metavar=('CHANNELS', 'SIZE'),
+                        help='check one 3x3 conv per precision instead of a network')
+    parser.add_argument('--precisions', nargs='+', choices=list(PRECISIONS),
+                        default=['fp32', 'fp16', 'fp16-autocast', 'bf16', 'bf16-autocast'],
+                        help='with --conv: the precisions to compute it in')
     args = parser.parse_args(argv)
+    if args.conv:
+        if args.batch == parser.get_default('batch'):
+            args.batch = 1
+        return main_conv(args)
     tiles = [t if t == 'auto' else int(t) for t in args.tiles]
     torch.manual_seed(args.seed)
     x = torch.randn(args.batch, 3, args.size, args.size)
