@@ -22,7 +22,8 @@ the direct convs.
 ``--conv CHANNELS SIZE`` checks one CHANNELS -> CHANNELS 3x3 conv (nn.Conv2d's default
 init) on a SIZE x SIZE unit-variance input instead, per precision (``--precisions``:
 ``fp32``, ``fp16``/``bf16``, a model cast to that dtype, and ``fp16-autocast``/
-``bf16-autocast``, a float32 model under CPU autocast) and tile, against the conv in
+``bf16-autocast``, a float32 model under autocast; ``--device cuda`` for a GPU) and
+tile, against the conv in
 float64 (on the cast data for a cast model; on the float32 data under autocast, whose
 rounding of them is part of the error). Columns: whether the precision allows the tile
 (``mmrepvgg.ops.winograd.allowed_tiles``) and its worst-case error
@@ -48,7 +49,7 @@ from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.env import cpu_info
-from mmrepvgg.numerics import flatten_outputs, output_error
+from mmrepvgg.numerics import flatten_outputs, fp32_math, output_error
 from mmrepvgg.ops.winograd import (TILES, WinogradConv2d, allowed_tiles, convert_to_winograd,
                                    error_growth, worst_case_error)
 from mmrepvgg.ops.winograd_kernel import load_kernel, transformed_bytes, vector_widths
@@ -96,20 +97,25 @@ def check(arch, tiles, x, seed, repeats=3):
 
 
 @torch.no_grad()
-def check_conv(channels, size, precisions, tiles, seed, batch=1):
+def check_conv(channels, size, precisions, tiles, seed, batch=1, device='cpu'):
     """Rows (precision, tile, allowed, worst case, vs fp64, direct vs fp64, ratio,
     error_growth, within) for one ``channels`` -> ``channels`` 3x3 conv on a ``size`` x
-    ``size`` map."""
+    ``size`` map, on ``device`` (float32 in IEEE arithmetic: no TF32)."""
     torch.manual_seed(seed)
-    conv32 = nn.Conv2d(channels, channels, 3, padding=1)
-    x32 = torch.randn(batch, channels, size, size)
+    conv32 = nn.Conv2d(channels, channels, 3, padding=1).to(device)
+    x32 = torch.randn(batch, channels, size, size).to(device)
+    with fp32_math(torch.device(device), 'fp32'):
+        return _conv_rows(conv32, x32, precisions, tiles)
+
+
+def _conv_rows(conv32, x32, precisions, tiles):
     rows = []
     for name in precisions:
         dtype, autocast = PRECISIONS[name]
         conv, x = (conv32, x32) if autocast else (copy.deepcopy(conv32).to(dtype),
                                                   x32.to(dtype))
         reference = copy.deepcopy(conv).double()(x.double())
-        context = (torch.autocast('cpu', dtype=dtype) if autocast
+        context = (torch.autocast(x32.device.type, dtype=dtype) if autocast
                    else contextlib.nullcontext())
         allowed = allowed_tiles(dtype)
         with context:
@@ -132,14 +138,16 @@ def check_conv(channels, size, precisions, tiles, seed, batch=1):
 def main_conv(args):
     channels, size = args.conv
     tiles = [int(t) for t in args.tiles if t != 'auto']
-    print(f'# {cpu_info()[0]}, {torch.get_num_threads()} threads, torch {torch.__version__}; '
-          f'{channels} -> {channels} channels, 3x3, batch {args.batch}, {size}x{size}, '
-          f'seed {args.seed}')
+    where = (torch.cuda.get_device_name(args.device) if args.device.startswith('cuda')
+             else f'{cpu_info()[0]}, {torch.get_num_threads()} threads')
+    print(f'# {where}, torch {torch.__version__}; {channels} -> {channels} channels, 3x3, '
+          f'batch {args.batch}, {size}x{size}, seed {args.seed}')
     print('| precision | tile | allowed | worst case | vs fp64 | direct vs fp64 | ratio '
           '| error_growth |\n|---|---|---|---|---|---|---|---|')
     failed = []
     for (name, tile, allowed, worst, error, direct, ratio, growth,
-         within) in check_conv(channels, size, args.precisions, tiles, args.seed, args.batch):
+         within) in check_conv(channels, size, args.precisions, tiles, args.seed, args.batch,
+                                args.device):
         print(f'| {name} | {tile} | {"yes" if allowed else "refused"} | {worst:.2g} | '
               f'{error:.2e} | {direct:.2e} | {ratio:.1f} | {growth:.0f} |', flush=True)
         if not within:
@@ -168,6 +176,9 @@ def main(argv=None):
     parser.add_argument('--precisions', nargs='+', choices=list(PRECISIONS),
                         default=['fp32', 'fp16', 'fp16-autocast', 'bf16', 'bf16-autocast'],
                         help='with --conv: the precisions to compute it in')
+    parser.add_argument('--device', default='cpu',
+                        help="with --conv: where to compute it ('cuda': the torch-op form "
+                             'and autocast there)')
     args = parser.parse_args(argv)
     if args.conv:
         if args.batch == parser.get_default('batch'):
