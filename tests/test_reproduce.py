@@ -6,6 +6,7 @@ import os
 import os.path as osp
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -23,6 +24,7 @@ from test_tools import (DET_CONFIG, DET_MODEL, MAX_FLIPPED_PIXELS, ROOT, SEG_CON
 TOOL = osp.join(ROOT, 'tools', 'reproduce.py')
 SEG = 'pspnet_repvgg_b1g2_cityscapes'
 DET = 'faster-rcnn_repvgg-a2_fpn_1x_coco'
+RETINANET = osp.join(ROOT, 'configs', 'retinanet_repvgg-a2_fpn_1x_coco.py')
 # Two iterations with a checkpoint after each (the first is what a resume starts from).
 SEG_RUN = SEG_MODEL + TEST + [
     'train_cfg.max_iters=2', 'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=1',
@@ -58,6 +60,10 @@ def test_training_on_two_processes_is_published(seg_run):
     result = _result(seg_run.work, SEG)
     env = result['environment']
     assert (env['processes'], env['launcher'], env['images_per_gpu']) == (2, 'pytorch', 2)
+    # the machine it trained on: this one, checked before the experiment
+    assert env['host'] == socket.gethostname() and env['torch'] == torch.__version__
+    assert env['recorded_by'] == "the train step's machine"
+    assert 'environment checked on ' in seg_run.out
     assert result['steps']['train']['status'] == 'done'
     published = result['steps']['train']['outputs']['published']
     # named by its content, in torch hub's convention; the optimizer state dropped
@@ -178,6 +184,11 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
     out, _ = _run(configs[:1], tmp_path, gpus=16, launcher='slurm', partition='gpu',
                   dry_run=True, cfg_options=['train_dataloader.batch_size=1'])
     assert re.search(r'GPUS=16 GPUS_PER_NODE=8 .*slurm_train\.sh gpu ', out)
+    # the environment check: on one GPU of the partition, before the first experiment
+    assert re.search(r'environment check: srun -p gpu --job-name=mmrepvgg-check '
+                     r'--gres=gpu:1 --ntasks=1 --kill-on-bad-exit=1 \S+ -m '
+                     r'mmrepvgg\.apis\.preflight --check --device cuda --detection\n', out)
+    assert re.search(r'RECORD_ENV=\S+/train/environment\.json \S*bash \S+slurm_train', out)
     assert 'srun -p gpu' in out and 'slurm_test.sh gpu' in out
 
 
@@ -222,3 +233,216 @@ def test_each_seed_is_an_experiment_of_its_own(tmp_path):
     assert plan.dir == osp.join(str(tmp_path), SEG, 'seed1')
     assert 'randomness.seed=1' in plan.cfg_options and plan.cfg.randomness.seed == 1
     assert plan.final_checkpoint == osp.join(plan.dir, 'train', 'iter_200.pth')
+
+
+# ------------------------------------------------------- the environment, checked and recorded
+# A check process's verdicts, decided by the test: this sitecustomize (on PYTHONPATH)
+# replaces mmrepvgg.env.environment_checks in every Python the test starts while
+# FAKE_CHECKS is set, and writes where each call was asked for CUDA.
+FAKE_CHECKS_SITE = """
+import json, os
+if os.environ.get('FAKE_CHECKS'):
+    import mmrepvgg.env as env
+
+    def environment_checks(want_cuda=None, winograd=True):
+        with open(os.environ['FAKE_CHECKS_LOG'], 'a') as f:
+            f.write(json.dumps(want_cuda) + '\\n')
+        return [env.Check(*c) for c in json.loads(os.environ['FAKE_CHECKS'])]
+    env.environment_checks = environment_checks
+"""
+CUDA_OK = ('CUDA usable', True, '8 GPU(s): NVIDIA H100 80GB HBM3; driver 580.65.06')
+NCCL_OK = ('NCCL available', True, 'torch.distributed with NCCL 2.27.3')
+CPU_ONLY_MMCV = [
+    ('mmcv ops built for CUDA', False, 'no (CPU ops only; detectors need NMS and RoIAlign '
+     'on the GPU: set up again on a GPU machine, or with FORCE_CUDA=1)'),
+    ('mmcv NMS and RoIAlign on cpu', True, 'run'),
+    ('mmcv NMS and RoIAlign on cuda', False, "NotImplementedError: nms_impl: implementation "
+     "for device cuda:0 not found.")]
+
+
+@pytest.fixture
+def fake_checks(tmp_path, monkeypatch):
+    """``set(checks)``: what the environment check of every process started from now
+    finds; ``asked()``: the want_cuda of each check made so far."""
+    site = tmp_path / 'fake_site'
+    site.mkdir()
+    (site / 'sitecustomize.py').write_text(FAKE_CHECKS_SITE)
+    log = tmp_path / 'checks.jsonl'
+    monkeypatch.setenv('PYTHONPATH', os.pathsep.join(
+        [str(site)] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
+    monkeypatch.setenv('FAKE_CHECKS_LOG', str(log))
+
+    def set_checks(checks):
+        monkeypatch.setenv('FAKE_CHECKS', json.dumps(checks))
+
+    def asked():
+        return ([json.loads(line) for line in log.read_text().splitlines()]
+                if log.exists() else [])
+    return SimpleNamespace(set=set_checks, asked=asked)
+
+
+@pytest.fixture
+def gpu_machine(monkeypatch):
+    """This process sees a GPU (the plans use CUDA by default, as on a GPU machine)."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+
+
+def test_a_cpu_only_mmcv_stops_the_suite_before_its_first_experiment(
+        tmp_path, fake_checks, gpu_machine):
+    """A GPU machine, no --gpus: PSPNet then RetinaNet. The check runs first (on CUDA,
+    with the detector's ops) and stops everything, not RetinaNet's first NMS."""
+    fake_checks.set([CUDA_OK, NCCL_OK, *CPU_ONLY_MMCV])
+    out, exit_ = _run([SEG_CONFIG, RETINANET], tmp_path, steps=['speed'])
+    assert isinstance(exit_, SystemExit) and 'nothing was run' in str(exit_), out
+    assert fake_checks.asked() == [True]
+    assert ('check failed: mmcv ops built for CUDA: no (CPU ops only; detectors need NMS '
+            'and RoIAlign on the GPU') in out
+    assert 'check failed: mmcv NMS and RoIAlign on cuda: NotImplementedError' in out
+    assert not osp.exists(tmp_path / 'w')
+
+
+def test_segmentation_alone_needs_no_mmcv_cuda_ops(tmp_path, fake_checks, gpu_machine):
+    fake_checks.set([CUDA_OK, NCCL_OK, *CPU_ONLY_MMCV])
+    out, failed = _run([SEG_CONFIG], tmp_path, steps=['speed'], dry_run=True)
+    assert failed == 0 and 'check failed' not in out, out
+    assert fake_checks.asked() == [True]
+    assert re.search(r'environment checked on \S+: torch ', out), out
+    # a machine that cannot use its GPU stops it too
+    fake_checks.set([('CUDA usable', False, 'this machine has an NVIDIA GPU, but torch '
+                      'cannot use it: it needs an NVIDIA driver >= 580.65.06')])
+    out, exit_ = _run([SEG_CONFIG], tmp_path, steps=['speed'])
+    assert isinstance(exit_, SystemExit), out
+    assert 'check failed: CUDA usable: this machine has an NVIDIA GPU' in out
+
+
+def test_check_tool_prints_verdicts_and_this_machines_facts(monkeypatch, capsys, tmp_path):
+    from mmrepvgg import env
+    from mmrepvgg.apis import preflight
+    monkeypatch.setattr(env, 'environment_checks', lambda want_cuda=None, winograd=True: [
+        env.Check(*c) for c in [CUDA_OK, *CPU_ONLY_MMCV]])
+    monkeypatch.setenv('SLURMD_NODENAME', 'gpu-node-7')  # as slurm sets it in a task
+    monkeypatch.setenv('SLURM_JOB_ID', '4242')
+    assert preflight.main(['--check', '--device', 'cuda', '--detection']) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f'[ok]     CUDA usable: {CUDA_OK[2]}'
+    assert lines[1].startswith('[FAILED] mmcv ops built for CUDA: no (CPU ops only')
+    report = json.loads(lines[-1].split(preflight.CHECK_MARK)[1])
+    assert len(report['problems']) == 2
+    machine = report['machine']
+    assert machine['host'] == 'gpu-node-7' and machine['slurm']['slurm_job_id'] == '4242'
+    assert machine['torch'] == torch.__version__
+    # no detector: mmcv's CUDA ops are not needed, and said so
+    assert preflight.main(['--check', '--device', 'cuda']) == 0
+    out = capsys.readouterr().out
+    assert '[-]      mmcv ops built for CUDA: no (CPU ops only' in out
+    assert 'not needed: no detector runs here' in out
+    # --record: the facts alone, whole
+    path = tmp_path / 'train' / 'environment.json'
+    assert preflight.main(['--record', str(path)]) == 0
+    recorded = json.loads(path.read_text())
+    assert recorded['host'] == 'gpu-node-7'
+    assert {'torch', 'cuda', 'gpu', 'driver', 'mmcv', 'mmcv_ops_cuda', 'cpu'} <= set(recorded)
+
+
+def _slurm_bin(tmp_path, fail=False):
+    """A PATH folder with a fake srun (test_launchers) and scontrol (mmengine's slurm
+    launcher asks it for the first node's address)."""
+    from test_launchers import FAKE_SRUN, _executable
+    folder = tmp_path / 'slurm_bin'
+    _executable(folder / 'srun', FAKE_SRUN if not fail else
+                '#!/bin/sh\necho "srun: error: invalid partition specified: gpu" >&2\nexit 1\n')
+    _executable(folder / 'scontrol', '#!/bin/sh\necho 127.0.0.1\n')
+    return folder
+
+
+def _calls(log):
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def test_under_slurm_the_check_runs_on_a_node_before_anything(tmp_path, fake_checks,
+                                                              monkeypatch):
+    monkeypatch.setenv('PATH', f'{_slurm_bin(tmp_path)}{os.pathsep}{os.environ["PATH"]}')
+    monkeypatch.setenv('FAKE_LOG', str(tmp_path / 'srun.jsonl'))
+    monkeypatch.setenv('SRUN_ARGS', '--account=vision')
+    fake_checks.set([CUDA_OK, NCCL_OK, *CPU_ONLY_MMCV])
+    out, exit_ = _run([SEG_CONFIG, RETINANET], tmp_path, steps=['speed'], launcher='slurm',
+                      partition='gpu', gpus=8)
+    assert isinstance(exit_, SystemExit), out
+    assert 'checking the environment on a node of partition gpu' in out
+    assert 'check failed: on gpu-node-7: mmcv ops built for CUDA: no (CPU ops only' in out
+    (srun,) = _calls(tmp_path / 'srun.jsonl')  # the check, and nothing after it
+    assert srun['options'] == {'-p': 'gpu', '--job-name': 'mmrepvgg-check',
+                               '--gres': 'gpu:1', '--ntasks': '1',
+                               '--kill-on-bad-exit': '1', '--account': 'vision'}
+    assert srun['command'][1:] == ['-m', 'mmrepvgg.apis.preflight', '--check', '--device',
+                                   'cuda', '--detection']
+    assert fake_checks.asked() == [True]
+
+    # srun that cannot start a job: its own words
+    monkeypatch.setenv('PATH', f'{_slurm_bin(tmp_path / "x", fail=True)}{os.pathsep}'
+                       f'{os.environ["PATH"]}')
+    out, exit_ = _run([SEG_CONFIG], tmp_path, steps=['speed'], launcher='slurm',
+                      partition='gpu', gpus=8)
+    assert isinstance(exit_, SystemExit), out
+    assert ('check failed: the environment check did not run on a node of partition gpu '
+            '(exit 1): srun: error: invalid partition specified: gpu') in out
+
+
+# What tools/train.py leaves (the final checkpoint, last_checkpoint), from a fake that
+# says where and how it ran: a real training cannot start mmengine's slurm launcher on a
+# machine without CUDA (it calls torch.cuda.set_device).
+FAKE_TRAIN = """
+import os, sys, torch
+args = sys.argv[1:]
+work = args[args.index('--work-dir') + 1]
+iters = next(int(a.split('=')[1]) for a in args if a.startswith('train_cfg.max_iters='))
+os.makedirs(work, exist_ok=True)
+path = os.path.join(work, f'iter_{iters}.pth')
+torch.save(dict(meta=dict(), state_dict=dict(w=torch.zeros(1))), path)
+with open(os.path.join(work, 'last_checkpoint'), 'w') as f:
+    f.write(path)
+print('trained on', os.environ['SLURMD_NODENAME'], 'rank', os.environ['SLURM_PROCID'],
+      'port', os.environ['MASTER_PORT'], 'with', ' '.join(args[-2:]))
+"""
+
+
+def test_slurm_training_records_the_node_that_trained(mini_root, tmp_path, monkeypatch):
+    """tools/reproduce.py --launcher slurm, a fake srun running two tasks: the check and
+    the training go through srun, the real launch scripts give both tasks the job's port,
+    the first task records its node, and result.json holds that node's facts, not this
+    machine's."""
+    from mmrepvgg.apis import reproduce_plan
+    tools = tmp_path / 'tools'
+    tools.mkdir()
+    for name in ('slurm_run.sh', 'slurm_train.sh'):
+        shutil.copy(osp.join(ROOT, 'tools', name), tools / name)
+    (tools / 'train.py').write_text(FAKE_TRAIN)
+    monkeypatch.setattr(reproduce_plan, 'TOOLS', str(tools))
+    monkeypatch.setenv('PATH', f'{_slurm_bin(tmp_path)}{os.pathsep}{os.environ["PATH"]}')
+    monkeypatch.setenv('FAKE_LOG', str(tmp_path / 'srun.jsonl'))
+    monkeypatch.setenv('FAKE_JOB_ID', '4242')
+    monkeypatch.delenv('MASTER_PORT', raising=False)
+    lines = []
+    monkeypatch.chdir(mini_root)
+    failed = reproduce([SEG_CONFIG], ReproduceOptions(
+        work_dir=str(tmp_path / 'w'), steps=['train'], launcher='slurm', partition='gpu',
+        gpus=2, mini=True, cfg_options=SEG_RUN), say=lines.append)
+    out = '\n'.join(lines)
+    log = open(tmp_path / 'w' / SEG / 'train.log').read()
+    assert failed == 0, out + log
+    assert 'environment checked on gpu-node-7: torch ' in out
+    check, train = _calls(tmp_path / 'srun.jsonl')
+    assert check['options']['--job-name'] == 'mmrepvgg-check'
+    assert train['options']['--job-name'] == f'{SEG}-train'
+    assert train['options']['--ntasks'] == '2'
+    port = 10000 + 4242 % 2000 * 10
+    for rank in (0, 1):
+        assert f'trained on gpu-node-7 rank {rank} port {port} with --launcher slurm' in log
+    result = _result(tmp_path / 'w', SEG)
+    env = result['environment']
+    assert env['host'] == 'gpu-node-7' != socket.gethostname()
+    assert env['slurm']['slurm_job_id'] == '4242'
+    assert env['recorded_by'] == "the train step's machine"
+    assert env['launcher'] == 'slurm' and env['processes'] == 2
+    assert env['torch'] == torch.__version__
+    assert result['steps']['train']['machine']['host'] == 'gpu-node-7'

@@ -8,10 +8,13 @@ and fused (--deploy), time, and tabulate against the published numbers, resumabl
   python tools/reproduce.py configs/my_config.py --mini --work-dir W --dry-run
 
 Suites: cityscapes (the five PSPNet configs), coco (the eight detection configs), paper
-(both), smoke (one RepVGG config of each task, a few iterations). Each experiment works in
-W/<config stem>/ (W/<stem>/seed<k>/ with --seeds) and keeps its state in result.json: the
-same command again skips what is done and resumes an interrupted training. W/results.md
-and W/results.json are rewritten after every step.
+(both), smoke (one RepVGG config of each task, a few iterations). Before the first
+experiment it checks the data, the pretrained weights and the environment of the machine
+that trains (this one, or under slurm a node of the partition through srun: CUDA, NCCL,
+mmcv's ops on CUDA where a detector trains). Each experiment works in W/<config stem>/
+(W/<stem>/seed<k>/ with --seeds) and keeps its state in result.json, with the facts of the
+machine that trained it: the same command again skips what is done and resumes an
+interrupted training. W/results.md and W/results.json are rewritten after every step.
 """
 import argparse
 import sys

@@ -2,6 +2,7 @@
 as its dataset expects, its pretrained weights can be had, and the GPUs can be used.
 Each problem is a sentence that names what is missing and how to get it."""
 import glob
+import json
 import os
 import os.path as osp
 import urllib.error
@@ -12,7 +13,8 @@ from mmengine.config import Config
 
 from ..checkpoint.fetch import is_remote_checkpoint, resolve_location
 
-__all__ = ['data_problems', 'weight_urls', 'weight_problems', 'environment_problems']
+__all__ = ['data_problems', 'weight_urls', 'weight_problems', 'environment_problems',
+           'CHECK_MARK', 'main']
 
 _SPLITS = ('train_dataloader', 'val_dataloader', 'test_dataloader')
 _MINI = {'CityscapesDataset': 'cityscapes', 'CocoDataset': 'coco'}
@@ -144,9 +146,69 @@ def _weight_problem(url: str, timeout: float) -> Optional[str]:
                 f'them there')
 
 
-def environment_problems(want_cuda: bool) -> List[str]:
+# The checks of mmrepvgg.env that only detectors need: mmdet's heads run mmcv's NMS and
+# RoIAlign on the GPU; mmseg's PSPNet needs no mmcv op there.
+_DETECTION_ONLY = ('mmcv ops built for CUDA', 'mmcv NMS and RoIAlign on cuda')
+
+
+def environment_problems(want_cuda: Optional[bool], detection: bool = True) -> List[str]:
     """The failed checks of ``tools/check_env.py`` (CUDA usable, mmcv's ops built for it,
-    NCCL) when GPUs are asked for."""
+    NCCL). ``want_cuda``: True requires a usable GPU, False checks the CPU path only,
+    None a GPU where the machine has one. ``detection``: whether a detector runs here,
+    which needs mmcv's ops on CUDA (a segmentation-only run does not)."""
     from ..env import environment_checks
-    return [f'{c.name}: {c.detail}'
-            for c in environment_checks(want_cuda=want_cuda, winograd=False) if not c.ok]
+    return _failed(environment_checks(want_cuda=want_cuda, winograd=False), detection)
+
+
+def _unused(check, detection: bool) -> bool:
+    return not detection and check.name in _DETECTION_ONLY
+
+
+def _failed(checks, detection: bool) -> List[str]:
+    return [f'{c.name}: {c.detail}' for c in checks if not c.ok and not _unused(c, detection)]
+
+
+#: Marks the line of ``--check``'s output that carries its verdict as JSON.
+CHECK_MARK = 'mmrepvgg-environment-check: '
+_DEVICES = {'auto': None, 'cuda': True, 'cpu': False}
+
+
+def main(argv=None) -> int:
+    """``python -m mmrepvgg.apis.preflight``: run on the machine that trains (tools/
+    reproduce.py starts it there, through srun under slurm) before an experiment."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='python -m mmrepvgg.apis.preflight',
+        description='--check: the environment checks of tools/check_env.py that a training '
+                    'needs, one verdict a line, then this machine\'s facts and the failed '
+                    'checks as one JSON line; exit 1 if a check failed. --record FILE: write '
+                    'this machine\'s facts (host, torch, CUDA, GPUs, driver, mmcv) to FILE.')
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument('--check', action='store_true', help='run the checks')
+    what.add_argument('--record', metavar='FILE', help='write this machine\'s facts')
+    parser.add_argument('--device', choices=tuple(_DEVICES), default='auto',
+                        help='cuda: a usable GPU is required; cpu: the CPU path only; auto '
+                             '(default): a GPU where the machine has one')
+    parser.add_argument('--detection', action='store_true',
+                        help='a detector trains here: mmcv\'s NMS and RoIAlign must run on '
+                             'CUDA')
+    args = parser.parse_args(argv)
+    from .results import machine_facts, record_environment
+    if args.record:
+        record_environment(args.record)
+        return 0
+    from ..env import environment_checks
+    checks = environment_checks(want_cuda=_DEVICES[args.device], winograd=False)
+    for check in checks:
+        unused = not check.ok and _unused(check, args.detection)
+        verdict = '[ok]' if check.ok else '[-]' if unused else '[FAILED]'
+        print(f'{verdict:<8} {check.name}: {check.detail}'
+              + ('; not needed: no detector runs here' if unused else ''))
+    problems = _failed(checks, args.detection)
+    print(CHECK_MARK + json.dumps(dict(machine=machine_facts(), problems=problems)),
+          flush=True)
+    return 1 if problems else 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 from ..fileio import write_text_atomic
 from .experiments import DEFAULT_TOLERANCE
 from .reproduce_plan import Plan, plan_experiment, preflight
-from .results import environment_summary, git_commit, metrics_line, write_results
+from .results import (ENVIRONMENT_FILE, environment_summary, git_commit, metrics_line,
+                      read_environment, record_environment, write_results)
 
 __all__ = ['STEPS', 'ReproduceOptions', 'reproduce']
 
@@ -57,14 +58,29 @@ class Run:
     """One experiment's steps, its ``result.json`` and its console lines."""
 
     def __init__(self, plan: Plan, options: ReproduceOptions, say: Callable[[str], None],
-                 commit: Optional[str]):
+                 commit: Optional[str], machine: Optional[dict] = None):
         self.plan, self.options, self.say = plan, options, say
         self.path = osp.join(plan.dir, 'result.json')
         self.result = self._read()
-        # what this invocation runs with: recorded with every step it saves
-        self.facts = dict(config=plan.config, commit=commit,
-                          environment=environment_summary(plan))
+        self.commit = commit  # what this invocation runs: recorded with every step it saves
+        # the facts of this machine, from the check: the steps a local launcher runs here
+        self.machine = machine if plan.launcher != 'slurm' else None
         self.ran: List[str] = []  # steps run in this invocation
+
+    def _step_dir(self, step: str) -> Optional[str]:
+        """Where ``step``'s process works, and its machine leaves environment.json."""
+        if step == 'train':
+            return self.plan.train_dir
+        return self.plan.test_dir(step) if step in ('test', 'deploy') else None
+
+    def _environment(self) -> dict:
+        """The facts of the machine that trained (as it recorded them), else of the one
+        that tested."""
+        for step in ('train', 'test', 'deploy'):
+            facts = read_environment(self._step_dir(step))
+            if facts is not None:
+                return environment_summary(self.plan, facts, f'the {step} step\'s machine')
+        return environment_summary(self.plan)
 
     def _read(self) -> dict:
         if osp.isfile(self.path):
@@ -76,7 +92,8 @@ class Run:
     def save(self) -> None:
         if self.options.dry_run:
             return
-        self.result.update(self.facts)
+        self.result.update(config=self.plan.config, commit=self.commit,
+                           environment=self._environment())
         os.makedirs(self.plan.dir, exist_ok=True)
         write_text_atomic(self.path, json.dumps(self.result, indent=1, default=str))
 
@@ -95,13 +112,30 @@ class Run:
     def command(self, step: str) -> tuple:
         """(argv, extra environment) of ``step``."""
         plan = self.plan
+        record = self._record_path(step)
         if step == 'train':
             resume = (osp.isfile(osp.join(plan.train_dir, 'last_checkpoint'))
                       and 'train' not in self.options.force)
-            return plan.train_command(resume), plan.launch_env(_free_port())
+            return plan.train_command(resume), plan.launch_env(_free_port(), record)
         if step in ('test', 'deploy'):
-            return plan.test_command(step), plan.launch_env(_free_port())
+            return plan.test_command(step), plan.launch_env(_free_port(), record)
         return plan.speed_commands(), {}
+
+    def _record_path(self, step: str) -> Optional[str]:
+        folder = self._step_dir(step)
+        return osp.join(folder, ENVIRONMENT_FILE) if folder else None
+
+    def _record_machine(self, step: str) -> None:
+        """Leave in ``step``'s work dir the facts of the machine it runs on: this one's,
+        checked before the first experiment, for a local launcher; under slurm the first
+        task writes its node's (RECORD_ENV), so an older record must not stand in."""
+        path = self._record_path(step)
+        if path is None:
+            return
+        if self.machine is not None:
+            record_environment(path, dict(self.machine))
+        elif osp.isfile(path):
+            os.remove(path)
 
     def run_step(self, step: str) -> bool:
         """Run ``step`` unless done; False when it failed or could not start."""
@@ -139,12 +173,17 @@ class Run:
             + f' (log {log_file})')
         self.result['steps'][step] = dict(status='running', log=log_file,
                                           started=time.strftime('%Y-%m-%dT%H:%M:%S'))
+        self._record_machine(step)
         self.save()
         start = time.time()
         code = self._execute(commands, env, log_file, append=resuming)
         seconds = round(time.time() - start, 1)
         entry = dict(status='done' if code == 0 else 'failed', seconds=seconds,
                      log=log_file, exit_code=code, outputs={})
+        folder = self._step_dir(step)
+        machine = read_environment(folder) if folder else None
+        if machine is not None:  # where it ran, in brief (the full facts: environment)
+            entry['machine'] = dict(host=machine.get('host'), gpu=machine.get('gpu'))
         self.result['steps'][step] = entry
         if code == 0:
             try:
@@ -214,14 +253,14 @@ def reproduce(configs: Sequence[str], options: ReproduceOptions,
     if len(set(names)) != len(names):
         raise SystemExit('two experiments share a name (the config file stem): '
                          + ', '.join(sorted({n for n in names if names.count(n) > 1})))
-    problems = preflight(plans, options)
+    problems, machine = preflight(plans, options, shout)
     for problem in problems:
         shout(f'check failed: {problem}')
     if problems and not options.dry_run:
         raise SystemExit(f'{len(problems)} check(s) failed before any training; nothing '
                          'was run')
     commit = None if options.dry_run else git_commit()
-    runs = [Run(plan, options, shout, commit) for plan in plans]
+    runs = [Run(plan, options, shout, commit, machine) for plan in plans]
     failed = set()
     for run in runs:
         for step in STEPS:

@@ -4,10 +4,13 @@ its final checkpoint lands, and how the outputs of its steps are read back."""
 import argparse
 import glob
 import json
+import os
 import os.path as osp
+import shlex
 import shutil
+import subprocess
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config, DictAction
@@ -16,9 +19,10 @@ from ..checkpoint.publish import publish_checkpoint
 from ..deploy.export import config_input_shape
 from .config import load_config, scope_of
 from .experiments import config_stem
-from .preflight import data_problems, environment_problems, weight_problems, weight_urls
+from .preflight import CHECK_MARK, data_problems, weight_problems, weight_urls
 
-__all__ = ['Plan', 'plan_experiment', 'preflight', 'parse_cfg_options']
+__all__ = ['Plan', 'plan_experiment', 'preflight', 'check_command', 'check_environment',
+           'parse_cfg_options']
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 TOOLS = osp.join(REPO, 'tools')
@@ -128,15 +132,17 @@ class Plan:
         return ['bash', osp.join(TOOLS, f'slurm_{tool}.sh'), self.options.partition or '',
                 name, *args]
 
-    def launch_env(self, port: int) -> Dict[str, str]:
+    def launch_env(self, port: int, record: Optional[str] = None) -> Dict[str, str]:
         """The launch scripts' settings: the Python to run, a port per job (torchrun),
-        the GPUs, GPUs per node and CPUs per task (srun)."""
+        the GPUs, GPUs per node and CPUs per task (srun), and under srun the file the
+        first task writes its node's environment to (``record``)."""
         if self.launcher == 'pytorch':
             return dict(PYTHON=sys.executable, PORT=str(port))
         if self.launcher == 'slurm':
-            return dict(PYTHON=sys.executable, GPUS=str(self.procs),
-                        GPUS_PER_NODE=str(min(self.procs, self.options.gpus_per_node)),
-                        CPUS_PER_TASK=str(self.options.cpus_per_task))
+            env = dict(PYTHON=sys.executable, GPUS=str(self.procs),
+                       GPUS_PER_NODE=str(min(self.procs, self.options.gpus_per_node)),
+                       CPUS_PER_TASK=str(self.options.cpus_per_task))
+            return dict(env, RECORD_ENV=record) if record else env
         return {}
 
     def _options(self) -> List[str]:
@@ -189,9 +195,7 @@ class Plan:
             *timing, '--json', osp.join(self.dir, 'speed_model.json'),
             *self._options()]))
         if self.launcher == 'slurm':  # on a GPU node, one task
-            srun = ['srun', '-p', self.options.partition or '', '--job-name',
-                    f'{self.stem}-speed', '--gres=gpu:1', '--ntasks=1',
-                    '--kill-on-bad-exit=1']
+            srun = _srun(self.options, f'{self.stem}-speed', gpu=True)
             commands = [srun + c for c in commands]
         return commands
 
@@ -258,9 +262,77 @@ def plan_experiment(config: str, seed: Optional[int], options) -> Plan:
     return Plan(config, seed, options)
 
 
-def preflight(plans: Sequence[Plan], options) -> List[str]:
-    """Every problem found before anything runs: data, pretrained weights (one check per
-    URL), and with GPUs asked for, the environment."""
+def _srun(options, job_name: str, gpu: bool) -> List[str]:
+    """srun for one task on the partition (with ``SRUN_ARGS``, as the launch scripts)."""
+    return ['srun', '-p', options.partition or '', f'--job-name={job_name}',
+            *(['--gres=gpu:1'] if gpu else []), '--ntasks=1', '--kill-on-bad-exit=1',
+            *shlex.split(os.environ.get('SRUN_ARGS', ''))]
+
+
+def check_command(plans: Sequence[Plan], options) -> List[str]:
+    """The environment check (``python -m mmrepvgg.apis.preflight --check``) as it runs
+    on the machine that trains: here, or under slurm on one GPU of the partition. It
+    requires CUDA where an experiment uses it (and mmcv's CUDA ops where a detector
+    does); otherwise a GPU only where the machine has one."""
+    cuda = [p for p in plans if p.cuda]
+    device = 'cpu' if options.mini else 'cuda' if cuda else 'auto'
+    argv = [sys.executable, '-m', 'mmrepvgg.apis.preflight', '--check', '--device', device]
+    argv += ['--detection'] if any(p.scope == 'mmdet' for p in cuda) else []
+    if options.launcher == 'slurm':
+        return _srun(options, 'mmrepvgg-check', gpu=bool(cuda)) + argv
+    return argv
+
+
+def check_environment(plans: Sequence[Plan], options, say: Callable[[str], None]
+                      ) -> Tuple[List[str], Optional[dict]]:
+    """(failed checks, the facts of the machine checked) from :func:`check_command`, run
+    in a process of its own (a check that touches the GPU holds no memory of it here)."""
+    argv = check_command(plans, options)
+    slurm = options.launcher == 'slurm'
+    where = f'a node of partition {options.partition}' if slurm else 'this machine'
+    if slurm:
+        if options.dry_run:
+            say('environment check: ' + ' '.join(map(shlex.quote, argv)))
+            return [], None
+        say(f'checking the environment on {where} (srun, waits for an allocation)')
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    except OSError as err:
+        return [f'the environment check could not start ({err})'], None
+    report = None
+    for line in proc.stdout.splitlines():
+        _, mark, payload = line.partition(CHECK_MARK)  # srun may prefix task labels
+        if mark:
+            try:
+                report = json.loads(payload)
+            except ValueError:
+                pass
+    if report is None:
+        tail = ' | '.join(proc.stdout.strip().splitlines()[-6:]) or 'no output'
+        return [f'the environment check did not run on {where} (exit {proc.returncode}): '
+                f'{tail}'], None
+    machine = report.get('machine') or {}
+    host = machine.get('host') or 'unknown host'
+    problems = [f'on {host}: {p}' if slurm else p for p in report.get('problems', [])]
+    if not problems:
+        say(f'environment checked on {host}: ' + _describe(machine))
+    return problems, machine
+
+
+def _describe(machine: dict) -> str:
+    gpus = (f'{machine.get("gpus_visible")} x {machine["gpu"]}, driver '
+            f'{machine.get("driver")}' if machine.get('gpu') else 'no GPU')
+    return (f'torch {machine.get("torch")} (CUDA {machine.get("torch_cuda_build")}), {gpus}, '
+            f'mmcv {machine.get("mmcv")} (ops: CUDA {machine.get("mmcv_ops_cuda")})')
+
+
+def preflight(plans: Sequence[Plan], options, say: Callable[[str], None] = print
+              ) -> Tuple[List[str], Optional[dict]]:
+    """Every problem found before anything runs, and the facts of the machine checked:
+    data, pretrained weights (one check per URL), the slurm options, and the environment
+    checks on the machine that trains (under slurm: run there once the rest passed, as
+    getting a node may wait in the queue)."""
     problems: List[str] = []
     if any(s in options.steps for s in ('train', 'test', 'deploy')):
         seen = set()
@@ -273,10 +345,12 @@ def preflight(plans: Sequence[Plan], options) -> List[str]:
             if 'train' in options.steps and not options.dry_run:
                 problems += [f'{plan.name}: {p}' for p in
                              weight_problems(weight_urls(plan.cfg), checked)]
-    if options.gpus and not options.mini and options.launcher != 'slurm':
-        problems += environment_problems(want_cuda=True)  # (srun runs on other nodes)
     if options.launcher == 'slurm' and not options.partition:
         problems.append('--launcher slurm needs --partition')
     if options.launcher == 'slurm' and shutil.which('srun') is None and not options.dry_run:
         problems.append('--launcher slurm: srun is not on PATH')
-    return problems
+    if options.launcher == 'slurm' and problems and not options.dry_run:
+        say('environment check on a GPU node not run yet: fix the problems below first')
+        return problems, None
+    found, machine = check_environment(plans, options, say)
+    return problems + found, machine

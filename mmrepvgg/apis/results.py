@@ -1,20 +1,31 @@
 """The tables of a reproduction (``DIR/results.md``, ``DIR/results.json``): per task, each
 experiment's metric unfused and fused beside the published number, the difference and
 whether it is within tolerance, the speeds, and each RepVGG - ResNet gap beside the
-paper's; plus what each experiment's ``result.json`` records about its environment."""
+paper's; plus what each experiment's ``result.json`` records about its environment: the
+facts of the machine that ran its training, which that machine wrote itself
+(:func:`record_environment`, ``<step work dir>/environment.json``)."""
 import json
+import os
 import os.path as osp
+import platform
+import socket
 import statistics
 import subprocess
+import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ..env import cpu_info
+from ..env import cpu_info, driver_version
 from ..fileio import write_text_atomic
 from .experiments import PAIRS, reference_for
 
-__all__ = ['git_commit', 'environment_summary', 'metrics_line', 'write_results']
+__all__ = ['git_commit', 'machine_facts', 'record_environment', 'read_environment',
+           'environment_summary', 'metrics_line', 'write_results']
+
+#: The file a step's machine writes into the step's work dir.
+ENVIRONMENT_FILE = 'environment.json'
+_SLURM = ('SLURM_JOB_ID', 'SLURM_JOB_NODELIST', 'SLURM_NNODES', 'SLURM_NTASKS')
 
 _REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 _TITLES = {'mmseg': 'Segmentation', 'mmdet': 'Detection'}
@@ -34,19 +45,76 @@ def git_commit() -> Optional[str]:
     return commit.stdout.strip() + ('+dirty' if dirty.stdout.strip() else '')
 
 
-def environment_summary(plan) -> dict:
-    """What decides a result besides the code: software, hardware and the run's split."""
+def _mmcv_facts() -> Dict[str, Optional[str]]:
+    try:
+        from importlib.metadata import version
+        found = version('mmcv')
+    except Exception:  # noqa: BLE001 - not installed (mmcv-lite has another name)
+        return dict(mmcv=None, mmcv_ops_cuda=None)
+    try:
+        from mmcv.ops import get_compiling_cuda_version
+        ops = get_compiling_cuda_version()  # 'not available': CPU ops only
+    except Exception as err:  # noqa: BLE001 - ops not built: say why
+        ops = f'mmcv.ops does not import: {type(err).__name__}'
+    return dict(mmcv=found, mmcv_ops_cuda=ops)
+
+
+def machine_facts() -> dict:
+    """What decides a result on the machine running this process: its host (slurm's node
+    name inside a job), Python, torch and its CUDA, the GPUs torch can use, the NVIDIA
+    driver, mmcv and the CUDA its ops were built for, the CPU, the slurm job."""
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
+    slurm = {k.lower(): os.environ[k] for k in _SLURM if k in os.environ}
+    return dict(host=os.environ.get('SLURMD_NODENAME') or socket.gethostname(),
+                python=platform.python_version(), torch=torch.__version__,
+                cuda=torch.version.cuda if cuda else None, torch_cuda_build=torch.version.cuda,
+                gpu=', '.join(names) or None, gpus_visible=count,
+                driver=driver_version(), **_mmcv_facts(), cpu=cpu_info()[0],
+                slurm=slurm or None, recorded=time.strftime('%Y-%m-%dT%H:%M:%S'))
+
+
+def record_environment(path: str, facts: Optional[dict] = None) -> dict:
+    """Write ``facts`` (default: this machine's) to ``path`` as JSON, whole or not at all."""
+    facts = machine_facts() if facts is None else facts
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    write_text_atomic(path, json.dumps(facts, indent=1))
+    return facts
+
+
+def read_environment(folder: str) -> Optional[dict]:
+    """The facts a step's machine recorded in ``folder``; None if it recorded none."""
+    path = osp.join(folder, ENVIRONMENT_FILE)
+    try:
+        with open(path) as f:
+            facts = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
+def environment_summary(plan, machine: Optional[dict] = None,
+                        source: Optional[str] = None) -> dict:
+    """What decides a result besides the code: the facts of ``machine`` (recorded on the
+    machine that trained; ``source`` says which step recorded them) and the run's split.
+    Without a record the machine's facts are left empty rather than guessed."""
     cfg = plan.cfg
     randomness = cfg.get('randomness') or {}
-    cuda = torch.cuda.is_available()
-    return dict(torch=torch.__version__, cuda=torch.version.cuda if cuda else None,
-                gpu=torch.cuda.get_device_name(0) if cuda else None,
-                cpu=cpu_info()[0], gpus=plan.procs if plan.cuda else 0, processes=plan.procs,
+    facts = dict(machine or {})
+    base = dict(host=None, python=None, torch=None, cuda=None, gpu=None, driver=None,
+                mmcv=None, mmcv_ops_cuda=None, cpu=None)
+    base.update(facts)
+    base['recorded_by'] = source if machine else (
+        'nothing: no step recorded its machine (a training from an older version, or a '
+        'node that could not write its environment.json)')
+    base.update(gpus=plan.procs if plan.cuda else 0, processes=plan.procs,
                 launcher=plan.launcher, images_per_gpu=plan.per_gpu,
                 batch=plan.procs * plan.per_gpu, learning_rate=plan.learning_rate,
                 seed=randomness.get('seed'),
                 deterministic=bool(randomness.get('deterministic', False)),
                 cfg_options=plan.cfg_options)
+    return base
 
 
 def metrics_line(metrics: Optional[Dict[str, float]]) -> str:
