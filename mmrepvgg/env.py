@@ -37,6 +37,10 @@ DEFAULT_CUDA_HOMES = ('/usr/local/cuda',)
 #: The archs torch 2.14.1's CUDA build itself targets (Turing to Blackwell, data centre and
 #: desktop): mmcv's ops are built for these where no usable GPU says which.
 DEFAULT_CUDA_ARCHS = '7.5;8.0;8.6;9.0;10.0;12.0'
+#: CUDA major versions whose toolkit pip holds whole, nvcc included (tools/build_mmcv_cuda.sh
+#: installs it). pip's CUDA 12 packages (nvidia-cuda-nvcc-cu12, 12.6 to 12.9) hold ptxas,
+#: the NVVM library and nvcc's headers, but no nvcc.
+PIP_TOOLKITS = (13,)
 GIB = 1 << 30
 #: Memory one compile job may take: nvcc on mmcv's kernels 2-4 GB, the C++ compiler on
 #: torch's headers about 1 GB.
@@ -317,26 +321,35 @@ def find_cuda_toolkit() -> Tuple[Optional[str], Optional[str], str]:
 def cuda_toolkit_choice() -> Tuple[Optional[str], str]:
     """The CUDA toolkit mmcv's CUDA ops are compiled with: the one installed when its
     major version is torch's (torch's builder refuses another), else None: pip's toolkit
-    of torch's CUDA version (tools/build_mmcv_cuda.sh). With one line saying which."""
+    of torch's CUDA version (tools/build_mmcv_cuda.sh). With one line saying which. Raises
+    SetupError where neither can be had (pip has no CUDA 12 nvcc)."""
     cuda = torch.version.cuda
     if cuda is None:
         raise SetupError(f'torch {torch.__version__} is a CPU-only build: mmcv\'s CUDA ops '
                          'need a CUDA build of torch (TORCH_CUDA=cu128 or cu130, or unset)')
     home, release, where = find_cuda_toolkit()
-    pip_kit = f"pip's CUDA {cuda} toolkit (tools/build_mmcv_cuda.sh)"
     if home is None:
-        return None, ('no CUDA toolkit here (no CUDA_HOME, no nvcc on PATH, no '
-                      f'{" or ".join(DEFAULT_CUDA_HOMES)}): mmcv\'s CUDA ops are built with '
-                      f'{pip_kit}')
-    if release is None:
-        return None, (f'the CUDA toolkit at {home} (from {where}) has no working nvcc: '
-                      f'mmcv\'s CUDA ops are built with {pip_kit}')
-    if _version_tuple(release)[0] != _version_tuple(cuda)[0]:
-        return None, (f'the CUDA toolkit at {home} (from {where}) is CUDA {release}, torch '
-                      f'{torch.__version__} is built with CUDA {cuda}: mmcv\'s CUDA ops are '
-                      f'built with {pip_kit} instead')
-    return home, (f'mmcv\'s CUDA ops are built with the CUDA {release} toolkit at {home} '
-                  f'(from {where}; torch is built with CUDA {cuda})')
+        found = ('no CUDA toolkit here (no CUDA_HOME, no nvcc on PATH, no '
+                 f'{" or ".join(DEFAULT_CUDA_HOMES)})')
+    elif release is None:
+        found = f'the CUDA toolkit at {home} (from {where}) has no working nvcc'
+    elif _version_tuple(release)[0] != _version_tuple(cuda)[0]:
+        found = (f'the CUDA toolkit at {home} (from {where}) is CUDA {release}, torch '
+                 f'{torch.__version__} is built with CUDA {cuda}')
+    else:
+        return home, (f'mmcv\'s CUDA ops are built with the CUDA {release} toolkit at {home} '
+                      f'(from {where}; torch is built with CUDA {cuda})')
+    major = _version_tuple(cuda)[0]
+    if major not in PIP_TOOLKITS:
+        raise SetupError(
+            f'{found}, and pip has no CUDA {major} nvcc (nvidia-cuda-nvcc-cu{major} holds '
+            f'ptxas and NVVM only) to build mmcv\'s CUDA ops with: install a CUDA {major} '
+            f'toolkit and set CUDA_HOME to it (NVIDIA\'s installer, conda install -c nvidia '
+            f'cuda-nvcc={cuda}, or a cluster\'s module load cuda/{major}), or set up with the '
+            'pinned CUDA 13.0 torch (TORCH_CUDA unset; NVIDIA driver >= 580), whose '
+            'toolkit pip has')
+    return None, (f'{found}: mmcv\'s CUDA ops are built with pip\'s CUDA {cuda} toolkit '
+                  '(tools/build_mmcv_cuda.sh)' + (' instead' if release else ''))
 
 
 # ----------------------------------------------------------------------------------------
@@ -578,22 +591,26 @@ def environment_checks(want_cuda: Optional[bool] = None,
 def setup_decisions(wanted: str, default: str, mmcv_version: str) -> Dict[str, str]:
     """tools/bootstrap.sh's decisions once torch is installed, in the order they are
     taken: TORCH_MISMATCH (torch is not the build TORCH_CUDA asks for: reinstall it and
-    ask again), else GPU_PROBLEM (stop before building anything), else mmcv's plan
-    (``mmcv_build_plan``) with MMCV_WHEEL (the cached wheel, empty: to build) and, for a
-    CUDA build, CUDA_HOME (empty: pip's toolkit) and TOOLKIT_NOTE."""
-    mismatch = torch_build_mismatch(wanted, default)
-    if mismatch:
-        return {'TORCH_MISMATCH': mismatch}
-    problem = setup_gpu_problem()
-    if problem:
-        return {'GPU_PROBLEM': problem}
-    plan = mmcv_build_plan(mmcv_version)
-    wheels = sorted(glob.glob(os.path.join(glob.escape(plan['WHEELS']),
-                                           f'mmcv-{mmcv_version}-*.whl')))
-    plan['MMCV_WHEEL'] = wheels[0] if wheels else ''
-    if not wheels and plan['MMCV_CUDA'] == '1':
-        home, note = cuda_toolkit_choice()
-        plan.update(CUDA_HOME=home or '', TOOLKIT_NOTE=note)
+    ask again), else STOP (why the set-up cannot go on: GPUs torch cannot use, no toolkit
+    to be had; it stops before building anything), else mmcv's plan (``mmcv_build_plan``)
+    with MMCV_WHEEL (the cached wheel, empty: to build) and, for a CUDA build, CUDA_HOME
+    (empty: pip's toolkit) and TOOLKIT_NOTE."""
+    try:
+        mismatch = torch_build_mismatch(wanted, default)
+        if mismatch:
+            return {'TORCH_MISMATCH': mismatch}
+        problem = setup_gpu_problem()
+        if problem:
+            return {'STOP': problem}
+        plan = mmcv_build_plan(mmcv_version)
+        wheels = sorted(glob.glob(os.path.join(glob.escape(plan['WHEELS']),
+                                               f'mmcv-{mmcv_version}-*.whl')))
+        plan['MMCV_WHEEL'] = wheels[0] if wheels else ''
+        if not wheels and plan['MMCV_CUDA'] == '1':
+            home, note = cuda_toolkit_choice()
+            plan.update(CUDA_HOME=home or '', TOOLKIT_NOTE=note)
+    except SetupError as err:
+        return {'STOP': str(err)}
     return plan
 
 

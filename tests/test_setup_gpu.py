@@ -228,6 +228,37 @@ def test_another_cuda_version_or_none_builds_with_pips_toolkit(toolkit_search, m
         env.cuda_toolkit_choice()
 
 
+def test_a_cuda_12_torch_needs_an_installed_cuda_12_toolkit(toolkit_search, monkeypatch):
+    """pip's CUDA 12 packages have no nvcc: torch's CUDA 12 builds (TORCH_CUDA=cu128)
+    take the installed CUDA 12 toolkit, and without one the set-up stops before building,
+    saying what to install."""
+    monkeypatch.setattr(torch.version, 'cuda', '12.8')
+    cuda12 = str(toolkit_search / 'cuda-12.4')
+    fake_nvcc(cuda12, '12.4')
+    monkeypatch.setenv('CUDA_HOME', cuda12)
+    assert env.cuda_toolkit_choice()[0] == cuda12  # same major version: it builds
+    monkeypatch.delenv('CUDA_HOME')
+    with pytest.raises(env.SetupError) as refused:
+        env.cuda_toolkit_choice()
+    assert str(refused.value).startswith(
+        'no CUDA toolkit here (no CUDA_HOME, no nvcc on PATH, no '
+        f'{toolkit_search}/usr-local-cuda), and pip has no CUDA 12 nvcc '
+        '(nvidia-cuda-nvcc-cu12 holds ptxas and NVVM only)')
+    assert 'set CUDA_HOME to it' in str(refused.value)
+    # the set-up stops on it before building anything, where no wheel is cached
+    monkeypatch.setenv('MMREPVGG_WHEEL_CACHE', str(toolkit_search / 'wheels'))
+    monkeypatch.setenv('FORCE_CUDA', '1')
+    monkeypatch.setenv('TORCH_CUDA_ARCH_LIST', '9.0')
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    assert env.setup_decisions('cu128', 'cu130', '2.1.0') == {'STOP': str(refused.value)}
+    plan = env.mmcv_build_plan('2.1.0')
+    os.makedirs(plan['WHEELS'])
+    wheel = osp.join(plan['WHEELS'], 'mmcv-2.1.0-cp311-cp311-linux_x86_64.whl')
+    open(wheel, 'w').close()  # a cached wheel needs no toolkit
+    decided = env.setup_decisions('cu128', 'cu130', '2.1.0')
+    assert decided['MMCV_WHEEL'] == wheel and 'STOP' not in decided
+
+
 def _cgroup(root, files):
     for name, text in files.items():
         os.makedirs(osp.dirname(osp.join(root, name)), exist_ok=True)
@@ -304,14 +335,17 @@ def test_the_winograd_op_builds_with_the_environments_ninja(monkeypatch, tmp_pat
 
 SITECUSTOMIZE = '''\
 """Makes this process's torch another build or another machine's: FAKE_TORCH_CUDA names a
-file holding torch.version.cuda; FAKE_GPUS GPUs that NVML counts and the CUDA runtime
-cannot start on (a driver older than torch's CUDA)."""
+file holding torch.version.cuda (the version's tag follows, as PyTorch's indexes tag
+it); FAKE_GPUS GPUs that NVML counts and the CUDA runtime cannot start on (a driver older
+than torch's CUDA)."""
 import os
 if os.environ.get('FAKE_TORCH_CUDA') or os.environ.get('FAKE_GPUS'):
     import torch
     if os.path.exists(os.environ.get('FAKE_TORCH_CUDA', '')):
         with open(os.environ['FAKE_TORCH_CUDA']) as f:
             torch.version.cuda = f.read().strip() or None
+        tag = 'cu' + torch.version.cuda.replace('.', '') if torch.version.cuda else 'cpu'
+        torch.__version__ = torch.__version__.split('+')[0] + '+' + tag
     if os.environ.get('FAKE_GPUS'):
         def _no_runtime(*args, **kwargs):
             raise RuntimeError('The NVIDIA driver on your system is too old '
@@ -320,6 +354,10 @@ if os.environ.get('FAKE_TORCH_CUDA') or os.environ.get('FAKE_GPUS'):
         torch.cuda.is_available = lambda: False
         torch.cuda.get_device_capability = torch.cuda.init = _no_runtime
 '''
+
+
+#: The torch the stand-in .venv's processes see (FAKE_TORCH_CUDA: 13.0), whatever this one is.
+PINNED = torch.__version__.split('+')[0] + '+cu130'
 
 
 @pytest.fixture
@@ -390,8 +428,8 @@ def test_bootstrap_replaces_a_torch_of_another_cuda_build(stand_in):
         '--disable-pip-version-check install -q --force-reinstall --no-deps torch==2.14.1 '
         f'torchvision==0.29.1 {index}',
         f'--disable-pip-version-check install -q torch==2.14.1 torchvision==0.29.1 {index}']
-    assert (f'[bootstrap] replace torch and torchvision: torch {torch.__version__} is the '
-            'cu130 build; TORCH_CUDA=cu128 asks for cu128') in out.stdout
+    assert (f'[bootstrap] replace torch and torchvision: torch {PINNED} is the cu130 '
+            'build; TORCH_CUDA=cu128 asks for cu128') in out.stdout
     stamps = [line for line in out.stdout.splitlines() if line.startswith('.stamp-')]
     assert len(stamps) == 1 and stamps[0].startswith('.stamp-base-')
 
@@ -406,8 +444,8 @@ def test_bootstrap_says_which_toolkit_builds_mmcv_before_building(stand_in):
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.splitlines() == [
         f'[bootstrap] the CUDA toolkit at {stand_in.tmp}/cuda-12.4 (from nvcc on PATH '
-        f'({stand_in.fakes}/nvcc)) is CUDA 12.4, torch {torch.__version__} is built with '
-        "CUDA 13.0: mmcv's CUDA ops are built with pip's CUDA 13.0 toolkit "
+        f'({stand_in.fakes}/nvcc)) is CUDA 12.4, torch {PINNED} is built with CUDA 13.0: '
+        "mmcv's CUDA ops are built with pip's CUDA 13.0 toolkit "
         '(tools/build_mmcv_cuda.sh) instead',
         'MMCV_CUDA=1 CUDA_HOME=[] WHEEL=[]']
     assert pip == []

@@ -57,18 +57,18 @@ env_py() {
 }
 
 # Sets, from mmrepvgg/env.py's decisions for the installed torch: TORCH_MISMATCH (how it
-# differs from the build asked for), else GPU_PROBLEM (why it cannot use this machine's
-# GPUs), else mmcv's plan: MMCV_CUDA, TORCH_CUDA_ARCH_LIST, MMCV_DEVICE, WHEELS (the cache
+# differs from the build asked for), else STOP (why the set-up cannot go on: GPUs torch
+# cannot use, no CUDA toolkit to be had), else mmcv's plan: MMCV_CUDA, TORCH_CUDA_ARCH_LIST, MMCV_DEVICE, WHEELS (the cache
 # folder), MMCV_WHEEL (cached, or empty: to build) and for a CUDA build CUDA_HOME (empty:
 # pip's toolkit) and TOOLKIT_NOTE. mmcv's ops are compiled for CUDA where nvidia-smi
 # lists a GPU (or FORCE_CUDA=1; FORCE_CUDA=0: CPU ops only), for the GPU archs of
 # TORCH_CUDA_ARCH_LIST (default: the GPUs present, or without one a list of current data
 # centre and desktop archs), with the installed CUDA toolkit where its major version is
-# torch's, else pip's (tools/build_mmcv_cuda.sh).
+# torch's, else pip's (tools/build_mmcv_cuda.sh; pip has CUDA 13's nvcc, not CUDA 12's).
 decide() {
   local decisions
   decisions="$(env_py set-up "$TORCH_CUDA" "$TORCH_CUDA_DEFAULT" "$MMCV_VERSION")"
-  TORCH_MISMATCH='' GPU_PROBLEM='' TOOLKIT_NOTE=''
+  TORCH_MISMATCH='' STOP='' TOOLKIT_NOTE=''
   eval "$decisions"
 }
 
@@ -103,8 +103,8 @@ install_torch() {
 # on (a driver older than torch's CUDA), and every CUDA step after would fail. A CUDA build
 # says here which toolkit compiles it.
 check_gpus() {
-  if [ -n "$GPU_PROBLEM" ]; then
-    echo "[bootstrap] stopped before building anything: $GPU_PROBLEM" >&2
+  if [ -n "$STOP" ]; then
+    echo "[bootstrap] stopped before building anything: $STOP" >&2
     exit 1
   fi
   [ -z "$TOOLKIT_NOTE" ] || echo "[bootstrap] $TOOLKIT_NOTE"

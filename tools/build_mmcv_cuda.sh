@@ -9,8 +9,8 @@
 # Run tools/bootstrap.sh first (its .venv's torch is built against). The CUDA toolkit is
 # the installed one ($CUDA_HOME, else the one whose nvcc is on PATH, else /usr/local/cuda)
 # where its major version is torch's CUDA's (torch's builder refuses another), else pip's
-# packages of torch's CUDA version gathered in a scratch folder (CUDA 13: nvcc, crt, cccl,
-# nvvm, runtime; CUDA 12: the -cu12 nvcc, cccl and runtime); one line says which. Long:
+# packages of torch's CUDA version gathered in a scratch folder (nvcc, crt, cccl, nvvm,
+# runtime: CUDA 13 only, pip's CUDA 12 packages hold no nvcc); one line says which. Long:
 # tens of minutes per arch on 2 cores; not part of CI. The wheel is then loaded from a
 # scratch folder: the CUDA version its ops were compiled for is printed, NMS and RoIAlign
 # run on the CPU.
@@ -41,26 +41,23 @@ if [ "$FOR_BOOTSTRAP" = 0 ]; then
   echo "[build_mmcv_cuda] $TOOLKIT_NOTE"
 fi
 if [ -z "${CUDA_HOME:-}" ]; then
-  # pip's CUDA toolkit: CUDA 13's packages are unsuffixed; CUDA 12's are the -cu12 ones
-  # (nvcc there holds crt and nvvm itself). The toolkit's minor version may be newer than
-  # torch's: torch's builder only warns about that.
-  case "$CUDA_MAJOR" in
-    13) V="$CUDA_VERSION.*"
-        PACKAGES=("nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V"
-                  "nvidia-nvvm==$V" "nvidia-cuda-runtime==$V") ;;
-    12) V=">=$CUDA_VERSION,<13"
-        PACKAGES=("nvidia-cuda-nvcc-cu12$V" "nvidia-cuda-cccl-cu12$V"
-                  "nvidia-cuda-runtime-cu12$V") ;;
-    *) echo "[build_mmcv_cuda] pip has no CUDA $CUDA_VERSION toolkit this script knows: set" \
-            "CUDA_HOME to an installed CUDA $CUDA_MAJOR toolkit" >&2
-       exit 1 ;;
-  esac
+  # pip's CUDA toolkit, CUDA 13's (unsuffixed names). pip's CUDA 12 packages
+  # (nvidia-cuda-nvcc-cu12) hold ptxas and NVVM but no nvcc: CUDA 12 needs an installed
+  # toolkit.
+  if [ "$CUDA_MAJOR" != 13 ]; then
+    echo "[build_mmcv_cuda] pip has no CUDA $CUDA_MAJOR nvcc: install a CUDA $CUDA_MAJOR" \
+         "toolkit and set CUDA_HOME to it" >&2
+    exit 1
+  fi
+  V="$CUDA_VERSION.*"
+  PACKAGES=("nvidia-cuda-nvcc==$V" "nvidia-cuda-crt==$V" "nvidia-cuda-cccl==$V"
+            "nvidia-nvvm==$V" "nvidia-cuda-runtime==$V")
   echo "[build_mmcv_cuda] installing pip's CUDA $CUDA_VERSION toolkit: ${PACKAGES[*]}"
   "$PY" -m pip --disable-pip-version-check install -q --target "$SCRATCH/pip" "${PACKAGES[@]}"
   CUDA_HOME="$(dirname "$(dirname "$(find "$SCRATCH/pip" -path '*/bin/nvcc' -type f | head -n1)")")"
-  # One CUDA_HOME must hold every header and library: the other toolkit packages' (CUDA
-  # 12's are one folder each) and the CUDA libraries' that torch's headers include
-  # (cusparse.h, cublas_v2.h, ...), which come with torch's NVIDIA wheels, beside it.
+  # One CUDA_HOME must hold every header and library: the other toolkit packages' and
+  # the CUDA libraries' that torch's headers include (cusparse.h, cublas_v2.h, ...), which
+  # come with torch's NVIDIA wheels, beside it.
   NVIDIA="$("$PY" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia"))')"
   for part in include lib; do
     mkdir -p "$CUDA_HOME/$part"
