@@ -346,7 +346,7 @@ def test_allowed_tiles_follow_the_worst_case_bound():
         assert allowed_tiles(precision) == (2,)
     assert FP16_TILES == BF16_TILES == (2,)
     # range: F(2x2)'s transformed inputs reach 4x the input (two rows of 1, -1), products
-    # stay within a direct conv's sum |w||x|, transformed weights are no smaller; F(7x7)'s
+    # stay within 9 C max|w| max|x|, transformed weights are no smaller; F(7x7)'s
     # point 3 makes its G row sum 3/350, its B^T rows sum to 250/9
     assert range_growth(2) == dict(input=4.0, products=1.0, kernel=1.0)
     assert range_growth(7)['kernel'] == pytest.approx((350 / 3) ** 2)
@@ -408,6 +408,9 @@ def test_reduced_precision_refuses_the_other_tiles(dtype):
                                                                     match=message):
                 convert_to_winograd(model, tile, **kwargs)
             assert type(model[0]) is nn.Conv2d
+        # a float32 module given float16 input outside autocast: refused, as F.conv2d does
+        with pytest.raises(TypeError, match='does not match the weights'):
+            WinogradConv2d(nn.Conv2d(8, 8, 3, padding=1), 2)(x.to(dtype))
         # converted in float32, then cast: refused at the forward, saying what to do
         module = WinogradConv2d(nn.Conv2d(8, 8, 3, padding=1), tile).to(dtype)
         with pytest.raises(ValueError, match=message + r".*converted with tile "
@@ -448,8 +451,8 @@ def test_float16_tile_7_weights_fall_below_the_normal_range():
 
 def test_float16_tile_2_keeps_the_range_it_promises():
     """F(2x2)'s transformed inputs reach 4x the input (range_growth), so float16 inputs
-    up to 65504 / 4 stay finite, with products no larger than a direct conv's sum
-    |w||x| (weights here keep that below float16's largest)."""
+    up to 65504 / 4 stay finite, with products no larger than 9 C max|w| max|x| (the
+    weights here keep that below float16's largest)."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1).half()
     with torch.no_grad():
@@ -457,8 +460,8 @@ def test_float16_tile_2_keeps_the_range_it_promises():
     limit = torch.finfo(torch.float16).max / range_growth(2)['input']
     x = (torch.rand(1, 16, 8, 8) * 2 - 1).sign() * limit * 0.97
     x = x.half()
-    # the direct conv's largest possible output: sum |w||x| over 9 x 16 taps
-    assert float(conv.weight.detach().abs().sum((1, 2, 3)).max()) * limit < 65504
+    grow = range_growth(2)['products'] * 9 * 16 * float(conv.weight.detach().abs().max())
+    assert grow * limit < torch.finfo(torch.float16).max
     with torch.no_grad():
         out, direct = WinogradConv2d(conv, 2)(x), conv(x)
         reference = copy.deepcopy(conv).double()(x.double())
