@@ -501,7 +501,7 @@ def test_cuda_tf32_matmuls_are_read_without_a_gpu():
 
 
 @pytest.mark.parametrize('how', ['bfloat16 model', 'float16 model', 'dtype=float16',
-                                 'under float16 autocast'])
+                                 'dtype=TF32', 'under float16 autocast'])
 def test_auto_takes_the_allowed_tile(randomize, how):
     model = reparameterize(randomize(RepVGG('A0', out_indices=(3,))).eval())
     x = torch.randn(1, 3, 64, 64)
@@ -513,8 +513,8 @@ def test_auto_takes_the_allowed_tile(randomize, how):
     if how.endswith('model'):
         dtype = torch.bfloat16 if how.startswith('bfloat16') else torch.float16
         model, x = model.to(dtype), x.to(dtype)
-    elif how == 'dtype=float16':
-        kwargs = dict(dtype=torch.float16)
+    elif how.startswith('dtype='):
+        kwargs = dict(dtype=torch.float16 if how == 'dtype=float16' else TF32)
     else:
         context = torch.autocast('cpu', dtype=torch.float16)
     with context:

@@ -556,7 +556,7 @@ def _input_sizes(model: nn.Module, convs: Sequence[nn.Module],
 
 def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
                         example_input: Optional[Tensor] = None,
-                        dtype: Optional[torch.dtype] = None) -> int:
+                        dtype: Union[torch.dtype, Arithmetic, None] = None) -> int:
     """Replace, in place, every conv of ``model`` that ``WinogradConv2d`` can compute.
     Returns how many convs were replaced. Call on an eval-mode model (e.g. a fused
     RepVGG); the replacements hold buffers, not parameters, so they do not train.
@@ -573,10 +573,11 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
 
     ``dtype``: the precision the convs' products will run in when it is not their
     weights' dtype, e.g. ``torch.float16`` for a float32 model that will run under
-    float16 autocast; by default the weights' dtype, or autocast's dtype when this is
-    called under ``torch.autocast``. A tile that precision refuses is a ValueError
-    (``tile_refusal``: its worst-case error and the allowed tiles), raised before any conv
-    is replaced.
+    float16 autocast, or ``TF32`` for one whose float32 matmuls will run in TF32 (the
+    torch-op form on CUDA); by default the weights' dtype, or autocast's dtype when this
+    is called under ``torch.autocast`` (matmul settings are read at the forward, not
+    here). A tile that precision refuses is a ValueError (``tile_refusal``: its
+    worst-case error and the allowed tiles), raised before any conv is replaced.
     """
     auto = tile == 'auto'
     if not auto:
@@ -588,7 +589,7 @@ def convert_to_winograd(model: nn.Module, tile: TileChoice = 4,
     def winograd_takes(conv: nn.Module) -> bool:  # with tile 'auto', only where it pays
         return winograd_unsupported_reason(conv) is None and (not auto or winograd_pays(conv))
 
-    def precision(conv: nn.Module) -> torch.dtype:  # the one the products will run in
+    def precision(conv: nn.Module):  # the one the products will run in
         if dtype is not None:
             return dtype
         device = conv.weight.device.type
