@@ -1,5 +1,7 @@
 """Two-process CPU training and --deploy testing through tools/dist_train.sh and
-tools/dist_test.sh (torchrun, gloo backend), on the SyncBN PSPNet RepVGG config."""
+tools/dist_test.sh (torchrun, gloo backend), on the SyncBN PSPNet RepVGG config; and
+two-process runs of the backbone alone (torch.multiprocessing, gloo)."""
+import itertools
 import os
 import re
 import socket
@@ -137,3 +139,205 @@ def test_mpi_launcher_takes_the_local_rank_from_mpirun(variable, monkeypatch):
     monkeypatch.delenv(variable)
     with pytest.raises(SystemExit, match='not started by mpirun'):
         load_config(CONFIG, launcher='mpi', local_rank=0)
+
+
+# --- The backbone alone in two processes (torch.multiprocessing.spawn, gloo, CPU) ---------
+
+# A few blocks of every kind (identity or not, grouped): each process starts in seconds.
+TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25,) * 4, groups={2: 2})
+
+
+def _spawn(worker, *args):
+    """Run ``worker(rank, init_file, *args)`` in 2 processes; a failure in either raises
+    here with its traceback."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(worker, args=(os.path.join(folder, 'init'),) + args, nprocs=2)
+
+
+def _join(rank, init_file):
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)  # two processes on the machine's cores
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                            world_size=2)
+
+
+def _ddp_worker(rank, init_file, out_indices, result_file):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from mmrepvgg import RepVGG
+    _join(rank, init_file)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(RepVGG(TINY, out_indices=out_indices),
+                                        find_unused_parameters=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(1 + rank)  # each process its own batch
+        for _ in range(2):  # a parameter without gradient fails the second iteration
+            loss = sum(out.square().mean() for out in model(torch.randn(2, 3, 32, 32)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        params = {k: v.detach().clone() for k, v in model.module.named_parameters()}
+        torch.save(params, f'{result_file}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_without_unused_parameter_detection_trains_with_early_out_indices(tmp_path):
+    """DDP with find_unused_parameters=False (mmengine's default) trains 2 iterations with
+    out_indices=(0, 1, 2): stage 4, which no output needs, is not built."""
+    import torch
+    result = str(tmp_path / 'params')
+    _spawn(_ddp_worker, (0, 1, 2), result)
+    ranks = [torch.load(f'{result}.{rank}') for rank in range(2)]
+    assert ranks[0] and not any(k.startswith('stage4.') for k in ranks[0])
+    assert ranks[0].keys() == ranks[1].keys()
+    # averaged gradients, same steps: the replicas stay equal
+    assert all(torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())
+
+
+def _synchronized_bn_classes():
+    """Batch norms synchronized over processes, in torch ops so they run on CPU with gloo
+    (torch's SyncBatchNorm and mmcv's need GPUs): one a torch SyncBatchNorm, one an mmcv
+    SyncBatchNorm (no torch _BatchNorm), as the backbone meets them. Built on first use,
+    in the process that needs them."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from mmcv.ops import SyncBatchNorm as MMSyncBN
+    from torch import nn
+
+    class SumOverProcesses(torch.autograd.Function):
+        """All-reduce sum; its gradient is the sum of the processes' gradients."""
+
+        @staticmethod
+        def forward(ctx, x):
+            x = x.clone()
+            dist.all_reduce(x)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad
+
+    def forward(self, x):
+        """Normalizes with the batch statistics of all processes (biased variance),
+        tracks the unbiased one; communicates in forward and in backward."""
+        if not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+        self.num_batches_tracked.add_(1)
+        count = SumOverProcesses.apply(x.new_tensor([x.numel() / x.shape[1]]))
+        mean = SumOverProcesses.apply(x.sum((0, 2, 3))) / count
+        centred = x - mean[:, None, None]
+        var = SumOverProcesses.apply(centred.square().sum((0, 2, 3))) / count
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return centred * scale[:, None, None] + self.bias[:, None, None]
+
+    class TorchSyncBN(nn.SyncBatchNorm):
+        pass
+
+    class MmcvSyncBN(MMSyncBN):
+        pass
+
+    TorchSyncBN.forward = MmcvSyncBN.forward = forward
+    return TorchSyncBN, MmcvSyncBN
+
+
+def _with_synchronized_bn(module, cls):
+    from torch import nn
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            norm = cls(child.num_features, child.eps, child.momentum)
+            norm.load_state_dict(child.state_dict())
+            setattr(module, name, norm)
+        else:
+            _with_synchronized_bn(child, cls)
+    return module
+
+
+def _checkpoint_sync_bn_worker(rank, init_file, result_file):
+    import torch
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mmrepvgg import RepVGG, RepVGGBlock
+
+    class CountCollectives(TorchDispatchMode):
+        """Collectives that reach the process group (a replayed one does not)."""
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += func.namespace == 'c10d'
+            return func(*args, **(kwargs or {}))
+
+    _join(rank, init_file)
+    try:
+        result = {}
+        for norm_cls in _synchronized_bn_classes():
+            torch.manual_seed(0)
+            plain = _with_synchronized_bn(RepVGG(TINY), norm_cls)
+            # (an mmcv SyncBatchNorm holds its process group: no deepcopy)
+            ckpt = _with_synchronized_bn(RepVGG(TINY, with_cp=True), norm_cls)
+            ckpt.load_state_dict(plain.state_dict())
+            torch.manual_seed(1 + rank)
+            x = torch.randn(2, 3, 32, 32)
+            for name, model in (('plain', plain), ('ckpt', ckpt)):
+                blocks = [m for m in model.modules() if isinstance(m, RepVGGBlock)]
+                calls = [0]
+                for block in blocks:
+                    block.register_forward_pre_hook(
+                        lambda *_: calls.__setitem__(0, calls[0] + 1))
+                model.train()
+                with CountCollectives() as forward:
+                    loss = sum(out.square().mean() for out in model(x))
+                with CountCollectives() as backward:
+                    loss.backward()
+                result[norm_cls.__name__, name] = dict(
+                    block_calls=calls[0] / len(blocks), forward=forward.count,
+                    backward=backward.count,
+                    norms=sum(isinstance(m, norm_cls) for m in model.modules()),
+                    stats={k: v.clone() for k, v in model.state_dict().items()
+                           if 'running' in k or 'num_batches' in k},
+                    grads={k: p.grad.clone() for k, p in model.named_parameters()})
+        torch.save(result, f'{result_file}.{rank}')
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpointing_with_synchronized_bn_communicates_and_counts_once(tmp_path):
+    """with_cp and a batch norm synchronized over 2 processes: backward recomputes every
+    block, but no collective reruns there (the recomputation replays the forward's
+    synchronized statistics), the running statistics are those of a step without
+    checkpointing (updated once), and so are the gradients. For a torch SyncBatchNorm
+    and for an mmcv SyncBatchNorm (which is no torch _BatchNorm)."""
+    import torch
+    result = str(tmp_path / 'result')
+    _spawn(_checkpoint_sync_bn_worker, result)
+    for rank, norm in itertools.product(range(2), ('TorchSyncBN', 'MmcvSyncBN')):
+        plain, ckpt = (torch.load(f'{result}.{rank}')[norm, k] for k in ('plain', 'ckpt'))
+        assert plain['block_calls'] == 1 and ckpt['block_calls'] == 2
+        # 3 all-reduces per norm in forward (count, mean, variance), 2 in backward
+        norms = plain['norms']
+        assert norms > 0 and plain['forward'] == 3 * norms and plain['backward'] == 2 * norms
+        assert (ckpt['forward'], ckpt['backward']) == (plain['forward'], plain['backward'])
+        for key, value in plain['stats'].items():
+            # the same computation (the forward) produced both: equal, not merely close
+            assert torch.equal(value, ckpt['stats'][key]), key
+            if key.endswith('num_batches_tracked'):
+                assert value.item() == 1, key
+        # the recomputation repeats the same fp32 operations on the same values: at most
+        # fp32 rounding apart (torch's fp32 tolerance, ~10 ulp)
+        for key, grad in plain['grads'].items():
+            torch.testing.assert_close(ckpt['grads'][key], grad, msg=key)

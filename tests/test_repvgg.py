@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -137,6 +138,93 @@ def test_out_indices_and_channel_table():
     assert arch_channels('B3g4') == (192, 384, 768, 2560)
 
 
+OUT_INDICES = [(0,), (0, 1), (0, 1, 2), (3,), (1, 3), (0, 1, 2, 3)]
+
+
+@pytest.mark.parametrize('out_indices', OUT_INDICES)
+def test_out_indices_build_only_stages_that_get_gradients(out_indices):
+    """Stages after the last output are not built, so every trainable parameter gets a
+    gradient (DDP with find_unused_parameters=False needs that)."""
+    torch.manual_seed(0)
+    model = RepVGG(TINY, out_indices=out_indices)
+    last = max(out_indices)
+    assert model.stage_names == [f'stage{i + 1}' for i in range(last + 1)]
+    assert model.unbuilt_stages == tuple(f'stage{i + 1}' for i in range(last + 1, 4))
+    assert not any(hasattr(model, name) for name in model.unbuilt_stages)
+    assert model.stage_channels == arch_channels(TINY) == (16, 32, 64, 128)
+    full = RepVGG(TINY)
+    # the unbuilt stages' parameters, exactly, are gone
+    assert count_parameters(full) - count_parameters(model) == sum(
+        count_parameters(getattr(full, name)) for name in model.unbuilt_stages)
+
+    outs = model(torch.randn(2, 3, 32, 32))
+    assert [o.shape[1] for o in outs] == list(model.out_channels) == [
+        model.stage_channels[i] for i in sorted(out_indices)]
+    assert [o.shape[-1] for o in outs] == [32 // 2 ** (i + 2) for i in sorted(out_indices)]
+    sum(o.square().mean() for o in outs).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad
+
+
+def test_truncated_backbone_freezes_and_fuses(randomize):
+    model = RepVGG(TINY, out_indices=(0, 1), frozen_stages=1)
+    model.train()
+    assert not any(p.requires_grad for p in model.stem.parameters())
+    assert not any(p.requires_grad for p in model.stage1.parameters())
+    assert all(p.requires_grad for p in model.stage2.parameters())
+    # freezing every built stage and more is allowed (a fixed feature extractor)
+    frozen = RepVGG(TINY, out_indices=(0, 1), frozen_stages=4)
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+    torch.manual_seed(4)
+    model = randomize(RepVGG(TINY, out_indices=(0, 1)))
+    assert_exact(model, torch.randn(1, 3, 32, 32))  # reparameterize: fused and exact
+    model.eval().switch_to_deploy()
+    direct = RepVGG(TINY, out_indices=(0, 1), deploy=True).eval()
+    direct.load_state_dict(model.state_dict())  # same keys: no stage3, stage4
+    assert count_unfused(model) == 0
+    probe = torch.randn(1, 3, 32, 32)
+    assert max_output_difference(model, direct, probe) == 0
+
+
+def test_full_release_loads_into_a_truncated_backbone(randomize, tmp_path, monkeypatch):
+    """A release file holds all stages: the weights of the unbuilt ones are left unused
+    (and counted in the log), the built ones load; a file of another arch still fails."""
+    source = randomize(RepVGG(TINY), seed=7)
+    # the official release's names, written out by hand
+    release = {}
+    for key, value in source.state_dict().items():
+        key = re.sub(r'^stem\.', 'stage0.', key)
+        for ours, theirs in (('.dense.', '.rbr_dense.'), ('.pointwise.', '.rbr_1x1.'),
+                             ('.identity.', '.rbr_identity.')):
+            key = key.replace(ours, theirs)
+        release[key] = value.clone()
+    assert 'stage0.rbr_dense.bn.running_var' in release
+    release['linear.weight'] = torch.randn(1000, 128)
+    assert any(k.startswith('stage4.') for k in release)
+    path = str(tmp_path / 'RepVGG-tiny-train.pth')
+    torch.save(release, path)
+
+    import mmengine.logging
+    logged = []
+    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, **_: logged.append(msg))
+    model = RepVGG(TINY, out_indices=(0, 1, 2), init_cfg=dict(type='Pretrained',
+                                                              checkpoint=path))
+    model.init_weights()
+    expected = source.state_dict()
+    state = model.state_dict()
+    assert state and all(torch.equal(v, expected[k]) for k, v in state.items())
+    unused = len([k for k in expected if k.startswith('stage4.')])
+    assert any(f'{unused} tensors of stage4 left unused' in m for m in logged), logged
+
+    wider = randomize(RepVGG(dict(TINY, width_factors=(0.5,) * 4)))
+    torch.save(wider.state_dict(), tmp_path / 'wider.pth')
+    model = RepVGG(TINY, out_indices=(0,), init_cfg=dict(
+        type='Pretrained', checkpoint=str(tmp_path / 'wider.pth')))
+    with pytest.raises(ValueError, match=r'stem\.dense\.conv\.weight: file \(32'):
+        model.init_weights()
+
+
 def test_grouped_layer_numbering():
     model = RepVGG('B1g4')
     layers = [b for n in model.stage_names for b in getattr(model, n)]
@@ -269,17 +357,62 @@ def test_frozen_stages_and_norm_eval():
     assert model.stage3.training and not model.stage3[0].dense.bn.training
 
 
-def test_checkpointing_gives_same_gradients():
+# A few blocks of every kind (identity or not, grouped), for tests that run in seconds.
+TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25,) * 4, groups={2: 2})
+
+
+def _count_block_calls(model):
+    """Calls of every block's forward, recomputations included."""
+    calls = {}
+    for name, module in model.named_modules():
+        if isinstance(module, RepVGGBlock):
+            calls[name] = 0
+            module.register_forward_pre_hook(
+                lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
+
+
+def _bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.rsplit('.', 1)[-1] in ('running_mean', 'running_var', 'num_batches_tracked')}
+
+
+@pytest.mark.parametrize('norm_cfg', [dict(type='BN'), dict(type='BN', momentum=None),
+                                      dict(type='SyncBN')])
+@pytest.mark.parametrize('block', BLOCK_TYPES)
+def test_checkpointing_keeps_bn_statistics_and_gradients(block, norm_cfg):
+    """One step with with_cp recomputes every block in backward (each runs twice), yet its
+    batch norms update their running statistics once, to the very values of a step
+    without it: fusion folds them into the deployed model. Gradients match too.
+    (SyncBN without a process group normalizes per process; momentum=None is the
+    cumulative average, which num_batches_tracked drives.)"""
     torch.manual_seed(3)
-    plain = RepVGG('A0', out_indices=(3,))
+    plain = RepVGG(TINY, block=block, norm_cfg=norm_cfg)
     ckpt = copy.deepcopy(plain)
     ckpt.with_cp = True
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
-    plain(x)[0].sum().backward()
-    ckpt(x)[0].sum().backward()
-    # recomputation repeats the same fp32 arithmetic: torch's fp32 defaults (~10 eps)
-    for a, b in zip(plain.parameters(), ckpt.parameters()):
-        torch.testing.assert_close(a.grad, b.grad)
+    before = _bn_state(plain)
+    x = torch.randn(2, 3, 32, 32)
+    calls = {}
+    for name, model in (('plain', plain), ('ckpt', ckpt)):
+        calls[name] = _count_block_calls(model)
+        model.train()
+        sum(out.square().mean() for out in model(x)).backward()
+    assert set(calls['plain'].values()) == {1} and set(calls['ckpt'].values()) == {2}
+
+    stats, stats_cp = _bn_state(plain), _bn_state(ckpt)
+    assert stats.keys() == stats_cp.keys() and len(stats) == 3 * len(
+        [m for m in plain.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)])
+    for key, value in stats.items():
+        if key.endswith('num_batches_tracked'):
+            assert value.item() == stats_cp[key].item() == 1, key
+        else:
+            assert not torch.equal(value, before[key]), key  # the step moved them
+            # the same computation (the forward) produced both: equal, not merely close
+            assert torch.equal(value, stats_cp[key]), key
+    # The recomputation repeats the same fp32 operations on the same values: at most
+    # fp32 rounding apart (torch's fp32 tolerance, ~10 ulp).
+    for (name, p), p_cp in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p_cp.grad, p.grad, msg=name)
 
 
 @pytest.mark.parametrize('frozen_stages', [-1, 1])

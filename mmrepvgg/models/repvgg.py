@@ -1,10 +1,16 @@
 """The RepVGG backbone: one arch table drives the construction of every variant."""
-from typing import Dict, Optional, Sequence, Tuple, Union
+from contextlib import nullcontext
+from functools import lru_cache, partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint as cp
 from mmengine.model import BaseModule
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from ..registry import MODELS
 from .fusion import is_batch_norm
@@ -83,6 +89,120 @@ def _per_stage(name: str, value: Sequence, allowed: str) -> tuple:
     return tuple(value)
 
 
+# Gradient checkpointing runs a block's forward a second time in backward. Batch norms in
+# training mode would then update their running statistics twice per step (and fusion
+# folds those statistics into the deployed weights), and synchronized ones would
+# communicate again inside backward. The recomputation therefore runs on copies of the
+# block's buffers, and its collectives hand back what they returned in the forward, so the
+# norms normalize with the same batch statistics without touching the real ones.
+
+@lru_cache(maxsize=None)
+def _replayable_collectives() -> frozenset:
+    """c10d ops whose first argument receives the result, returned with their work."""
+    if not dist.is_available():
+        return frozenset()
+    names = ('allreduce_', 'allgather_', '_allgather_base_', 'broadcast_',
+             'reduce_scatter_', '_reduce_scatter_base_')
+    return frozenset(getattr(torch.ops.c10d, n) for n in names
+                     if hasattr(torch.ops.c10d, n))
+
+
+class _RecordCollectives(TorchDispatchMode):
+    """Runs the forward of a checkpointed block, keeping a copy of what each collective
+    returned (a few values per norm: the synchronized batch statistics)."""
+
+    def __init__(self, tape: List[Tuple[Any, List[Tensor]]]):
+        super().__init__()
+        self.tape, self.ops = tape, _replayable_collectives()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func.overloadpacket in self.ops:
+            outputs, work = result
+            # an asynchronous collective's values exist only once its work is done
+            torch._C._distributed_c10d.Work.unbox(work).wait()
+            self.tape.append((func, [t.detach().clone() for t in tree_leaves(outputs)]))
+        return result
+
+
+class _ReplayCollectives(TorchDispatchMode):
+    """Runs the recomputation: each collective writes what it returned in the forward
+    into its outputs, without communicating."""
+
+    def __init__(self, tape: List[Tuple[Any, List[Tensor]]]):
+        super().__init__()
+        self.tape, self.ops, self.position = tape, _replayable_collectives(), 0
+
+    def __enter__(self):
+        self.position = 0  # each backward (retain_graph) recomputes from the start
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket not in self.ops:
+            return func(*args, **(kwargs or {}))
+        outputs = args[0]
+        targets = tree_leaves(outputs)
+        recorded = self.tape[self.position] if self.position < len(self.tape) else None
+        if (recorded is None or recorded[0] != func
+                or [t.shape for t in targets] != [v.shape for v in recorded[1]]):
+            ran = 'nothing more' if recorded is None else str(recorded[0])
+            raise RuntimeError(
+                f'with_cp: recomputing a checkpointed block ran collective {func} '
+                f'({[tuple(t.shape) for t in targets]}) as its collective number '
+                f'{self.position + 1}, where the forward ran {ran}: the block must run the '
+                'same collectives each time it runs')
+        self.position += 1
+        for target, value in zip(targets, recorded[1]):
+            target.copy_(value)
+        from torch._C._distributed_c10d import FakeWork  # a work that is done
+        return outputs, FakeWork().boxed()
+
+
+class _Recomputation:
+    """The context of a checkpointed block's recomputation: its modules see copies of
+    their buffers (the running statistics are updated in the forward only), and
+    collectives are replayed when ``replay`` is given. Re-enterable, as every backward
+    through a retained graph recomputes."""
+
+    def __init__(self, block: nn.Module, replay: Optional[_ReplayCollectives]):
+        self.block, self.replay, self.kept = block, replay, []
+
+    def __enter__(self) -> '_Recomputation':
+        for module in self.block.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                self.kept.append((module, name, buffer))
+                setattr(module, name, buffer.clone())
+        if self.replay is not None:
+            self.replay.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            if self.replay is not None:
+                self.replay.__exit__(*exc)
+        finally:
+            for module, name, buffer in self.kept:
+                setattr(module, name, buffer)
+            self.kept = []
+        return False
+
+
+def _synchronizes(module: nn.Module) -> bool:
+    """torch's SyncBatchNorm and mmcv's (which is no torch _BatchNorm) communicate."""
+    return isinstance(module, nn.SyncBatchNorm) or (
+        is_batch_norm(module) and not isinstance(module, _BatchNorm))
+
+
+def _checkpoint_contexts(block: nn.Module) -> Tuple[Any, _Recomputation]:
+    """``context_fn`` of ``torch.utils.checkpoint``: (forward context, recompute context)."""
+    # The dispatch modes see every op of the block: only where a norm may communicate.
+    if (dist.is_available() and dist.is_initialized()
+            and any(_synchronizes(m) for m in block.modules())):
+        tape = []
+        return _RecordCollectives(tape), _Recomputation(block, _ReplayCollectives(tape))
+    return nullcontext(), _Recomputation(block, None)
+
+
 @MODELS.register_module()
 class RepVGG(BaseModule):
     """RepVGG backbone (Ding et al., CVPR 2021) for detection and segmentation.
@@ -90,14 +210,21 @@ class RepVGG(BaseModule):
     Args:
         arch: a name from ``ARCH_SETTINGS`` or a custom dict (see ``resolve_arch``).
         in_channels: channels of the input image.
-        out_indices: which of stages 1-4 (0-3, as in ResNet) to return.
+        out_indices: which of stages 1-4 (0-3, as in ResNet) to return. Stages after
+            the last one listed are not built: nothing would use or train them (DDP
+            with ``find_unused_parameters=False`` fails on parameters without
+            gradients), and pretrained files load with their weights left unused.
         strides: stride of the first block of each of stages 1-4.
         dilations: dilation of each of stages 1-4.
         num_dilated_blocks: per stage, how many of its last blocks take its dilation
             (None: all). RepVGG-B1g2-fast dilates only the last 4 blocks of stage 3.
         frozen_stages: stages to freeze, -1 none, 0 the stem, k the stem and stages 1..k.
         norm_eval: keep batch norms in eval mode while training.
-        with_cp: gradient checkpointing of each block, to save memory.
+        with_cp: gradient checkpointing of each block, to save memory. The
+            recomputation in backward normalizes with the batch statistics of the
+            forward and leaves the running statistics alone (no second update, no
+            second SyncBN synchronization): a step gives the same running statistics
+            and gradients as without it.
         deploy: build the fused form directly (plain 3x3 conv + ReLU blocks).
         block: the training-form block, ``'repvgg'`` (RepVGG's three branches with a
             batch norm each) or ``'qa'`` (QARepVGG: norms only on the 3x3 branch and
@@ -142,7 +269,11 @@ class RepVGG(BaseModule):
 
         self.stage_names = []
         layer, channels = 1, self.stem_channels
-        for i, (depth, width) in enumerate(zip(self.arch['num_blocks'], stage_channels)):
+        last = max(out_indices)
+        #: the stages after the last output, not built (their pretrained weights unused)
+        self.unbuilt_stages = tuple(f'stage{i + 1}' for i in range(last + 1, 4))
+        for i, (depth, width) in enumerate(zip(self.arch['num_blocks'][:last + 1],
+                                               stage_channels)):
             blocks = []
             dilated_from = depth - (depth if num_dilated_blocks[i] is None
                                     else num_dilated_blocks[i])
@@ -155,7 +286,8 @@ class RepVGG(BaseModule):
             name = f'stage{i + 1}'
             self.add_module(name, nn.Sequential(*blocks))
             self.stage_names.append(name)
-        #: channels of every stage 1-4, and of the outputs this backbone returns
+        #: channels of every stage 1-4 of the arch (built or not), and of the outputs
+        #: this backbone returns
         self.stage_channels = stage_channels
         self.out_channels = tuple(stage_channels[i] for i in out_indices)
         self._freeze_stages()
@@ -166,7 +298,10 @@ class RepVGG(BaseModule):
         # no activations for backward anyway.
         if (self.with_cp and torch.is_grad_enabled()
                 and any(p.requires_grad for p in block.parameters())):
-            return cp.checkpoint(block, x, use_reentrant=False)
+            if torch.compiler.is_compiling():  # compiled checkpoints take dispatch modes only
+                return cp.checkpoint(block, x, use_reentrant=False)
+            return cp.checkpoint(block, x, use_reentrant=False,
+                                 context_fn=partial(_checkpoint_contexts, block))
         return block(x)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
@@ -203,17 +338,39 @@ class RepVGG(BaseModule):
                 module.switch_to_deploy()
         self.deploy = True
 
+    def without_unbuilt_stages(self, checkpoint: Any, source: str = 'the checkpoint'
+                               ) -> Dict[str, Tensor]:
+        """The backbone weights of ``checkpoint`` (any supported layout, keys as in the
+        file) without those of the stages this backbone does not build (see
+        ``out_indices``): a release file of the whole arch then loads without them."""
+        from mmengine.logging import print_log
+
+        from ..checkpoint.layouts import extract_state_dict, map_state_dict
+        state = extract_state_dict(checkpoint)
+        mapped, _, origin = map_state_dict(state)
+        unused = {origin[k] for k in mapped if k.split('.', 1)[0] in self.unbuilt_stages}
+        if unused:
+            print_log(f'{source}: {len(unused)} tensors of {", ".join(self.unbuilt_stages)} '
+                      f'left unused: out_indices={self.out_indices} ends at '
+                      f'{self.stage_names[-1]}, so the stages after it are not built',
+                      logger='current')
+        return {k: v for k, v in state.items() if k not in unused}
+
     def init_weights(self) -> None:
         # Release files come in several key layouts; map them instead of letting
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoint.backbone import load_backbone_checkpoint
-            from ..checkpoint.fetch import CheckpointDownloadError, is_remote_checkpoint
+            from ..checkpoint.fetch import (CheckpointDownloadError, is_remote_checkpoint,
+                                            load_file)
             path = self.init_cfg['checkpoint']
             # Never fall back to a silent random init: say what failed and what to do.
             instead = 'or set model.backbone.init_cfg=None to train from scratch.'
             try:
-                load_backbone_checkpoint(self, path)
+                checkpoint = path
+                if self.unbuilt_stages:
+                    checkpoint = self.without_unbuilt_stages(load_file(path), source=path)
+                load_backbone_checkpoint(self, checkpoint, source=path)
             except CheckpointDownloadError as err:
                 raise CheckpointDownloadError(
                     f'pretrained RepVGG weights: {err}. Check the '
