@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..numerics import PRECISIONS, fp32_math
-from .winograd import FASTEST_TILE, TileChoice, convert_to_winograd
+from .winograd import FASTEST_TILE, TF32, TileChoice, convert_to_winograd
 
 #: Recipes, from plain to most optimised:
 #: ``eager``          the module as it is, NCHW.
@@ -191,7 +191,12 @@ def optimize_for_inference(model: nn.Module, example_input: Tensor,
     replaced = None
     if mode == 'winograd':
         probe = example_input.to(device, dtype or example_input.dtype)
-        replaced = convert_to_winograd(module, winograd_tile, probe)
+        # the tiles allowed are those of the arithmetic the products will run in: amp's
+        # dtype, or reduced float32 matmuls (TF32 on CUDA, bf16 products on the CPU)
+        products = {'amp': _amp_dtype(device),
+                    'tf32': TF32 if device.type == 'cuda' else torch.bfloat16}
+        replaced = convert_to_winograd(module, winograd_tile, probe,
+                                       dtype=products.get(precision))
     channels_last = mode != 'eager'
     if channels_last:
         model.to(memory_format=torch.channels_last)
