@@ -195,9 +195,10 @@ def _synchronizes(module: nn.Module) -> bool:
 
 def _checkpoint_contexts(block: nn.Module) -> Tuple[Any, _Recomputation]:
     """``context_fn`` of ``torch.utils.checkpoint``: (forward context, recompute context)."""
-    # The dispatch modes see every op of the block: only where a norm may communicate.
+    # The dispatch modes see every op of the block: only where a norm may communicate
+    # (a synchronized norm in eval mode, e.g. with norm_eval, does not).
     if (dist.is_available() and dist.is_initialized()
-            and any(_synchronizes(m) for m in block.modules())):
+            and any(_synchronizes(m) and m.training for m in block.modules())):
         tape = []
         return _RecordCollectives(tape), _Recomputation(block, _ReplayCollectives(tape))
     return nullcontext(), _Recomputation(block, None)
