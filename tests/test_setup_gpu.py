@@ -6,7 +6,6 @@ monkeypatched (in this process, or through a sitecustomize in the processes
 tools/bootstrap.sh starts), and tools/bootstrap.sh runs against a stand-in .venv whose
 python records pip calls instead of running them. Nothing here needs a GPU or the network,
 and the fakes win on a machine that has a GPU."""
-import errno
 import os
 import os.path as osp
 import shutil

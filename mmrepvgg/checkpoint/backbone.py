@@ -24,7 +24,8 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: Any, logger: Any = No
     official releases lack (the model's own value is kept).
 
     Returns the info dict of :func:`to_mmrepvgg` plus ``source``, ``loaded``
-    (number of tensors) and ``kept_from_model``.
+    (number of tensors), ``kept_from_model`` and ``unused_stages`` (tensors of stages
+    the backbone does not build, see ``RepVGG.unbuilt_stages``, left unused).
     """
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)
@@ -32,6 +33,11 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: Any, logger: Any = No
     elif source is None:
         source = 'the given checkpoint object'
     mapped, info, origin = map_state_dict(checkpoint)
+    # A release holds every stage; a backbone whose out_indices end early builds fewer
+    # (models.RepVGG.unbuilt_stages): those weights are left unused, not a mismatch.
+    unbuilt = tuple(getattr(model, 'unbuilt_stages', ()))
+    unused = [k for k in mapped if k.split('.', 1)[0] in unbuilt]
+    mapped = {k: v for k, v in mapped.items() if k not in unused}
     target = model.state_dict()
 
     file_deploy, file_training = split_by_form(mapped)
@@ -80,10 +86,16 @@ def load_backbone_checkpoint(model: nn.Module, checkpoint: Any, logger: Any = No
     full.update({k: target[k] for k in kept})
     model.load_state_dict(full, strict=True)
 
-    info.update(source=source, loaded=len(mapped), kept_from_model=kept)
+    info.update(source=source, loaded=len(mapped), kept_from_model=kept,
+                unused_stages=len(unused))
     from mmengine.logging import print_log
+    logger = logger if logger is not None else 'current'
     print_log(f'loaded {len(mapped)} tensors from {source} ({info["layout"]} '
               f'layout, {"deploy" if info["deploy"] else "training"} form; '
-              f'{len(info["dropped"])} non-backbone/head keys dropped)',
-              logger=logger if logger is not None else 'current')
+              f'{len(info["dropped"])} non-backbone/head keys dropped)', logger=logger)
+    if unused:
+        print_log(f'{source}: {len(unused)} tensors of {", ".join(unbuilt)} left unused: '
+                  f'out_indices={tuple(model.out_indices)} ends at stage '
+                  f'{max(model.out_indices) + 1}, so the stages after it are not built',
+                  logger=logger)
     return info

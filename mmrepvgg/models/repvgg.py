@@ -339,39 +339,17 @@ class RepVGG(BaseModule):
                 module.switch_to_deploy()
         self.deploy = True
 
-    def without_unbuilt_stages(self, checkpoint: Any, source: str = 'the checkpoint'
-                               ) -> Dict[str, Tensor]:
-        """The backbone weights of ``checkpoint`` (any supported layout, keys as in the
-        file) without those of the stages this backbone does not build (see
-        ``out_indices``): a release file of the whole arch then loads without them."""
-        from mmengine.logging import print_log
-
-        from ..checkpoint.layouts import extract_state_dict, map_state_dict
-        state = extract_state_dict(checkpoint)
-        mapped, _, origin = map_state_dict(state)
-        unused = {origin[k] for k in mapped if k.split('.', 1)[0] in self.unbuilt_stages}
-        if unused:
-            print_log(f'{source}: {len(unused)} tensors of {", ".join(self.unbuilt_stages)} '
-                      f'left unused: out_indices={self.out_indices} ends at '
-                      f'{self.stage_names[-1]}, so the stages after it are not built',
-                      logger='current')
-        return {k: v for k, v in state.items() if k not in unused}
-
     def init_weights(self) -> None:
         # Release files come in several key layouts; map them instead of letting
         # mmengine's Pretrained initializer load keys that do not match.
         if isinstance(self.init_cfg, dict) and self.init_cfg.get('type') == 'Pretrained':
             from ..checkpoint.backbone import load_backbone_checkpoint
-            from ..checkpoint.fetch import (CheckpointDownloadError, is_remote_checkpoint,
-                                            load_file)
+            from ..checkpoint.fetch import CheckpointDownloadError, is_remote_checkpoint
             path = self.init_cfg['checkpoint']
             # Never fall back to a silent random init: say what failed and what to do.
             instead = 'or set model.backbone.init_cfg=None to train from scratch.'
             try:
-                checkpoint = path
-                if self.unbuilt_stages:
-                    checkpoint = self.without_unbuilt_stages(load_file(path), source=path)
-                load_backbone_checkpoint(self, checkpoint, source=path)
+                load_backbone_checkpoint(self, path)
             except CheckpointDownloadError as err:
                 raise CheckpointDownloadError(
                     f'pretrained RepVGG weights: {err}. Check the '
