@@ -555,11 +555,11 @@ def _mmcv_checks(need_cuda: bool, cuda: bool) -> List[Check]:
     return checks
 
 
-def environment_checks(want_cuda: Optional[bool] = None,
-                       winograd: bool = True) -> List[Check]:
+def environment_checks(want_cuda: Optional[bool] = None) -> List[Check]:
     """The verdicts a user needs before a long run. ``want_cuda``: True requires a usable
     GPU, False checks the CPU only, None (default) checks a GPU where one is present.
-    ``winograd``: also whether the C++ Winograd op loads."""
+    (Whether the C++ Winograd op builds is ``mmrepvgg.ops.winograd_kernel.winograd_check``:
+    the op's loader stands on this module.)"""
     checks = []
     unusable = cuda_unusable_reason()
     cuda = torch.cuda.is_available()
@@ -579,12 +579,6 @@ def environment_checks(want_cuda: Optional[bool] = None,
                             ('.'.join(map(str, torch.cuda.nccl.version())) if nccl and cuda
                              else 'present' if nccl else 'missing')))
     checks += _mmcv_checks(bool(want_cuda or cuda or unusable), cuda)
-    if not winograd:
-        return checks
-    from .ops.winograd_kernel import load_error, load_kernel
-    built = load_kernel()
-    checks.append(Check('Winograd op built', built, 'loaded' if built else (
-        f'{load_error()}; Winograd convs fall back to torch ops')))
     return checks
 
 

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.checkpoint.convert import build_model_from_config
+from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, PackageRunner, load_backend, package_module
 from mmrepvgg.deploy.aoti import KERNEL_KEY, SHAPE_KEY, TORCH_KEY, read_package_metadata
 from mmrepvgg.ops import winograd_kernel
 from mmrepvgg.deploy.parity import runner_parity
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.ops.winograd import (WinogradConv2d, convert_to_winograd,
                                    winograd_unsupported_reason)
 from mmrepvgg.reparam import randomize_norm_stats
@@ -224,7 +225,7 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
 def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, asked, message):  # noqa: F811
     out = tmp_path / ('net.pt2' if asked.get('dynamic') or asked.get('winograd') == '5'
                       else 'net.onnx')
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(MMRepVGGError, match=message):
         _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, **asked)
     assert not osp.exists(out)
     _no_temporary_files(tmp_path)
@@ -233,7 +234,7 @@ def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, asked, message)
 def test_test_tool_refuses_a_package_without_export_metadata(
         seg, tmp_path, packages):  # noqa: F811
     _, _, made = packages
-    with pytest.raises(SystemExit, match='was not written by tools/export.py'):
+    with pytest.raises(MMRepVGGError, match='was not written by tools/export.py'):
         _test_tool(seg, SEG_CONFIG, made['direct']['path'], tmp_path / 'w', tmp_path / 'o',
                    SEG_MODEL, backend='aoti')
     shutil.rmtree(tmp_path / 'w', ignore_errors=True)

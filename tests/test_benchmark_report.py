@@ -1,6 +1,6 @@
-"""The comparison report of the benchmark (mmrepvgg.apis.benchmark_report, what
+"""The comparison report of the benchmark (mmrepvgg.benchmark.report, what
 tools/benchmark.py prints), on made-up timings (no model is run)."""
-from mmrepvgg.apis.benchmark_report import comparisons, format_comparisons
+from mmrepvgg.benchmark.report import comparisons, format_comparisons
 
 
 def _row(key, mode, ms, kind='backbone'):

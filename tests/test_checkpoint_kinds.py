@@ -4,7 +4,7 @@ Whole models (the runner's training checkpoint, its fused form as tools/convert.
 are exercised by tests/test_tools.py and tests/test_deploy.py; here the backbone release
 files (the official repository's, training and deploy form; mmpretrain's classifier;
 timm's) go to what tools/test.py, tools/convert.py, tools/export.py (--part backbone and
-model) and tools/quantize.py call (mmrepvgg.apis, mmrepvgg.checkpoint.convert). A tool
+model) and tools/quantize.py call (mmrepvgg.apis, mmrepvgg.convert). A tool
 that can use a backbone file computes with exactly its weights; one that needs a whole
 model says what the file holds and what it needs, in a few lines, without listing keys.
 """
@@ -17,8 +17,9 @@ import torch
 from mmrepvgg import RepVGG, apis, load_file, reparameterize
 from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.checkpoint import describe_checkpoint
-from mmrepvgg.checkpoint.convert import build_model_from_config
+from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import load_backend
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.numerics import flatten_outputs
 from mmrepvgg.reparam import format_report, randomize_norm_stats, rounding_errors
 from test_deploy import _export
@@ -101,9 +102,9 @@ def test_export_backbone_from_a_release_file(releases, seg, kind, tmp_path):
     assert errors['within'], errors
 
 
-def _refusal(call, error=SystemExit):
-    """The message ``call`` fails with: a tool's exit message (SystemExit), or for
-    mmrepvgg.checkpoint.convert the error tools/convert.py exits with."""
+def _refusal(call, error=MMRepVGGError):
+    """The message ``call`` fails with: the package's refusal (MMRepVGGError), or for
+    mmrepvgg.convert the error tools/convert.py exits with."""
     with pytest.raises(error) as err:
         call()
     return str(err.value)

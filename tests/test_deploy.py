@@ -16,9 +16,10 @@ from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.apis.deploy import export
-from mmrepvgg.checkpoint.convert import build_model_from_config
+from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, ExportFailure, export_module, load_backend
 from mmrepvgg.deploy.parts import attach_backend
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.reparam import randomize_norm_stats
 from test_tools import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL, _det_results,
                         _fingerprint, _run, _seg_maps, _test_tool, assert_same_detections,
@@ -161,7 +162,7 @@ def test_two_stage_detector_backends_match_deploy(det, tmp_path):
 
     # Without its RoI-head weights the file cannot be tested; the message says why.
     os.remove(report['torch_part'])
-    with pytest.raises(SystemExit, match='needs the weights of the part that runs in'):
+    with pytest.raises(MMRepVGGError, match='needs the weights of the part that runs in'):
         test('missing', out, backend='onnxruntime')
 
 
@@ -240,7 +241,7 @@ def test_parity_failure_writes_nothing(seg, tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_export, 'export_module', export_then_perturb)
     out = tmp_path / 'bad.onnx'
-    with pytest.raises(SystemExit, match='disagrees with the torch model'):
+    with pytest.raises(MMRepVGGError, match='disagrees with the torch model'):
         _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
     assert os.listdir(tmp_path) == []
 
@@ -281,17 +282,17 @@ def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
         return _test_tool(seg, config, path, tmp_path / 'w', tmp_path / 'o', model_args,
                           **kwargs)
 
-    with pytest.raises(SystemExit, match='is not an ONNX model'):
+    with pytest.raises(MMRepVGGError, match='is not an ONNX model'):
         test(SEG_CONFIG, seg.ckpt, SEG_MODEL, backend='onnxruntime')
-    with pytest.raises(SystemExit, match='holds a segmentor network; the config builds a '
+    with pytest.raises(MMRepVGGError, match='holds a segmentor network; the config builds a '
                                          'two_stage'):
         test(DET_CONFIG, psp, DET_MODEL, backend='onnxruntime')
-    with pytest.raises(SystemExit, match="does not match the config's model"):
+    with pytest.raises(MMRepVGGError, match="does not match the config's model"):
         test(SEG_CONFIG, psp, SEG_MODEL + ['model.decode_head.num_classes=7'],
              backend='openvino')
-    with pytest.raises(SystemExit, match='onnxruntime runs fp32, not'):
+    with pytest.raises(MMRepVGGError, match='onnxruntime runs fp32, not'):
         test(SEG_CONFIG, psp, SEG_MODEL, backend='onnxruntime', precision='bf16')
-    with pytest.raises(SystemExit, match='drop --deploy'):
+    with pytest.raises(MMRepVGGError, match='drop --deploy'):
         test(SEG_CONFIG, psp, SEG_MODEL, backend='onnxruntime', deploy=True)
     # OpenVINO says what it runs: bf16 only where the CPU has bfloat16 instructions.
     import openvino as ov
@@ -307,7 +308,7 @@ def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
     # An ONNX file of someone else's: no metadata saying what part it holds.
     foreign = tmp_path / 'foreign.onnx'
     export_module(nn.Conv2d(3, 19, 1), torch.zeros(1, 3, 128, 256), str(foreign))
-    with pytest.raises(SystemExit, match='was not written by tools/export.py'):
+    with pytest.raises(MMRepVGGError, match='was not written by tools/export.py'):
         test(SEG_CONFIG, foreign, SEG_MODEL, backend='onnxruntime')
 
 
@@ -321,7 +322,7 @@ def test_input_size_the_network_cannot_take_says_what_would(seg, tmp_path):
     ckpt = tmp_path / 'unet.pth'
     torch.save(dict(meta={}, state_dict=model.state_dict()), ckpt)
     out = tmp_path / 'unet.onnx'
-    with pytest.raises(SystemExit, match=r'cannot take a 1x3x60x60 input .*multiples of '
+    with pytest.raises(MMRepVGGError, match=r'cannot take a 1x3x60x60 input .*multiples of '
                                          r'the feature stride 32, e.g. --shape 64 64'):
         _run(export, seg.root, config, ckpt, out, shape=[60, 60])
     assert sorted(os.listdir(tmp_path)) == ['unet.pth']
@@ -331,8 +332,8 @@ def test_export_never_overwrites_the_checkpoint(seg, tmp_path):
     same = tmp_path / 'model.onnx'
     same.write_bytes(seg.ckpt.read_bytes())
     before = _fingerprint(same)
-    with pytest.raises(SystemExit, match='is the input checkpoint'):
+    with pytest.raises(MMRepVGGError, match='is the input checkpoint'):
         _export(seg, SEG_CONFIG, same, same, SEG_MODEL)
     assert _fingerprint(same) == before
-    with pytest.raises(SystemExit, match='must end with .onnx'):
+    with pytest.raises(MMRepVGGError, match='must end with .onnx'):
         _export(seg, SEG_CONFIG, seg.ckpt, tmp_path / 'model.pth', SEG_MODEL)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mmrepvgg.errors import MMRepVGGError
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
 A0 = ['model.backbone.arch=A0', 'model.decode_head.in_channels=1280',
@@ -120,7 +122,7 @@ def test_nccl_on_cpu_is_refused_with_a_hint():
         pytest.skip('only meaningful without CUDA')
     cfg = Config(dict(launcher='pytorch', env_cfg=dict(dist_cfg=dict(backend='nccl')),
                       model=dict(type='X')))
-    with pytest.raises(SystemExit, match='env_cfg.dist_cfg.backend=gloo'):
+    with pytest.raises(MMRepVGGError, match='env_cfg.dist_cfg.backend=gloo'):
         prepare_cpu_distributed(cfg)
     # Single-process runs are left alone.
     cfg = Config(dict(launcher='none', model=dict(norm_cfg=dict(type='SyncBN'))))
@@ -137,7 +139,7 @@ def test_mpi_launcher_takes_the_local_rank_from_mpirun(variable, monkeypatch):
     assert os.environ['LOCAL_RANK'] == '3'
     monkeypatch.delenv('LOCAL_RANK')
     monkeypatch.delenv(variable)
-    with pytest.raises(SystemExit, match='not started by mpirun'):
+    with pytest.raises(MMRepVGGError, match='not started by mpirun'):
         load_config(CONFIG, launcher='mpi', local_rank=0)
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from mmrepvgg import apis, env
+from mmrepvgg.ops.winograd_kernel import winograd_check
+from mmrepvgg.errors import MMRepVGGError
 from test_tools import SEG_CONFIG, SEG_MODEL, TRAIN, _run, run_tools
 
 
@@ -52,7 +54,7 @@ def test_gpus_not_allotted_to_this_process_are_said_so_not_blamed_on_the_driver(
         'permitted): no GPU is allotted to it (under slurm, ask for GPUs with --gres=gpu:N')
     assert reason.endswith('hide the GPUs (CUDA_VISIBLE_DEVICES= before the command)')
     assert 'driver' not in reason
-    assert _verdicts(env.environment_checks(None, winograd=False))['CUDA usable'] == \
+    assert _verdicts(env.environment_checks(None))['CUDA usable'] == \
         (False, reason)
 
 
@@ -89,8 +91,9 @@ def test_check_env_fails_where_cuda_is_requested_or_unusable(old_driver):
 
 def test_check_env_passes_on_a_cpu_machine(monkeypatch):
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')  # no GPU, whatever this machine has
-    checks = _verdicts(env.environment_checks(False))  # --device cpu
+    checks = _verdicts(env.environment_checks(False) + [winograd_check()])  # --device cpu
     assert all(ok for ok, _ in checks.values()), checks
+    assert 'Winograd op built' in checks
     assert 'CUDA usable' not in checks
     checks = _verdicts(env.environment_checks(True))  # --device cuda
     assert checks['CUDA usable'] == (False, 'CUDA_VISIBLE_DEVICES hides every GPU')
@@ -117,7 +120,7 @@ def test_check_env_tool_prints_the_environment_and_one_verdict_a_line(tmp_path):
 
 def test_training_refuses_to_fall_back_to_the_cpu(old_driver, mini_root, tmp_path):
     work = tmp_path / 'work'
-    with pytest.raises(SystemExit, match=r'cannot use it: it needs an NVIDIA driver >= '
+    with pytest.raises(MMRepVGGError, match=r'cannot use it: it needs an NVIDIA driver >= '
                                          r'580\.65\.06.*CUDA_VISIBLE_DEVICES='):
         _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
              options=TRAIN + SEG_MODEL)

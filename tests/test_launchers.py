@@ -150,7 +150,7 @@ def test_slurm_tasks_share_a_port_of_their_job_and_the_first_records(repo, tmp_p
     venv = str(root / '.venv' / 'bin' / 'python')
     assert [(c['tool'], c['env']['SLURM_PROCID']) for c in tasks] == [
         (venv, '0'), (venv, '0'), (venv, '1')]
-    assert tasks[0]['argv'] == ['-m', 'mmrepvgg.apis.preflight', '--record', str(record)]
+    assert tasks[0]['argv'] == ['-m', 'mmrepvgg.reproduce.preflight', '--record', str(record)]
     for task in tasks[1:]:
         assert task['argv'] == ['-u', str(root / 'tools' / 'train.py'), 'cfg.py',
                                 '--resume', '--launcher', 'slurm']
@@ -172,7 +172,7 @@ def test_slurm_record_failure_does_not_stop_the_training(repo, tmp_path):
     root, run = repo
     # a python whose record fails (e.g. the work dir not writable from the node)
     _executable(root / '.venv' / 'bin' / 'python', FAKE_PYTHON + (
-        "if sys.argv[1:3] == ['-m', 'mmrepvgg.apis.preflight']:\n    sys.exit(1)\n"))
+        "if sys.argv[1:3] == ['-m', 'mmrepvgg.reproduce.preflight']:\n    sys.exit(1)\n"))
     proc, calls = run('slurm_train.sh', 'gpu', 'job', 'cfg.py', GPUS='1',
                       RECORD_ENV=str(tmp_path / 'nowhere' / 'environment.json'))
     assert proc.returncode == 0

@@ -20,6 +20,7 @@ from mmrepvgg.apis.config import load_config
 from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.deploy import load_backend
 from mmrepvgg.deploy.quantize import calibration_inputs, sqnr_db
+from mmrepvgg.errors import MMRepVGGError
 from test_deploy import _export, _no_temporary_files, _plain_graph
 from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN, _convert, _cwd,
                         _log_text, _options, _run, _seg_maps, _test_tool,
@@ -162,7 +163,7 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     out = tmp_path / 'int8.onnx'
 
     def refused(model, model_args=QA_MODEL, **kwargs):
-        with pytest.raises(SystemExit) as err:
+        with pytest.raises(MMRepVGGError) as err:
             _quantize(qa_seg, model, out, model_args, **kwargs)
         assert not out.exists()
         _no_temporary_files(tmp_path)
@@ -191,10 +192,10 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     junk = tmp_path / 'junk.onnx'
     junk.write_bytes(b'not a model')
     assert 'is not an ONNX model' in refused(junk, calib=1)
-    with pytest.raises(SystemExit, match='OUTPUT is the input file'):
+    with pytest.raises(MMRepVGGError, match='OUTPUT is the input file'):
         _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, mini=True, calib=1,
              options=QA_MODEL)
-    with pytest.raises(SystemExit, match='must end with .onnx'):
+    with pytest.raises(MMRepVGGError, match='must end with .onnx'):
         _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth', mini=True,
              calib=1, options=QA_MODEL)
     assert not (tmp_path / 'int8.pth').exists()
@@ -219,7 +220,7 @@ def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # n
 
 
 def test_quantization_report_scores_every_form(qa_seg, tmp_path):
-    from mmrepvgg.apis.quantization_report import quantization_study
+    from mmrepvgg.benchmark.quantization_report import quantization_study
     with _cwd(qa_seg.root):  # what tools/quantization_report.py runs
         results = quantization_study(SEG_CONFIG, str(qa_seg.ckpt), str(tmp_path), calib=2,
                                      methods=['minmax'], sqnr_images=2, mini=True,

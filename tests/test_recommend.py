@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from mmrepvgg.apis.benchmark import Candidate, Progress, benchmark_interleaved
-from mmrepvgg.apis.recommend import cpu_class, format_recommendation, recommend
+from mmrepvgg.benchmark.timing import Candidate, Progress, benchmark_interleaved
+from mmrepvgg.benchmark.recommend import cpu_class, format_recommendation, recommend
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.reparam import rounding_bound
 from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _cwd, _options
 
@@ -149,12 +150,12 @@ def test_one_at_a_time_sets_up_each_candidate_after_the_last_is_released():
 
 
 def test_metric_without_the_test_data_names_it_and_suggests_mini(tmp_path):
-    with _cwd(tmp_path), pytest.raises(SystemExit) as error:
+    with _cwd(tmp_path), pytest.raises(MMRepVGGError) as error:
         recommend(SEG_CONFIG, 'trained.pth', metric=True)
     message = str(error.value)
     assert 'data/cityscapes/' in message and 'leftImg8bit/val' in message
     assert message.endswith('or score on the bundled mini data with --mini')
-    with pytest.raises(SystemExit, match='give CHECKPOINT'):
+    with pytest.raises(MMRepVGGError, match='give CHECKPOINT'):
         recommend(SEG_CONFIG, metric=True)
 
 
@@ -173,7 +174,7 @@ def test_max_drop_default_follows_metric_and_recommend_options_need_recommend():
                        '--time-limit', '5'])
     assert args.metric and args.max_drop is None and args.time_limit == 5
     for wrong in (['--metric'], ['--mini'], ['--max-drop', '0.1']):
-        with pytest.raises(SystemExit):
+        with pytest.raises(MMRepVGGError):
             parse_args(['--archs', 'A0', *wrong])
-    with pytest.raises(SystemExit):
+    with pytest.raises(MMRepVGGError):
         parse_args(['--recommend', SEG_CONFIG, '--time-limit', '0'])

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mmrepvgg.apis.reproduce import ReproduceOptions, reproduce
-from mmrepvgg.apis.reproduce_plan import Plan
-from mmrepvgg.apis.results import write_results
+from mmrepvgg.errors import MMRepVGGError
+from mmrepvgg.reproduce.run import ReproduceOptions, reproduce
+from mmrepvgg.reproduce.plan import Plan
+from mmrepvgg.reproduce.results import write_results
 from mmrepvgg.fileio import sha256_file
 from test_tools import (DET_CONFIG, DET_MODEL, MAX_FLIPPED_PIXELS, ROOT, SEG_CONFIG,
                         SEG_MODEL, TEST, TRAIN)
@@ -148,7 +149,7 @@ def _run(configs, tmp_path, **kwargs):
     try:
         failed = reproduce(configs, ReproduceOptions(work_dir=str(tmp_path / 'w'), **kwargs),
                            say=lines.append)
-    except SystemExit as exit_:
+    except MMRepVGGError as exit_:
         return '\n'.join(lines), exit_
     finally:
         os.chdir(cwd)
@@ -157,7 +158,7 @@ def _run(configs, tmp_path, **kwargs):
 
 def test_missing_data_is_named_with_the_command_that_prepares_it(tmp_path):
     out, exit_ = _run([SEG_CONFIG, DET_CONFIG], tmp_path, steps=['test'])
-    assert isinstance(exit_, SystemExit) and 'nothing was run' in str(exit_)
+    assert isinstance(exit_, MMRepVGGError) and 'nothing was run' in str(exit_)
     assert 'CityscapesDataset data missing: data/cityscapes/leftImg8bit/val/' in out
     assert 'dataset_converters/cityscapes.py" data/cityscapes' in out
     assert 'CocoDataset data missing: data/coco/annotations/instances_val2017.json' in out
@@ -194,7 +195,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
 
 def test_another_batch_split_needs_scale_lr(tmp_path):
     options = ReproduceOptions(work_dir=str(tmp_path), gpus=4)
-    with pytest.raises(SystemExit, match=r'batch of 16 \(8 GPUs x 2 images\).*--scale-lr'):
+    with pytest.raises(MMRepVGGError, match=r'batch of 16 \(8 GPUs x 2 images\).*--scale-lr'):
         Plan(SEG_CONFIG, None, options)
     plan = Plan(SEG_CONFIG, None, ReproduceOptions(work_dir=str(tmp_path), gpus=4,
                                                    scale_lr=True))
@@ -244,7 +245,7 @@ import json, os
 if os.environ.get('FAKE_CHECKS'):
     import mmrepvgg.env as env
 
-    def environment_checks(want_cuda=None, winograd=True):
+    def environment_checks(want_cuda=None):
         with open(os.environ['FAKE_CHECKS_LOG'], 'a') as f:
             f.write(json.dumps(want_cuda) + '\\n')
         return [env.Check(*c) for c in json.loads(os.environ['FAKE_CHECKS'])]
@@ -293,7 +294,7 @@ def test_a_cpu_only_mmcv_stops_the_suite_before_its_first_experiment(
     with the detector's ops) and stops everything, not RetinaNet's first NMS."""
     fake_checks.set([CUDA_OK, NCCL_OK, *CPU_ONLY_MMCV])
     out, exit_ = _run([SEG_CONFIG, RETINANET], tmp_path, steps=['speed'])
-    assert isinstance(exit_, SystemExit) and 'nothing was run' in str(exit_), out
+    assert isinstance(exit_, MMRepVGGError) and 'nothing was run' in str(exit_), out
     assert fake_checks.asked() == [True]
     assert ('check failed: mmcv ops built for CUDA: no (CPU ops only; detectors need NMS '
             'and RoIAlign on the GPU') in out
@@ -311,14 +312,14 @@ def test_segmentation_alone_needs_no_mmcv_cuda_ops(tmp_path, fake_checks, gpu_ma
     fake_checks.set([('CUDA usable', False, 'this machine has an NVIDIA GPU, but torch '
                       'cannot use it: it needs an NVIDIA driver >= 580.65.06')])
     out, exit_ = _run([SEG_CONFIG], tmp_path, steps=['speed'])
-    assert isinstance(exit_, SystemExit), out
+    assert isinstance(exit_, MMRepVGGError), out
     assert 'check failed: CUDA usable: this machine has an NVIDIA GPU' in out
 
 
 def test_check_tool_prints_verdicts_and_this_machines_facts(monkeypatch, capsys, tmp_path):
     from mmrepvgg import env
-    from mmrepvgg.apis import preflight
-    monkeypatch.setattr(env, 'environment_checks', lambda want_cuda=None, winograd=True: [
+    from mmrepvgg.reproduce import preflight
+    monkeypatch.setattr(env, 'environment_checks', lambda want_cuda=None: [
         env.Check(*c) for c in [CUDA_OK, *CPU_ONLY_MMCV]])
     monkeypatch.setenv('SLURMD_NODENAME', 'gpu-node-7')  # as slurm sets it in a task
     monkeypatch.setenv('SLURM_JOB_ID', '4242')
@@ -367,14 +368,14 @@ def test_under_slurm_the_check_runs_on_a_node_before_anything(tmp_path, fake_che
     fake_checks.set([CUDA_OK, NCCL_OK, *CPU_ONLY_MMCV])
     out, exit_ = _run([SEG_CONFIG, RETINANET], tmp_path, steps=['speed'], launcher='slurm',
                       partition='gpu', gpus=8)
-    assert isinstance(exit_, SystemExit), out
+    assert isinstance(exit_, MMRepVGGError), out
     assert 'checking the environment on a node of partition gpu' in out
     assert 'check failed: on gpu-node-7: mmcv ops built for CUDA: no (CPU ops only' in out
     (srun,) = _calls(tmp_path / 'srun.jsonl')  # the check, and nothing after it
     assert srun['options'] == {'-p': 'gpu', '--job-name': 'mmrepvgg-check',
                                '--gres': 'gpu:1', '--ntasks': '1',
                                '--kill-on-bad-exit': '1', '--account': 'vision'}
-    assert srun['command'][1:] == ['-m', 'mmrepvgg.apis.preflight', '--check', '--device',
+    assert srun['command'][1:] == ['-m', 'mmrepvgg.reproduce.preflight', '--check', '--device',
                                    'cuda', '--detection']
     assert fake_checks.asked() == [True]
 
@@ -383,7 +384,7 @@ def test_under_slurm_the_check_runs_on_a_node_before_anything(tmp_path, fake_che
                        f'{os.environ["PATH"]}')
     out, exit_ = _run([SEG_CONFIG], tmp_path, steps=['speed'], launcher='slurm',
                       partition='gpu', gpus=8)
-    assert isinstance(exit_, SystemExit), out
+    assert isinstance(exit_, MMRepVGGError), out
     assert ('check failed: the environment check did not run on a node of partition gpu '
             '(exit 1): srun: error: invalid partition specified: gpu') in out
 
@@ -411,7 +412,7 @@ def test_slurm_training_records_the_node_that_trained(mini_root, tmp_path, monke
     the training go through srun, the real launch scripts give both tasks the job's port,
     the first task records its node, and result.json holds that node's facts, not this
     machine's."""
-    from mmrepvgg.apis import reproduce_plan
+    from mmrepvgg.reproduce import plan as reproduce_plan
     tools = tmp_path / 'tools'
     tools.mkdir()
     for name in ('slurm_run.sh', 'slurm_train.sh'):

@@ -23,6 +23,7 @@ from mmengine.registry import HOOKS
 from mmrepvgg import apis  # importing mmrepvgg first, as tools/test.py and train.py do
 from mmrepvgg.apis.config import apply_amp, apply_mini
 from mmrepvgg.engine.optim_wrapper import CPUAmpOptimWrapper
+from mmrepvgg.errors import MMRepVGGError
 # the mini PSPNet settings and the in-process runner of the tools' own tests
 from test_tools import (DET_CONFIG, SEG_CONFIG, SEG_MODEL, TEST, TRAIN, _cwd, _fingerprint,
                         _log_text, _run)
@@ -225,7 +226,7 @@ def test_amp_config_preparation_on_cpu_and_cuda(monkeypatch):
              'AmpOptimWrapper'),
             ('cpu', dict(kept, dtype='float16'), "dtype='float16'"),
             ('cpu', dict(type='NoSuchWrapper', optimizer=sgd), "not 'NoSuchWrapper'")]:
-        with pytest.raises(SystemExit, match=expected):
+        with pytest.raises(MMRepVGGError, match=expected):
             prepared(device, optim)
-    with pytest.raises(SystemExit, match='this machine runs on mps'):
+    with pytest.raises(MMRepVGGError, match='this machine runs on mps'):
         prepared('mps', dict(optimizer=sgd))

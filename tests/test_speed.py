@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from mmrepvgg import RepVGG, reparameterize
-from mmrepvgg.apis import benchmark_models
-from mmrepvgg.apis.benchmark import (Candidate, benchmark_interleaved, count_conv_flops,
+from mmrepvgg.benchmark import models as benchmark_models
+from mmrepvgg.benchmark.timing import (Candidate, benchmark_interleaved, count_conv_flops,
                                      peak_memory, summarize)
-from mmrepvgg.apis.benchmark_models import prepare_specs, repvgg_specs
-from mmrepvgg.apis.benchmark_report import format_report
-from mmrepvgg.apis.benchmark_run import (BenchmarkOptions, make_candidates,
+from mmrepvgg.benchmark.models import prepare_specs, repvgg_specs
+from mmrepvgg.benchmark.report import format_report
+from mmrepvgg.benchmark.run import (BenchmarkOptions, make_candidates,
                                          openvino_bf16_note, run_benchmark)
 from mmrepvgg.numerics import fp32_math, output_error
 from mmrepvgg.ops.inference import MODES, optimize_for_inference

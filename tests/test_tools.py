@@ -1,5 +1,5 @@
 """mmrepvgg.apis.train and test (tools/train.py, tools/test.py, --deploy) and
-mmrepvgg.checkpoint.convert (tools/convert.py) on the mini datasets.
+mmrepvgg.convert (tools/convert.py) on the mini datasets.
 
 Everything runs in-process at RepVGG-A0 size (1 training iteration, 2 val images), with
 the session's mini data folder as the working directory, as `--mini` expects; the tools
@@ -26,7 +26,8 @@ from mmengine.config import Config, DictAction
 from PIL import Image
 
 from mmrepvgg import apis, load_file
-from mmrepvgg.checkpoint.convert import build_model_from_config, convert_release, fuse_checkpoint
+from mmrepvgg.convert import build_model_from_config, convert_release, fuse_checkpoint
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.models import RepVGG
 from mmrepvgg.reparam import (assert_fusion_exact, format_report, fusion_errors,
                               reparameterize)
@@ -487,7 +488,7 @@ def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
             with monkeypatch.context() as patch:
                 patch.setattr(mmengine.device, 'get_device', lambda: device)
                 train(amp=True)
-                with pytest.raises(SystemExit, match="not 'ApexOptimWrapper'"):
+                with pytest.raises(MMRepVGGError, match="not 'ApexOptimWrapper'"):
                     train('optim_wrapper.type=ApexOptimWrapper', amp=True)
         train()
         train(resume='auto')
@@ -553,7 +554,7 @@ def _assert_untouched(work):
 def test_test_missing_and_corrupt_checkpoints(seg, tmp_path):
     work = tmp_path / 'work'
     missing = tmp_path / 'missing.pth'
-    with pytest.raises(SystemExit, match='not found'):
+    with pytest.raises(MMRepVGGError, match='not found'):
         _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work, deploy=True,
              options=SEG_MODEL)
     _assert_untouched(work)
@@ -563,7 +564,7 @@ def test_test_missing_and_corrupt_checkpoints(seg, tmp_path):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     before = _fingerprint(corrupt)
     for deploy in (False, True):
-        with pytest.raises(SystemExit, match='not a valid PyTorch checkpoint'):
+        with pytest.raises(MMRepVGGError, match='not a valid PyTorch checkpoint'):
             _run(apis.test, seg.root, SEG_CONFIG, corrupt, mini=True, work_dir=work,
                  deploy=deploy, options=SEG_MODEL)
         _assert_untouched(work)
@@ -589,7 +590,7 @@ def test_convert_missing_and_corrupt_checkpoints(seg, tmp_path):
 def test_deploy_checkpoint_without_deploy_flag_is_refused(seg, tmp_path):
     work = tmp_path / 'work'
     before = _fingerprint(seg.fused)
-    with pytest.raises(SystemExit) as err:
+    with pytest.raises(MMRepVGGError) as err:
         _run(apis.test, seg.root, SEG_CONFIG, seg.fused, mini=True, work_dir=work,
              options=TEST + SEG_MODEL)
     assert '--deploy' in str(err.value.code)

@@ -1,7 +1,7 @@
 """Checkpoints given as URLs, served by a loopback HTTP server the tests start.
 
 What tools/test.py (with and without --deploy), tools/convert.py (fuse and --release),
-tools/train.py --resume (mmrepvgg.apis, mmrepvgg.checkpoint.convert) and the backbone's
+tools/train.py --resume (mmrepvgg.apis, mmrepvgg.convert) and the backbone's
 Pretrained init run each take a URL, download it
 once (the server counts the GET requests) and read it with weights_only loading; a
 missing URL or an unsupported scheme is a clear error. Every test points TORCH_HOME
@@ -32,6 +32,7 @@ from mmrepvgg.apis.config import apply_mini
 from mmrepvgg.apis.deploy import export
 from mmrepvgg.checkpoint import imagenet_checkpoint
 from mmrepvgg.checkpoint.fetch import CheckpointDownloadError, load_file
+from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.models import RepVGG
 from mmrepvgg.reparam import format_report
 from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_model
@@ -188,7 +189,7 @@ def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path)
     with pytest.raises(ValueError, match=r'refusing to load .*evil\.pth.*fractions\.Fraction'):
         load_file(url)
     work = tmp_path / 'work'
-    with pytest.raises(SystemExit, match='refusing to load'):
+    with pytest.raises(MMRepVGGError, match='refusing to load'):
         _run(apis.test, seg.root, SEG_CONFIG, url, mini=True, work_dir=work, options=SEG_MODEL)
     assert not work.exists()
 
@@ -264,7 +265,7 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
     missing = server.url('missing/iter_4.pth')
     work = tmp_path / 'work'
     for deploy in (False, True):
-        with pytest.raises(SystemExit) as err:
+        with pytest.raises(MMRepVGGError) as err:
             _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
                  deploy=deploy, options=SEG_MODEL)
         message = str(err.value.code)
@@ -276,7 +277,7 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
         _convert(seg.root, SEG_CONFIG, missing, tmp_path / 'out.pth', SEG_MODEL)
     with pytest.raises(CheckpointDownloadError, match='HTTP 404'):
         _convert_release(seg.root, missing, tmp_path / 'out.pth')
-    with pytest.raises(SystemExit, match='HTTP 404'):
+    with pytest.raises(MMRepVGGError, match='HTTP 404'):
         _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=missing,
              options=SEG_MODEL)
 
@@ -289,7 +290,7 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
 
     for bad, expected in [('ftp://127.0.0.1/iter_1.pth', 'unsupported checkpoint location'),
                           ('open-mmlab://no_such_model', 'unknown model name')]:
-        with pytest.raises(SystemExit, match=expected) as err:
+        with pytest.raises(MMRepVGGError, match=expected) as err:
             _run(apis.test, seg.root, SEG_CONFIG, bad, mini=True, work_dir=work,
                  options=SEG_MODEL)
         assert bad in str(err.value.code)

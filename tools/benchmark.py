@@ -34,13 +34,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from mmengine.config import DictAction
 
-from mmrepvgg.apis.benchmark import log
-from mmrepvgg.apis.benchmark_models import BACKEND_MODES, RESNET_DEPTHS
-from mmrepvgg.apis.benchmark_plot import write_plot
-from mmrepvgg.apis.benchmark_report import format_report, write_json
-from mmrepvgg.apis.benchmark_run import BenchmarkOptions, run_benchmark
-from mmrepvgg.apis.recommend import (DEFAULT_MAX_DROP, DEFAULT_METRIC_DROP, DEFAULT_TIME_LIMIT,
+from mmrepvgg.benchmark.timing import log
+from mmrepvgg.benchmark.models import BACKEND_MODES, RESNET_DEPTHS
+from mmrepvgg.benchmark.plot import write_plot
+from mmrepvgg.benchmark.report import format_report, write_json
+from mmrepvgg.benchmark.run import BenchmarkOptions, run_benchmark
+from mmrepvgg.benchmark.recommend import (DEFAULT_MAX_DROP, DEFAULT_METRIC_DROP, DEFAULT_TIME_LIMIT,
                                      format_recommendation, recommend)
+from mmrepvgg.errors import run_command
 from mmrepvgg.models import ARCH_SETTINGS
 from mmrepvgg.numerics import PRECISIONS
 from mmrepvgg.ops.inference import AUTO_MODE, MODES, resolve_device
@@ -242,4 +243,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

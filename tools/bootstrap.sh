@@ -195,7 +195,7 @@ PY
   "$VENV/bin/python" - <<'PY'
 import sys
 from mmrepvgg.env import environment_checks
-checks = environment_checks(winograd=False)  # the Winograd op was reported above
+checks = environment_checks()  # the Winograd op was reported above
 for check in checks:
     print(f"[bootstrap] {'ok' if check.ok else 'FAILED'}: {check.name}: {check.detail}")
 sys.exit(0 if all(check.ok for check in checks) else 1)

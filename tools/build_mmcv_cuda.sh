@@ -87,7 +87,7 @@ import sys
 import mmcv
 from mmrepvgg.env import environment_checks
 print(f'[build_mmcv_cuda] loaded {mmcv.__file__}')
-checks = environment_checks(want_cuda=False, winograd=False)  # no GPU needed here
+checks = environment_checks(want_cuda=False)  # no GPU needed here
 for check in checks:
     print(f"[build_mmcv_cuda] {'ok' if check.ok else 'FAILED'}: {check.name}: {check.detail}")
 sys.exit(0 if all(check.ok for check in checks) else 1)

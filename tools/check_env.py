@@ -8,11 +8,12 @@ NCCL; the number of GPUs; the Winograd op). Exits 1 if a check fails. --device c
 requires a usable GPU; auto (default) checks one where the machine has one.
 """
 import argparse
-import sys
 
 from mmengine.utils.dl_utils import collect_env
 
 from mmrepvgg.env import environment_checks
+from mmrepvgg.errors import run_command
+from mmrepvgg.ops.winograd_kernel import winograd_check
 
 
 def main(argv=None):
@@ -25,6 +26,7 @@ def main(argv=None):
         print(f'{key}: {value}')
     print()
     checks = environment_checks({'auto': None, 'cuda': True, 'cpu': False}[args.device])
+    checks.append(winograd_check())
     width = max(len(c.name) for c in checks)
     for check in checks:
         print(f'{"[ok]" if check.ok else "[FAILED]":<8} {check.name:<{width}}  {check.detail}')
@@ -35,4 +37,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_command(main)

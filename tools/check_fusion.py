@@ -23,6 +23,7 @@ import sys
 import torch
 
 from mmrepvgg import RepVGG
+from mmrepvgg.errors import run_command
 from mmrepvgg.models import ARCH_SETTINGS, BLOCKS
 from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact,
                               count_parameters, fusion_errors, randomize_norm_stats)
@@ -70,4 +71,4 @@ def check(arch, block, probe, seed):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_command(main)

@@ -49,6 +49,7 @@ from torch import nn
 
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.env import cpu_info
+from mmrepvgg.errors import run_command
 from mmrepvgg.numerics import flatten_outputs, fp32_math, output_error
 from mmrepvgg.ops.winograd import (TILES, WinogradConv2d, allowed_tiles, convert_to_winograd,
                                    error_growth, worst_case_error)
@@ -207,4 +208,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_command(main)

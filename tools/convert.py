@@ -10,7 +10,8 @@ import argparse
 
 from mmengine.config import DictAction
 
-from mmrepvgg.checkpoint.convert import convert_release, fuse_checkpoint
+from mmrepvgg.convert import convert_release, fuse_checkpoint
+from mmrepvgg.errors import run_command
 from mmrepvgg.reparam import format_report
 
 
@@ -50,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

@@ -145,7 +145,7 @@ def main(argv=None):
     from mmengine.runner import set_random_seed
 
     from mmrepvgg.apis import train
-    from mmrepvgg.checkpoint.convert import build_model_from_config
+    from mmrepvgg.convert import build_model_from_config
     from mmrepvgg.fileio import save_atomic
     from mmrepvgg.testing import make_cityscapes
     register_runner()

@@ -24,6 +24,7 @@ from mmengine.config import DictAction
 
 from mmrepvgg.apis.deploy import export
 from mmrepvgg.deploy import DEFAULT_OPSET, FORMATS, PARTS
+from mmrepvgg.errors import run_command
 from mmrepvgg.ops.winograd import MIN_CHANNELS_PER_GROUP, TILES
 from mmrepvgg.reparam import format_report
 
@@ -110,4 +111,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

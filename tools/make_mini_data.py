@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from mmrepvgg.errors import run_command
 from mmrepvgg.testing.mini_data import (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, DEFAULT_SIZES,
                                         OutDirNotEmpty, make_cityscapes, make_coco)
 
@@ -44,4 +45,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_command(main)

@@ -21,8 +21,9 @@ import json
 
 from mmengine.config import DictAction
 
-from mmrepvgg.apis.quantization_report import quantization_study
+from mmrepvgg.benchmark.quantization_report import quantization_study
 from mmrepvgg.deploy.quantize import METHODS
+from mmrepvgg.errors import run_command
 from mmrepvgg.fileio import write_text_atomic
 
 
@@ -78,4 +79,4 @@ def print_report(results: dict) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

@@ -22,6 +22,7 @@ from mmengine.config import DictAction
 from mmrepvgg.apis.deploy import DEFAULT_CALIB, quantize
 from mmrepvgg.deploy import PARTS
 from mmrepvgg.deploy.quantize import METHODS
+from mmrepvgg.errors import run_command
 
 
 def parse_args(argv=None):
@@ -75,4 +76,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

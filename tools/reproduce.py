@@ -17,11 +17,11 @@ machine that trained it: the same command again skips what is done and resumes a
 interrupted training. W/results.md and W/results.json are rewritten after every step.
 """
 import argparse
-import sys
 import warnings
 
-from mmrepvgg.apis.experiments import DEFAULT_TOLERANCE, SUITES, suite_configs
-from mmrepvgg.apis.reproduce import STEPS, ReproduceOptions, reproduce
+from mmrepvgg.errors import run_command
+from mmrepvgg.reproduce.experiments import DEFAULT_TOLERANCE, SUITES, suite_configs
+from mmrepvgg.reproduce.run import STEPS, ReproduceOptions, reproduce
 
 
 def _csv(kind, valid=None):
@@ -94,4 +94,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    run_command(main)

@@ -33,7 +33,7 @@ if [ -z "${MASTER_PORT:-}" ] && [ -n "${SLURM_JOB_ID:-}" ]; then
     export MASTER_PORT=$(( 10000 + (SLURM_JOB_ID % 2000) * 10 + ${SLURM_STEP_ID:-0} % 10 ))
 fi
 if [ -n "${RECORD_ENV:-}" ] && [ "${SLURM_PROCID:-0}" = 0 ]; then
-    "$1" -m mmrepvgg.apis.preflight --record "$RECORD_ENV" ||
+    "$1" -m mmrepvgg.reproduce.preflight --record "$RECORD_ENV" ||
         echo "slurm_run.sh: could not write this node'"'"'s environment to $RECORD_ENV" >&2
 fi
 exec "$@"'

@@ -7,6 +7,7 @@ import argparse
 from mmrepvgg.apis import test
 from mmrepvgg.apis.config import add_runner_args
 from mmrepvgg.deploy.backends import BACKENDS
+from mmrepvgg.errors import run_command
 from mmrepvgg.ops.inference import MODES
 
 
@@ -51,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

@@ -3,6 +3,7 @@ import argparse
 
 from mmrepvgg.apis import train
 from mmrepvgg.apis.config import add_runner_args
+from mmrepvgg.errors import run_command
 
 
 def parse_args(argv=None):
@@ -26,4 +27,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    run_command(main)

@@ -8,6 +8,7 @@ from typing import List, Optional
 from mmengine.config import Config, DictAction
 
 from ..checkpoint.layouts import CheckpointInfo, whole_model_needed
+from ..errors import InputError, UsageError
 
 LAUNCHERS = ['none', 'pytorch', 'slurm', 'mpi']
 # --mini merges one of these (mmrepvgg/testing/configs/) over the config.
@@ -43,7 +44,7 @@ def mpi_local_rank() -> int:
     for name in MPI_LOCAL_RANK_VARIABLES:
         if name in os.environ:
             return int(os.environ[name])
-    raise SystemExit('--launcher mpi: this process was not started by mpirun (none of '
+    raise UsageError('--launcher mpi: this process was not started by mpirun (none of '
                      f'{", ".join(MPI_LOCAL_RANK_VARIABLES)} is set)')
 
 
@@ -53,9 +54,9 @@ def load_config(config: str, work_dir: Optional[str] = None,
     """``config`` read, with ``mini``'s data merged over it, then ``cfg_options``; the
     launcher and work dir set (work dir: argument > config > ./work_dirs/<config name>)."""
     if not osp.isfile(config):
-        raise SystemExit(f'config file not found: {config}')
+        raise InputError(f'config file not found: {config}')
     if launcher not in LAUNCHERS:
-        raise SystemExit(f'unknown launcher {launcher!r}; valid: {", ".join(LAUNCHERS)}')
+        raise UsageError(f'unknown launcher {launcher!r}; valid: {", ".join(LAUNCHERS)}')
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(mpi_local_rank() if launcher == 'mpi' else local_rank)
     cfg = Config.fromfile(config)
@@ -75,7 +76,7 @@ def apply_mini(cfg: Config) -> Config:
     """Merge the synthetic mini dataset of the config's task over it, at CPU size."""
     name = MINI_CONFIGS.get(scope_of(cfg))
     if name is None:
-        raise SystemExit(f'--mini supports mmseg and mmdet configs, not scope '
+        raise UsageError(f'--mini supports mmseg and mmdet configs, not scope '
                          f'{scope_of(cfg)!r}')
     cfg.merge_from_dict(Config.fromfile(osp.join(MINI_DIR, name)).to_dict())
     return cfg
@@ -120,11 +121,11 @@ def apply_amp(cfg: Config) -> Config:
     elif device in AMP_DEVICES:
         amp_name, amp_cls = 'AmpOptimWrapper', AmpOptimWrapper
     else:
-        raise SystemExit(f'--amp trains in float16 on {", ".join(AMP_DEVICES)} or in '
+        raise UsageError(f'--amp trains in float16 on {", ".join(AMP_DEVICES)} or in '
                          f'bfloat16 on cpu; this machine runs on {device}')
     optim = cfg.get('optim_wrapper')
     if optim is None:
-        raise SystemExit('--amp needs an optim_wrapper in the config')
+        raise UsageError('--amp needs an optim_wrapper in the config')
     kind = optim.get('type', 'OptimWrapper')
     # 'OptimWrapper', 'mmengine.OptimWrapper' or the class itself, as the builder reads it
     cls = OPTIM_WRAPPERS.get(kind) if isinstance(kind, str) else kind
@@ -135,13 +136,13 @@ def apply_amp(cfg: Config) -> Config:
     if device == 'cpu' and cls is AmpOptimWrapper:
         dtype = optim.pop('dtype', None)
         if dtype not in (None, 'bfloat16', torch.bfloat16):
-            raise SystemExit(f'--amp on cpu trains in bfloat16; the config\'s '
+            raise UsageError(f'--amp on cpu trains in bfloat16; the config\'s '
                              f'AmpOptimWrapper asks for dtype={dtype!r}')
         optim.pop('loss_scale', None)
     elif cls is not OptimWrapper:  # exact: Apex and other subclasses are not converted
         name = kind if isinstance(kind, str) else getattr(kind, '__name__', repr(kind))
         converted = 'OptimWrapper or AmpOptimWrapper' if device == 'cpu' else 'OptimWrapper'
-        raise SystemExit(f'--amp on {device} needs an optim_wrapper of type {converted} '
+        raise UsageError(f'--amp on {device} needs an optim_wrapper of type {converted} '
                          f'(made {amp_name}) or {amp_name}, not {name!r}')
     optim.type = amp_name
     if amp_cls is AmpOptimWrapper:
@@ -164,7 +165,7 @@ def apply_test_args(cfg: Config, out: Optional[str] = None, show: bool = False,
     scope = scope_of(cfg)
     if show or show_dir:
         if cfg.default_hooks.get('visualization') is None:
-            raise SystemExit('--show/--show-dir need default_hooks.visualization in the config')
+            raise UsageError('--show/--show-dir need default_hooks.visualization in the config')
         if scope == 'mmdet':  # mmdet ships the helper its tools/test.py uses
             from mmdet.engine.hooks.utils import trigger_visualization_hook
             trigger_visualization_hook(cfg, argparse.Namespace(
@@ -185,7 +186,7 @@ def apply_test_args(cfg: Config, out: Optional[str] = None, show: bool = False,
         elif scope == 'mmseg':
             cfg.test_evaluator.output_dir, cfg.test_evaluator.keep_results = out, True
         else:
-            raise SystemExit(f'--out is supported for mmdet and mmseg configs, not {scope!r}')
+            raise UsageError(f'--out is supported for mmdet and mmseg configs, not {scope!r}')
     return cfg
 
 
@@ -206,10 +207,10 @@ def apply_deploy(cfg: Config, checkpoint: str, info: CheckpointInfo, deploy: boo
     """Build the model to match the form of ``checkpoint`` (``info`` says what it holds),
     and fuse at test time if asked."""
     if info.holds == 'backbone':
-        raise SystemExit(f'error: {whole_model_needed(checkpoint, info, "testing")}')
+        raise InputError(f'error: {whole_model_needed(checkpoint, info, "testing")}')
     fused = info.deploy
     if fused and not deploy:
-        raise SystemExit(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
+        raise InputError(f'{checkpoint} holds a fused (deploy) RepVGG model; test it with '
                          '--deploy, or give a training checkpoint')
     if not deploy:
         return cfg

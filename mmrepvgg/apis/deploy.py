@@ -8,6 +8,7 @@ from typing import Optional, Sequence, Union
 from ..deploy.export import FORMATS, config_input_shape, export_model
 from ..deploy.onnx_export import DEFAULT_OPSET, ExportFailure
 from ..deploy.quantize import calibration_inputs, quantize_onnx
+from ..errors import InputError, UsageError
 from ..ops.winograd import TILES
 from .config import load_config, scope_of
 
@@ -22,7 +23,7 @@ def winograd_tile(value: Optional[str]) -> Union[None, str, int]:
     if value is None or value == 'auto':
         return value
     if not str(value).isdigit() or int(value) not in TILES:
-        raise SystemExit(f'--winograd takes a tile of {", ".join(map(str, TILES))} or '
+        raise UsageError(f'--winograd takes a tile of {", ".join(map(str, TILES))} or '
                          f'auto, got {value!r}')
     return int(value)
 
@@ -30,7 +31,7 @@ def winograd_tile(value: Optional[str]) -> Union[None, str, int]:
 def _input_shape(cfg, shape: Optional[Sequence[int]]) -> Sequence[int]:
     shape = shape or config_input_shape(cfg)
     if shape is None:
-        raise SystemExit('the config\'s test pipeline gives no image size: pass --shape H W')
+        raise UsageError('the config\'s test pipeline gives no image size: pass --shape H W')
     return shape
 
 
@@ -43,14 +44,14 @@ def export(config: str, checkpoint: str, output: str, format: str = 'onnx',
     with ``shape`` the input size used."""
     suffix = FORMATS[format]
     if not output.endswith(suffix):
-        raise SystemExit(f'OUTPUT of --format {format} must end with {suffix}, got {output}')
+        raise UsageError(f'OUTPUT of --format {format} must end with {suffix}, got {output}')
     tile = winograd_tile(winograd)
     shape = _input_shape(load_config(config, cfg_options=cfg_options, mini=mini), shape)
     try:
         report = export_model(config, checkpoint, output, shape, batch, dynamic, opset, part,
                               cfg_options, check=check, format=format, winograd=tile)
     except (OSError, ValueError, KeyError, ExportFailure) as err:
-        raise SystemExit(f'error: {err}')
+        raise InputError(f'error: {err}') from err
     report['shape'] = list(shape)
     return report
 
@@ -88,6 +89,6 @@ def quantize(config: str, model: str, output: str, calib: int = DEFAULT_CALIB,
                                        per_channel=per_channel, reduce_range=reduce_range,
                                        info=info)
     except (OSError, ValueError, ExportFailure) as err:
-        raise SystemExit(f'error: {err}')
+        raise InputError(f'error: {err}') from err
     report['images'] = dict(count=len(images), size='x'.join(map(str, images[0].shape[1:])))
     return report

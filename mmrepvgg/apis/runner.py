@@ -2,18 +2,18 @@
 checkpoint fetched and loaded once, and the training and test entry points the tools
 call. ``train`` and ``test`` take explicit arguments, so scripts call them as the tools do."""
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 from mmengine.config import Config
-from mmengine.hooks import Hook
 
 from ..checkpoint.fetch import fetch_and_load, fetch_checkpoint
 from ..checkpoint.layouts import describe_checkpoint
+from ..engine.hooks import LoadReadCheckpoint, UseRecipe
 from ..env import cuda_unusable_reason
+from ..errors import InputError, MachineError, UsageError
 from .config import apply_deploy, apply_test_args, apply_train_args, load_config
 
-__all__ = ['train', 'test', 'build_runner', 'resolve_checkpoint', 'LoadReadCheckpoint',
-           'UseRecipe', 'finish_distributed']
+__all__ = ['train', 'test', 'build_runner', 'resolve_checkpoint', 'finish_distributed']
 
 
 def train(config: str, work_dir: Optional[str] = None, cfg_options: Optional[dict] = None,
@@ -52,14 +52,14 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
     recipe = _recipe(cfg, backend, mode, precision)
     if backend:
         if deploy:
-            raise SystemExit('--deploy fuses a checkpoint; an exported file is fused '
+            raise UsageError('--deploy fuses a checkpoint; an exported file is fused '
                              'already: drop --deploy')
     else:
         try:
             source, state = fetch_and_load(checkpoint)
             info = describe_checkpoint(state)
         except (OSError, ValueError, TypeError) as err:  # missing, failed download,
-            raise SystemExit(f'error: {err}')             # corrupt, not ours
+            raise InputError(f'error: {err}') from err  # corrupt, not ours
         cfg = apply_deploy(cfg, source, info, deploy)
     cfg = apply_test_args(cfg, out, show, show_dir, wait_time)
     runner = build_runner(cfg)
@@ -74,73 +74,28 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
     return metrics
 
 
-class LoadReadCheckpoint(Hook):
-    """Load an already-read checkpoint at the point mmengine's runner would load its
-    ``load_from`` (after every other hook's ``before_run``, e.g. EMAHook's), with the
-    steps of ``Runner.load_checkpoint``: the ``after_load_checkpoint`` hooks, then the
-    weights, ``module.`` prefixes dropped. mmengine loads only from a file name; this
-    spares a second read of a file that was just read to check its form."""
-
-    def __init__(self, checkpoint: Any, source: str):
-        self.checkpoint, self.source = checkpoint, source
-
-    def before_run(self, runner) -> None:
-        from mmengine.model import is_model_wrapper
-        from mmengine.runner.checkpoint import _load_checkpoint_to_model
-        runner.call_hook('after_load_checkpoint', checkpoint=self.checkpoint)
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        _load_checkpoint_to_model(model, self.checkpoint, strict=False,
-                                  revise_keys=[(r'^module.', '')])
-        runner._has_loaded = True  # load_or_resume, next, then loads nothing more
-        runner.logger.info(f'Load checkpoint from {self.source}')
-        self.checkpoint = None  # the weights are in the model now
-
-
 def _recipe(cfg: Config, backend: Optional[str], mode: Optional[str],
-            precision: str) -> Optional['UseRecipe']:
+            precision: str) -> Optional[UseRecipe]:
     """The :class:`UseRecipe` hook ``mode`` and ``precision`` ask for, or None (the
     model as built, or the backend's arithmetic)."""
     from ..ops.inference import MODES
     if backend:
         if mode:
-            raise SystemExit(f'--mode {mode} prepares the network in torch; --backend '
+            raise UsageError(f'--mode {mode} prepares the network in torch; --backend '
                              f'{backend} runs the exported file: give one of them')
         return None
     if mode is None and precision == 'fp32':
         return None
     if mode is not None and mode not in MODES:
-        raise SystemExit(f'unknown --mode {mode!r}; valid: {", ".join(MODES)}')
+        raise UsageError(f'unknown --mode {mode!r}; valid: {", ".join(MODES)}')
     from ..deploy.export import config_input_shape
     shape = config_input_shape(cfg)
     if shape is None:
-        raise SystemExit('--mode/--precision prepare the network for the test images\' '
+        raise UsageError('--mode/--precision prepare the network for the test images\' '
                          'size, and the config\'s test pipeline gives none (no Resize '
                          'scale)')
     batch = cfg.test_dataloader.get('batch_size', 1)
     return UseRecipe(mode or 'eager', precision, [batch, 3, *shape])
-
-
-class UseRecipe(Hook):
-    """Run the network (the part ``tools/export.py`` would export) with an inference
-    recipe, prepared at the start of the test epoch: after the checkpoint is loaded
-    (``before_run``), fused (ReparamHook, ``before_test``) and any EMA weights swapped in
-    (``before_test_epoch``, at a higher priority than this hook's LOWEST)."""
-
-    def __init__(self, mode: str, precision: str, input_shape: list):
-        self.mode, self.precision, self.input_shape = mode, precision, input_shape
-
-    def before_test_epoch(self, runner) -> None:
-        import torch
-        from mmengine.model import is_model_wrapper
-
-        from ..deploy import use_recipe
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        example = torch.randn(*self.input_shape, generator=torch.Generator().manual_seed(0))
-        prepared = use_recipe(model, example, self.mode, self.precision)
-        runner.logger.info(f'testing the network with the {self.mode} recipe in '
-                           f'{self.precision} (prepared in {prepared.prep_seconds:.1f} s '
-                           f'for {"x".join(map(str, self.input_shape))}); the rest of the '
-                           'model runs as built')
 
 
 def resolve_checkpoint(checkpoint: str) -> str:
@@ -151,7 +106,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
     try:
         return fetch_checkpoint(checkpoint)
     except (OSError, ValueError) as err:  # failed download, unknown scheme or name
-        raise SystemExit(f'error: {err}')
+        raise InputError(f'error: {err}') from err
 
 
 def build_runner(cfg: Config):
@@ -161,7 +116,7 @@ def build_runner(cfg: Config):
     # A GPU machine whose GPU torch cannot use would otherwise train on the CPU unsaid.
     unusable = cuda_unusable_reason()
     if unusable:
-        raise SystemExit(f'error: {unusable}. To run on the CPU anyway, hide the GPU '
+        raise MachineError(f'error: {unusable}. To run on the CPU anyway, hide the GPU '
                          '(CUDA_VISIBLE_DEVICES=); python tools/check_env.py says more.')
     cfg = prepare_cpu_distributed(cfg)
     if 'runner_type' in cfg:
@@ -190,7 +145,7 @@ def prepare_cpu_distributed(cfg: Config) -> Config:
     dist_cfg = dict((cfg.get('env_cfg') or {}).get('dist_cfg') or {})
     backend = dist_cfg.pop('backend', 'gloo')
     if backend == 'nccl':
-        raise SystemExit('the nccl backend needs CUDA; on CPU add --cfg-options '
+        raise UsageError('the nccl backend needs CUDA; on CPU add --cfg-options '
                          'env_cfg.dist_cfg.backend=gloo')
     if 'timeout' in dist_cfg and not isinstance(dist_cfg['timeout'], datetime.timedelta):
         dist_cfg['timeout'] = datetime.timedelta(seconds=dist_cfg['timeout'])
@@ -253,7 +208,7 @@ def run_backend_in(runner, onnx_file: str, backend: str, precision: str) -> None
     try:
         used = use_backend(model, onnx_file, backend, precision)
     except (OSError, ValueError) as err:
-        raise SystemExit(f'error: {err}')
+        raise InputError(f'error: {err}') from err
     log = runner.logger.info
     if used.precision_used != precision:  # OpenVINO on a CPU without bfloat16
         log = runner.logger.warning

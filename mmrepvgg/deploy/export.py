@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checkpoint.convert import load_fused_model
+from ..convert import load_fused_model
 from ..fileio import save_atomic, sha256_file, staged_files
 from ..numerics import flatten_outputs, output_error
 from ..ops.gemm_conv import GemmConv2d

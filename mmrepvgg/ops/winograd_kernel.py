@@ -25,9 +25,9 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
-from ..env import tools_on_path, torch_build_id
+from ..env import Check, tools_on_path, torch_build_id
 
-__all__ = ['OP_NAME', 'OP_VERSION', 'load_kernel', 'load_error', 'vector_widths',
+__all__ = ['OP_NAME', 'OP_VERSION', 'load_kernel', 'load_error', 'winograd_check', 'vector_widths',
            'use_vector_width', 'transformed_bytes']
 
 OP_NAME = 'mmrepvgg::winograd_conv3x3'
@@ -145,6 +145,14 @@ def load_error() -> Optional[str]:
     """Why ``load_kernel()`` failed, or None."""
     return _state['error']
 
+
+
+def winograd_check() -> Check:
+    """Whether the C++ Winograd op builds and loads here, as a verdict of
+    ``mmrepvgg.env.environment_checks``' kind."""
+    built = load_kernel()
+    return Check('Winograd op built', built, 'loaded' if built else (
+        f'{load_error()}; Winograd convs fall back to torch ops'))
 
 def main(verbose: bool = False) -> int:
     """Build/load the op and say so; the exit status for the bootstrap (0: loaded)."""

@@ -15,9 +15,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.config import Config, DictAction
 
+from ..apis.config import load_config, scope_of
 from ..checkpoint.publish import publish_checkpoint
 from ..deploy.export import config_input_shape
-from .config import load_config, scope_of
+from ..errors import InputError, UsageError
 from .experiments import config_stem
 from .preflight import CHECK_MARK, data_problems, weight_problems, weight_urls
 
@@ -110,7 +111,7 @@ class Plan:
                 'train' not in self.options.steps:
             return self.base_lr
         if not self.options.scale_lr:
-            raise SystemExit(
+            raise UsageError(
                 f'{self.stem} trains with a batch of {base} ({base // self.per_gpu} GPUs x '
                 f'{self.per_gpu} images); {self.procs} GPU(s) x {self.per_gpu} make {total}. '
                 f'Give --gpus {base // self.per_gpu}, keep {base} with --cfg-options '
@@ -258,7 +259,7 @@ class Plan:
 
 def plan_experiment(config: str, seed: Optional[int], options) -> Plan:
     if not osp.isfile(config):
-        raise SystemExit(f'config file not found: {config}')
+        raise InputError(f'config file not found: {config}')
     return Plan(config, seed, options)
 
 
@@ -270,13 +271,13 @@ def _srun(options, job_name: str, gpu: bool) -> List[str]:
 
 
 def check_command(plans: Sequence[Plan], options) -> List[str]:
-    """The environment check (``python -m mmrepvgg.apis.preflight --check``) as it runs
+    """The environment check (``python -m mmrepvgg.reproduce.preflight --check``) as it runs
     on the machine that trains: here, or under slurm on one GPU of the partition. It
     requires CUDA where an experiment uses it (and mmcv's CUDA ops where a detector
     does); otherwise a GPU only where the machine has one."""
     cuda = [p for p in plans if p.cuda]
     device = 'cpu' if options.mini else 'cuda' if cuda else 'auto'
-    argv = [sys.executable, '-m', 'mmrepvgg.apis.preflight', '--check', '--device', device]
+    argv = [sys.executable, '-m', 'mmrepvgg.reproduce.preflight', '--check', '--device', device]
     argv += ['--detection'] if any(p.scope == 'mmdet' for p in cuda) else []
     if options.launcher == 'slurm':
         return _srun(options, 'mmrepvgg-check', gpu=bool(cuda)) + argv

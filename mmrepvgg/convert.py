@@ -9,11 +9,11 @@ from typing import Optional
 
 from mmengine.config import Config
 
-from ..fileio import save_atomic
-from ..reparam import format_report, fuse_and_report
-from .backbone import load_backbone_checkpoint
-from .fetch import fetch_and_load, is_remote_checkpoint
-from .layouts import describe_checkpoint, to_mmrepvgg, whole_model_needed
+from .checkpoint.backbone import load_backbone_checkpoint
+from .checkpoint.fetch import fetch_and_load, is_remote_checkpoint
+from .checkpoint.layouts import describe_checkpoint, to_mmrepvgg, whole_model_needed
+from .fileio import save_atomic
+from .reparam import format_report, fuse_and_report
 
 
 def _read(checkpoint: str, dst: Optional[str] = None):

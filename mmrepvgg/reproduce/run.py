@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..errors import MachineError, UsageError
 from ..fileio import write_text_atomic
 from .experiments import DEFAULT_TOLERANCE
-from .reproduce_plan import Plan, plan_experiment, preflight
+from .plan import Plan, plan_experiment, preflight
 from .results import (ENVIRONMENT_FILE, environment_summary, git_commit, metrics_line,
                       read_environment, record_environment, write_results)
 
@@ -251,13 +252,13 @@ def reproduce(configs: Sequence[str], options: ReproduceOptions,
              for seed in options.seeds]
     names = [p.name for p in plans]
     if len(set(names)) != len(names):
-        raise SystemExit('two experiments share a name (the config file stem): '
+        raise UsageError('two experiments share a name (the config file stem): '
                          + ', '.join(sorted({n for n in names if names.count(n) > 1})))
     problems, machine = preflight(plans, options, shout)
     for problem in problems:
         shout(f'check failed: {problem}')
     if problems and not options.dry_run:
-        raise SystemExit(f'{len(problems)} check(s) failed before any training; nothing '
+        raise MachineError(f'{len(problems)} check(s) failed before any training; nothing '
                          'was run')
     commit = None if options.dry_run else git_commit()
     runs = [Run(plan, options, shout, commit, machine) for plan in plans]

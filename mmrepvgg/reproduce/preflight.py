@@ -4,6 +4,7 @@ Each problem is a sentence that names what is missing and how to get it."""
 import glob
 import json
 import os
+import sys
 import os.path as osp
 import urllib.error
 import urllib.request
@@ -157,7 +158,7 @@ def environment_problems(want_cuda: Optional[bool], detection: bool = True) -> L
     None a GPU where the machine has one. ``detection``: whether a detector runs here,
     which needs mmcv's ops on CUDA (a segmentation-only run does not)."""
     from ..env import environment_checks
-    return _failed(environment_checks(want_cuda=want_cuda, winograd=False), detection)
+    return _failed(environment_checks(want_cuda=want_cuda), detection)
 
 
 def _unused(check, detection: bool) -> bool:
@@ -174,11 +175,11 @@ _DEVICES = {'auto': None, 'cuda': True, 'cpu': False}
 
 
 def main(argv=None) -> int:
-    """``python -m mmrepvgg.apis.preflight``: run on the machine that trains (tools/
+    """``python -m mmrepvgg.reproduce.preflight``: run on the machine that trains (tools/
     reproduce.py starts it there, through srun under slurm) before an experiment."""
     import argparse
     parser = argparse.ArgumentParser(
-        prog='python -m mmrepvgg.apis.preflight',
+        prog='python -m mmrepvgg.reproduce.preflight',
         description='--check: the environment checks of tools/check_env.py that a training '
                     'needs, one verdict a line, then this machine\'s facts and the failed '
                     'checks as one JSON line; exit 1 if a check failed. --record FILE: write '
@@ -198,7 +199,7 @@ def main(argv=None) -> int:
         record_environment(args.record)
         return 0
     from ..env import environment_checks
-    checks = environment_checks(want_cuda=_DEVICES[args.device], winograd=False)
+    checks = environment_checks(want_cuda=_DEVICES[args.device])
     for check in checks:
         unused = not check.ok and _unused(check, args.detection)
         verdict = '[ok]' if check.ok else '[-]' if unused else '[FAILED]'
@@ -211,4 +212,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-    raise SystemExit(main())
+    sys.exit(main())

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .benchmark_models import BACKEND_MODES
+from .models import BACKEND_MODES
 
 __all__ = ['CHECKPOINT', 'Step', 'form_steps', 'form_commands', 'run_steps']
 
@@ -91,8 +91,8 @@ def run_steps(steps: Sequence[Step], config: str, checkpoint: str, folder: str,
     Returns the metrics of the last step, the test. The test runs log warnings only
     (their progress would bury the caller's), each under a name of its own (mmengine
     keeps one logger per experiment name)."""
-    from .deploy import export, quantize
-    from .runner import test
+    from ..apis.deploy import export, quantize
+    from ..apis.runner import test
     tools = {'export': export, 'quantize': quantize, 'test': test}
     result: Dict[str, Any] = {}
     for step in steps:

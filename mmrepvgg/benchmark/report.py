@@ -6,8 +6,8 @@ import json
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..fileio import write_text_atomic
-from .benchmark import Candidate, ratio
-from .benchmark_models import BACKEND_MODES
+from .models import BACKEND_MODES
+from .timing import Candidate, ratio
 
 __all__ = ['MAIN_COLUMNS', 'result_rows', 'median_ms', 'format_table', 'comparisons',
            'format_comparisons', 'format_report', 'write_json']
@@ -249,7 +249,7 @@ def _backend_notes(result: Dict[str, Any]) -> List[str]:
 
 def format_report(result: Dict[str, Any]) -> str:
     """What ``tools/benchmark.py`` prints of a result of
-    :func:`mmrepvgg.apis.benchmark_run.run_benchmark`: the machine and settings, the
+    :func:`mmrepvgg.benchmark.run.run_benchmark`: the machine and settings, the
     table, what its columns and rows measured, failures, skipped models and the
     comparisons."""
     rows = result['candidates']

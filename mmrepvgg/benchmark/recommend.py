@@ -14,18 +14,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..apis.config import load_config, scope_of
+from ..apis.deploy import DEFAULT_CALIB
 from ..deploy.export import config_input_shape
 from ..env import cpu_info
+from ..errors import InputError, MMRepVGGError, UsageError
+from ..reproduce.experiments import config_stem, reference_for
+from ..reproduce.preflight import data_problems
 from ..testing.mini_data import DEFAULT_NUM_VAL
-from .benchmark import Candidate, Progress, log
-from .benchmark_models import BACKEND_MODES
-from .benchmark_report import format_table
-from .benchmark_run import BenchmarkOptions, run_benchmark
-from .config import load_config, scope_of
-from .deploy import DEFAULT_CALIB
 from .deploy_steps import Step, form_commands, form_steps, run_steps
-from .experiments import config_stem, reference_for
-from .preflight import data_problems
+from .models import BACKEND_MODES
+from .report import format_table
+from .run import BenchmarkOptions, run_benchmark
+from .timing import Candidate, Progress, log
 
 __all__ = ['FORMS', 'DEFAULT_MAX_DROP', 'DEFAULT_METRIC_DROP', 'DEFAULT_TIME_LIMIT',
            'cpu_class', 'recommend', 'format_recommendation']
@@ -121,14 +122,14 @@ def _metric_of(cfg, config: str, checkpoint: Optional[str], mini: bool):
     can be scored: trained weights and the test data are there."""
     reference = reference_for(config_stem(config), scope_of(cfg))
     if not reference.metric:
-        raise SystemExit(f'--metric scores mmseg and mmdet configs (mIoU, coco/bbox_mAP); '
+        raise UsageError(f'--metric scores mmseg and mmdet configs (mIoU, coco/bbox_mAP); '
                          f'{osp.basename(config)} is of scope {scope_of(cfg)!r}')
     if checkpoint is None:
-        raise SystemExit('--metric scores trained weights: give CHECKPOINT after CONFIG')
+        raise UsageError('--metric scores trained weights: give CHECKPOINT after CONFIG')
     problems = data_problems(cfg, mini, splits=('test_dataloader',))
     if problems:
         hint = '' if mini else '; or score on the bundled mini data with --mini'
-        raise SystemExit('--metric needs the config\'s test data: ' + '; '.join(problems)
+        raise InputError('--metric needs the config\'s test data: ' + '; '.join(problems)
                          + hint)
     return reference.metric, reference.scale
 
@@ -197,7 +198,7 @@ class _Scorer:
                 raise KeyError(f'the test gave no {self.metric} (it gave '
                                f'{", ".join(metrics)})')
             score = float(metrics[self.metric]) * self.scale
-        except (Exception, SystemExit) as exc:  # noqa: BLE001  (the tools exit with the cause)
+        except Exception as exc:  # noqa: BLE001  (the form is scored as failed, with its cause)
             why = f'{type(exc).__name__}: {exc}'
             log(f'{count} {_form(*form)}: scoring failed: {why}')
             return why
@@ -220,7 +221,7 @@ def _score_forms(rows: List[dict], scorer: _Scorer) -> float:
                   for n, form in enumerate(forms, 1)}
     base = scores[('eager', 'fp32')]
     if not isinstance(base, float):
-        raise SystemExit(f'--metric: the eager fp32 model, which the drops are measured '
+        raise MMRepVGGError(f'--metric: the eager fp32 model, which the drops are measured '
                          f'from, could not be scored: {base}')
     for row in rows:
         score = scores[(row['mode'], row['precision'])]
@@ -230,7 +231,7 @@ def _score_forms(rows: List[dict], scorer: _Scorer) -> float:
     return base
 
 
-#: What a row keeps of the benchmark's measure of its rounding (mmrepvgg.apis.benchmark_run
+#: What a row keeps of the benchmark's measure of its rounding (mmrepvgg.benchmark.run
 #: ._record_error): its error and the fp32 reference's, both against float64, and the scale.
 _ROUNDING_KEYS = ('fp64_abs_diff', 'reference_fp64_abs_diff', 'output_scale')
 
@@ -285,7 +286,7 @@ def recommend(config: str, checkpoint: Optional[str] = None,
     cfg = load_config(config, cfg_options=cfg_options, mini=mini)
     shape = config_input_shape(cfg)
     if shape is None:
-        raise SystemExit('the config\'s test pipeline gives no image size to time at')
+        raise UsageError('the config\'s test pipeline gives no image size to time at')
     metric_name, scale = _metric_of(cfg, config, checkpoint, mini) if metric else (None, 1)
     left_out: Dict[str, str] = {}
     runnable = _available(forms, left_out)

@@ -7,13 +7,13 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..checkpoint.convert import load_fused_model
+from ..apis.config import load_config
+from ..apis.deploy import export
+from ..apis.runner import test
+from ..convert import load_fused_model
 from ..deploy.backends import load_backend
 from ..deploy.quantize import METHODS, calibration_inputs, quantize_onnx, sqnr_db
 from ..models.rep_block import RepVGGBlock
-from .config import load_config
-from .deploy import export
-from .runner import test
 
 __all__ = ['quantization_study', 'weight_ranges']
 

@@ -22,15 +22,16 @@ import torch
 from torch import nn
 
 from ..deploy import export_module, load_backend, package_module, quantize_onnx
+from ..errors import UsageError
 from ..numerics import output_error
 from ..ops.inference import optimize_for_inference, resolve_device
 from ..ops.winograd import FASTEST_TILE, convert_to_winograd
 from ..ops.winograd_kernel import transformed_bytes
-from .benchmark import (MEMORY_METHODS, Candidate, Progress, benchmark_interleaved,
-                        environment, log, matmul_peak, ratio)
-from .benchmark_models import (BACKEND_MODES, ModelSpec, config_specs, prepare_specs,
+from .models import (BACKEND_MODES, ModelSpec, config_specs, prepare_specs,
                                repvgg_specs, resnet_specs)
-from .benchmark_report import comparisons, result_rows
+from .report import comparisons, result_rows
+from .timing import (MEMORY_METHODS, Candidate, Progress, benchmark_interleaved,
+                        environment, log, matmul_peak, ratio)
 
 __all__ = ['BenchmarkOptions', 'run_benchmark', 'make_candidates', 'find_baseline',
            'backend_versions', 'openvino_bf16_note']
@@ -298,7 +299,7 @@ def find_baseline(candidates: Sequence[Candidate], name: Optional[str]) -> Candi
     prefix = [c for c in candidates if c.name.startswith(name)]
     if len(prefix) == 1:
         return prefix[0]
-    raise SystemExit(f'--baseline {name!r} matches {len(prefix)} candidates; names: '
+    raise UsageError(f'--baseline {name!r} matches {len(prefix)} candidates; names: '
                      + ', '.join(repr(c.name) for c in candidates))
 
 
@@ -343,7 +344,7 @@ def run_benchmark(options: BenchmarkOptions, command: str = '',
     specs += config_specs(options.config, options.forward, options.input_size, options.seed,
                           skipped, options.forms, options.cfg_options, options.checkpoint)
     if not specs:
-        raise SystemExit('nothing left to time: ' + '; '.join(skipped))
+        raise UsageError('nothing left to time: ' + '; '.join(skipped))
     gen = torch.Generator().manual_seed(options.seed)
     inputs = torch.randn(options.batch_size, 3, *options.input_size, generator=gen)
     prepare_specs(specs, inputs, device, check=not options.no_check,

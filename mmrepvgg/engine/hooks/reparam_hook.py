@@ -4,8 +4,8 @@ from typing import List, Optional
 from mmengine.hooks import Hook
 from mmengine.model import BaseAveragedModel, is_model_wrapper
 
-from ..registry import HOOKS
-from ..reparam import copy_module, format_report, fuse_and_report, reparameterize
+from ...registry import HOOKS
+from ...reparam import copy_module, format_report, fuse_and_report, reparameterize
 
 
 def _averaged_models(runner) -> List[BaseAveragedModel]:

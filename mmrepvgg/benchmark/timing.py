@@ -1,4 +1,4 @@
-"""The measuring harness of the benchmark (``mmrepvgg.apis.benchmark_run``,
+"""The measuring harness of the benchmark (``mmrepvgg.benchmark.run``,
 ``tools/benchmark.py``): MAC counts, peak memory of one call, interleaved timing, what a
 report states about the machine, and the progress messages on stderr.
 

@@ -3,6 +3,9 @@ with which ResNet row, and the published numbers a reproduction is held against.
 import os.path as osp
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from ..errors import UsageError
+
+
 #: The repository's configs folder (the suites name files in it).
 CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
                       'configs')
@@ -83,7 +86,7 @@ def config_stem(config: str) -> str:
 def suite_configs(suite: str) -> List[str]:
     """The config files of ``suite``; an unknown suite lists the known ones."""
     if suite not in SUITES:
-        raise SystemExit(f'unknown suite {suite!r}; valid: {", ".join(SUITES)}')
+        raise UsageError(f'unknown suite {suite!r}; valid: {", ".join(SUITES)}')
     return [osp.join(CONFIG_DIR, stem + '.py') for stem in SUITES[suite]]
 
 

@@ -5,7 +5,7 @@ import os
 import os.path as osp
 from typing import Any, Dict, List, Sequence
 
-from .benchmark_report import median_ms
+from .report import median_ms
 
 __all__ = ['PAPER_TOP1', 'write_plot']
 

@@ -19,7 +19,7 @@ from ..models import RepVGG
 from ..numerics import flatten_outputs, fp32_math
 from ..reparam import (copy_module, count_unfused, fusable_modules, randomize_norm_stats,
                        reparameterize)
-from .benchmark import count_conv_flops, log
+from .timing import count_conv_flops, log
 
 __all__ = ['BACKEND_MODES', 'RESNET_DEPTHS', 'ModelSpec', 'repvgg_specs', 'resnet_specs',
            'config_specs', 'prepare_specs']
@@ -113,7 +113,7 @@ def resnet_specs(depths: Sequence[int], seed: int, skipped: List[str]) -> List[M
 def _whole_model_weights(checkpoint: str, cfg) -> dict:
     """The state dict of a whole-model checkpoint; a fused one makes the config build its
     backbone in deploy form."""
-    from ..checkpoint.convert import read_model_checkpoint
+    from ..convert import read_model_checkpoint
     state, info = read_model_checkpoint(checkpoint, request='timing the model')
     if info.deploy:
         cfg.model.backbone.deploy = True
