@@ -27,7 +27,7 @@ class LoadReadCheckpoint(Hook):
                                   revise_keys=[(r'^module.', '')])
         # mmengine has no public way to load an object it did not read: its loading
         # function is private, and so is the flag that keeps Runner.load_or_resume from
-        # loading load_from again (tests/test_hook.py pins both).
+        # loading load_from again (tests/test_engine_hooks.py pins both).
         runner._has_loaded = True
         runner.logger.info(f'Load checkpoint from {self.source}')
         self.checkpoint = None  # the weights are in the model now
