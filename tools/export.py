@@ -20,10 +20,8 @@ takes exactly the --batch/--shape it was compiled for.
 """
 import argparse
 
-from mmengine.config import DictAction
-
-from mmrepvgg.apis.deploy import export
-from mmrepvgg.deploy import DEFAULT_OPSET, FORMATS, PARTS
+from mmrepvgg.apis.deploy import add_export_option, export
+from mmrepvgg.deploy import DEFAULT_OPSET, FORMATS
 from mmrepvgg.errors import run_command
 from mmrepvgg.ops.winograd import MIN_CHANNELS_PER_GROUP, TILES
 from mmrepvgg.reparam import format_report
@@ -44,22 +42,20 @@ def parse_args(argv=None):
                         help='aoti: compute the 3x3 stride-1 convs with Winograd '
                              f'F(TILE x TILE, 3 x 3), TILE one of {", ".join(map(str, TILES))} '
                              'or auto (default: per conv, from its feature-map size)')
-    parser.add_argument('--shape', nargs=2, type=int, metavar=('H', 'W'),
-                        help='input size (default: the test pipeline\'s resize scale)')
+    add_export_option(parser, '--shape',
+                      help='input size (default: the test pipeline\'s resize scale)')
     parser.add_argument('--batch', type=int, default=1, help='batch size (default 1)')
-    parser.add_argument('--dynamic', action='store_true',
-                        help='batch, height and width as dynamic axes')
+    add_export_option(parser, '--dynamic', help='batch, height and width as dynamic axes')
     parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
                         help=f'ONNX opset (default {DEFAULT_OPSET})')
-    parser.add_argument('--part', choices=PARTS, default='model',
-                        help='model: the network up to its dense head (default); '
-                             'backbone: the backbone alone')
+    add_export_option(parser, '--part',
+                      help='model: the network up to its dense head (default); '
+                           'backbone: the backbone alone')
     parser.add_argument('--no-check', action='store_true',
                         help='skip the comparison with torch (ONNX: in ONNX Runtime)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, as in tools/test.py')
-    parser.add_argument('--mini', action='store_true',
-                        help='take the default --shape from the mini-data test pipeline')
+    add_export_option(parser, '--cfg-options')
+    add_export_option(parser, '--mini',
+                      help='take the default --shape from the mini-data test pipeline')
     return parser.parse_args(argv)
 
 

@@ -17,10 +17,7 @@ Evaluate the result like any exported model:
 """
 import argparse
 
-from mmengine.config import DictAction
-
-from mmrepvgg.apis.deploy import DEFAULT_CALIB, quantize
-from mmrepvgg.deploy import PARTS
+from mmrepvgg.apis.deploy import DEFAULT_CALIB, add_export_option, quantize
 from mmrepvgg.deploy.quantize import METHODS
 from mmrepvgg.errors import run_command
 
@@ -42,18 +39,17 @@ def parse_args(argv=None):
                         help='one scale per weight tensor instead of per output channel')
     parser.add_argument('--reduce-range', action='store_true',
                         help='7-bit weights (CPUs without VNNI: avoids u8s8 saturation)')
-    parser.add_argument('--part', choices=PARTS, default='model',
-                        help='MODEL a checkpoint: the part to export (as tools/export.py)')
-    parser.add_argument('--dynamic', action='store_true',
-                        help='MODEL a checkpoint: export with dynamic batch, height, width '
-                             '(always for detectors)')
-    parser.add_argument('--shape', nargs=2, type=int, metavar=('H', 'W'),
-                        help='MODEL a checkpoint: export input size (default: the test '
-                             'pipeline\'s)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config entries, as in tools/test.py')
-    parser.add_argument('--mini', action='store_true',
-                        help='calibrate on the synthetic mini dataset (as tools/test.py)')
+    add_export_option(parser, '--part',
+                      help='MODEL a checkpoint: the part to export (as tools/export.py)')
+    add_export_option(parser, '--dynamic',
+                      help='MODEL a checkpoint: export with dynamic batch, height, width '
+                           '(always for detectors)')
+    add_export_option(parser, '--shape',
+                      help='MODEL a checkpoint: export input size (default: the test '
+                           'pipeline\'s)')
+    add_export_option(parser, '--cfg-options')
+    add_export_option(parser, '--mini',
+                      help='calibrate on the synthetic mini dataset (as tools/test.py)')
     return parser.parse_args(argv)
 
 

@@ -1,21 +1,45 @@
 """Export and quantize a config's fused network as ``tools/export.py`` and
 ``tools/quantize.py`` do: the input size taken from the config's test pipeline (the
-``--mini`` one with ``mini``), the request checked, tool errors as one message."""
+``--mini`` one with ``mini``), the request checked, tool errors as one message; the
+command-line options the two tools share."""
+import argparse
 import os.path as osp
 import tempfile
 from typing import Optional, Sequence, Union
 
+from mmengine.config import DictAction
+
 from ..deploy.export import FORMATS, config_input_shape, export_model
 from ..deploy.onnx_export import DEFAULT_OPSET, ExportFailure
+from ..deploy.parts import PARTS
 from ..deploy.quantize import calibration_inputs, quantize_onnx
 from ..errors import InputError, UsageError
 from ..ops.winograd import TILES
 from .config import load_config, scope_of
 
-__all__ = ['DEFAULT_CALIB', 'export', 'quantize', 'winograd_tile']
+__all__ = ['DEFAULT_CALIB', 'EXPORT_OPTIONS', 'add_export_option', 'export', 'quantize',
+           'winograd_tile']
 
 #: Calibration images tools/quantize.py takes by default.
 DEFAULT_CALIB = 32
+
+#: How tools/export.py and tools/quantize.py parse the options they share: a checkpoint
+#: given to tools/quantize.py is exported as tools/export.py exports it, so both read
+#: these alike. Each tool gives its own help where its wording differs.
+EXPORT_OPTIONS = {
+    '--shape': dict(nargs=2, type=int, metavar=('H', 'W')),
+    '--dynamic': dict(action='store_true'),
+    '--part': dict(choices=PARTS, default='model'),
+    '--cfg-options': dict(nargs='+', action=DictAction,
+                          help='override config entries, as in tools/test.py'),
+    '--mini': dict(action='store_true'),
+}
+
+
+def add_export_option(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
+    """Add ``flag``, one of :data:`EXPORT_OPTIONS`, to ``parser`` as the tools parse it;
+    ``kwargs`` (its ``help``) go to ``add_argument`` as well."""
+    parser.add_argument(flag, **{**EXPORT_OPTIONS[flag], **kwargs})
 
 
 def winograd_tile(value: Optional[str]) -> Union[None, str, int]:
