@@ -208,29 +208,67 @@ def _checkpoint_contexts(block: nn.Module) -> Tuple[Any, _Recomputation]:
 class RepVGG(BaseModule):
     """RepVGG backbone (Ding et al., CVPR 2021) for detection and segmentation.
 
+    A PyTorch implementation of `RepVGG: Making VGG-style ConvNets Great Again
+    <https://arxiv.org/abs/2101.03697>`_. Trained with three branches per block (3x3 conv
+    + BN, 1x1 conv + BN, identity BN), it fuses into plain 3x3 conv + ReLU blocks for
+    inference (:func:`mmrepvgg.reparameterize`, or ``deploy=True`` to build that form).
+
     Args:
-        arch: a name from ``ARCH_SETTINGS`` or a custom dict (see ``resolve_arch``).
-        in_channels: channels of the input image.
-        out_indices: which of stages 1-4 (0-3, as in ResNet) to return. Stages after
-            the last one listed are not built: nothing would use or train them (DDP
-            with ``find_unused_parameters=False`` fails on parameters without
-            gradients), and pretrained files load with their weights left unused.
-        strides: stride of the first block of each of stages 1-4.
-        dilations: dilation of each of stages 1-4.
-        num_dilated_blocks: per stage, how many of its last blocks take its dilation
-            (None: all). RepVGG-B1g2-fast dilates only the last 4 blocks of stage 3.
-        frozen_stages: stages to freeze, -1 none, 0 the stem, k the stem and stages 1..k.
-        norm_eval: keep batch norms in eval mode while training.
-        with_cp: gradient checkpointing of each block, to save memory. The
-            recomputation in backward normalizes with the batch statistics of the
-            forward and leaves the running statistics alone (no second update, no
-            second SyncBN synchronization): a step gives the same running statistics
-            and gradients as without it.
-        deploy: build the fused form directly (plain 3x3 conv + ReLU blocks).
-        block: the training-form block, ``'repvgg'`` (RepVGG's three branches with a
-            batch norm each) or ``'qa'`` (QARepVGG: norms only on the 3x3 branch and
-            after the sum, for models that will be quantized to INT8). Both fuse into
-            the same deploy form.
+        arch (str | dict): The architecture, a name of ``ARCH_SETTINGS`` ('A0', 'A1',
+            'A2', 'B0', 'B1', 'B1g2', 'B1g4', 'B2', 'B2g2', 'B2g4', 'B3', 'B3g2',
+            'B3g4', 'D2se') or a dict with the keys ``num_blocks`` (blocks of stages 1-4,
+            4 ints), ``width_factors`` (widths of stages 1-4 relative to 64, 128, 256,
+            512; 4 numbers) and optionally ``groups`` ({layer number: groups}, layers
+            counted from 1 at the first block of stage 1) and ``se_ratio``
+            (squeeze-excitation reduction, None for none); see ``resolve_arch``.
+            Defaults to 'B1g2'.
+        in_channels (int): Number of input image channels. Defaults to 3.
+        out_indices (Sequence[int]): Which of stages 1-4 (0-3, as in ResNet) to
+            return. Stages after the last one listed are not built: nothing would use
+            or train them (DDP with ``find_unused_parameters=False`` fails on parameters
+            without gradients), and pretrained files load with their weights left
+            unused. Defaults to ``(0, 1, 2, 3)``.
+        strides (Sequence[int]): Stride of the first block of each of stages 1-4.
+            Defaults to ``(2, 2, 2, 2)``.
+        dilations (Sequence[int]): Dilation of each of stages 1-4, e.g.
+            ``(1, 1, 2, 4)`` with strides ``(2, 2, 1, 1)`` for output stride 8.
+            Defaults to ``(1, 1, 1, 1)``.
+        num_dilated_blocks (Sequence[int | None]): Per stage, how many of its last
+            blocks take its dilation (None: all). RepVGG-B1g2-fast dilates only the
+            last 4 blocks of stage 3. Defaults to ``(None, None, None, None)``.
+        frozen_stages (int): Stages to freeze (eval mode, no gradients): -1 none, 0 the
+            stem, k the stem and stages 1..k. Defaults to -1.
+        norm_eval (bool): Whether to keep the batch norms in eval mode while training
+            (their running statistics frozen). Defaults to False.
+        with_cp (bool): Whether to use gradient checkpointing on each block, to save
+            memory. The recomputation in backward normalizes with the batch statistics
+            of the forward and leaves the running statistics alone (no second update,
+            no second SyncBN synchronization): a step gives the same running statistics
+            and gradients as without it. Defaults to False.
+        norm_cfg (dict): Config dict of the batch norms of every branch (e.g.
+            ``dict(type='SyncBN', requires_grad=True)``, or ``'MMSyncBN'``, mmcv's).
+            Defaults to ``dict(type='BN', requires_grad=True)``.
+        act_cfg (dict): Config dict of the activation after each block.
+            Defaults to ``dict(type='ReLU')``.
+        deploy (bool): Whether to build the fused form directly (plain 3x3 conv + ReLU
+            blocks), e.g. to load a fused checkpoint. Defaults to False.
+        block (str): The training-form block: ``'repvgg'`` (RepVGG's three branches
+            with a batch norm each) or ``'qa'`` (QARepVGG: norms only on the 3x3 branch
+            and after the sum, for models that will be quantized to INT8). Both fuse
+            into the same deploy form. Defaults to ``'repvgg'``.
+        init_cfg (dict | list[dict], optional): Initialization config dict, e.g.
+            ``dict(type='Pretrained', checkpoint=...)`` with a release file of the
+            official, mmpretrain or timm layout or a whole-model checkpoint of this
+            project (training form; fused with ``deploy=True``). Defaults to None.
+
+    Example:
+        >>> import torch
+        >>> from mmrepvgg import RepVGG
+        >>> model = RepVGG('A0', out_indices=(2, 3)).eval()
+        >>> for out in model(torch.rand(1, 3, 64, 64)):
+        ...     print(tuple(out.shape))
+        (1, 192, 4, 4)
+        (1, 1280, 2, 2)
     """
 
     def __init__(self, arch: Union[str, dict] = 'B1g2', in_channels: int = 3,
