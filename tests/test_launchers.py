@@ -16,10 +16,11 @@ import sys
 
 import pytest
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+from helpers import FAKE_SRUN, ROOT, write_executable
+
 BASH = shutil.which('bash')
 SCRIPTS = ('dist_run.sh', 'dist_train.sh', 'dist_test.sh', 'slurm_run.sh',
-           'slurm_train.sh', 'slurm_test.sh')
+           'slurm_train.sh', 'slurm_test.sh', 'find_python.sh')
 
 # A Python that records how it was called (argv, and what a task's environment says)
 FAKE_PYTHON = f"""#!{sys.executable}
@@ -30,36 +31,8 @@ with open(os.environ['FAKE_LOG'], 'a') as f:
                                             'RECORD_ENV')}})) + '\\n')
 """
 
-# srun: its options up to the command, then the command once per task (one after
-# another: the fake tasks do not talk to each other)
-FAKE_SRUN = f"""#!{sys.executable}
-import json, os, subprocess, sys
-argv, i, options = sys.argv[1:], 0, {{}}
-while i < len(argv) and argv[i].startswith('-'):
-    if argv[i] == '-p':
-        options['-p'], i = argv[i + 1], i + 2
-        continue
-    key, _, value = argv[i].partition('=')
-    options[key], i = value, i + 1
-with open(os.environ['FAKE_LOG'], 'a') as f:
-    f.write(json.dumps(dict(tool='srun', options=options, command=argv[i:])) + '\\n')
-ntasks = int(options.get('--ntasks', 1))
-code = 0
-for rank in range(ntasks):
-    env = dict(os.environ, SLURM_JOB_ID=os.environ.get('FAKE_JOB_ID', '4242'),
-               SLURM_STEP_ID='0', SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
-               SLURM_NTASKS=str(ntasks), SLURM_NNODES='1', SLURM_JOB_NODELIST='gpu-node-7',
-               SLURMD_NODENAME='gpu-node-7')
-    code = subprocess.call(argv[i:], env=env) or code
-sys.exit(code)
-"""
-
-
-def _executable(path, text):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
-    return path
+# The names another test module imported from this one before tests/helpers.py held them.
+_executable = write_executable
 
 
 @pytest.fixture
@@ -70,10 +43,10 @@ def repo(tmp_path):
     (root / 'tools').mkdir(parents=True)
     for name in SCRIPTS:
         shutil.copy(osp.join(ROOT, 'tools', name), root / 'tools' / name)
-    _executable(root / '.venv' / 'bin' / 'python', FAKE_PYTHON)
+    write_executable(root / '.venv' / 'bin' / 'python', FAKE_PYTHON)
     bin_dir = tmp_path / 'bin'
-    _executable(bin_dir / 'srun', FAKE_SRUN)
-    _executable(bin_dir / 'python3', FAKE_PYTHON)  # the fallback, when there is no venv
+    write_executable(bin_dir / 'srun', FAKE_SRUN)
+    write_executable(bin_dir / 'python3', FAKE_PYTHON)  # the fallback, when there is no venv
     log = tmp_path / 'calls.jsonl'
     env = {k: v for k, v in os.environ.items()
            if k not in ('PYTHON', 'MASTER_PORT', 'VIRTUAL_ENV', 'PORT', 'RECORD_ENV')}
@@ -129,7 +102,7 @@ def test_without_a_venv_python3_is_used_and_said(repo, tmp_path):
 
 def test_python_given_is_used(repo, tmp_path):
     root, run = repo
-    mine = _executable(tmp_path / 'mine' / 'bin' / 'python', FAKE_PYTHON)
+    mine = write_executable(tmp_path / 'mine' / 'bin' / 'python', FAKE_PYTHON)
     proc, calls = run('dist_train.sh', 'cfg.py', '1', PYTHON=str(mine))
     assert proc.returncode == 0 and proc.stderr == ''
     assert [c['tool'] for c in calls] == [str(mine)]
@@ -171,7 +144,7 @@ def test_slurm_tasks_share_a_port_of_their_job_and_the_first_records(repo, tmp_p
 def test_slurm_record_failure_does_not_stop_the_training(repo, tmp_path):
     root, run = repo
     # a python whose record fails (e.g. the work dir not writable from the node)
-    _executable(root / '.venv' / 'bin' / 'python', FAKE_PYTHON + (
+    write_executable(root / '.venv' / 'bin' / 'python', FAKE_PYTHON + (
         "if sys.argv[1:3] == ['-m', 'mmrepvgg.reproduce.preflight']:\n    sys.exit(1)\n"))
     proc, calls = run('slurm_train.sh', 'gpu', 'job', 'cfg.py', GPUS='1',
                       RECORD_ENV=str(tmp_path / 'nowhere' / 'environment.json'))

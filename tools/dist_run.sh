@@ -6,21 +6,7 @@
 #   --cfg-options env_cfg.dist_cfg.backend=gloo
 set -euo pipefail
 PROCS=$1; SCRIPT=$2; shift 2
-TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(dirname "$TOOLS")
-if [ -z "${PYTHON:-}" ]; then
-    # nothing activated on a fresh machine: `python` on PATH is not the set-up one
-    if [ -x "$ROOT/.venv/bin/python" ]; then
-        PYTHON=$ROOT/.venv/bin/python
-    elif PYTHON=$(command -v python3); then
-        echo "dist_run.sh: no $ROOT/.venv/bin/python (make setup creates it); using" \
-             "$PYTHON. Set PYTHON=/path/to/python to choose another." >&2
-    else
-        echo "dist_run.sh: no $ROOT/.venv/bin/python and no python3 on PATH: run make" \
-             "setup, or set PYTHON=/path/to/python" >&2
-        exit 1
-    fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"
 case $SCRIPT in /*) ;; *) SCRIPT=$TOOLS/$SCRIPT ;; esac
 exec "$PYTHON" -m torch.distributed.run --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}" \

@@ -8,21 +8,7 @@
 # RECORD_ENV=FILE: the first task writes its node's environment there (JSON) first.
 set -euo pipefail
 PARTITION=$1; JOB_NAME=$2; SCRIPT=$3; shift 3
-TOOLS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(dirname "$TOOLS")
-if [ -z "${PYTHON:-}" ]; then
-    # nothing activated on a fresh machine: `python` on PATH is not the set-up one
-    if [ -x "$ROOT/.venv/bin/python" ]; then
-        PYTHON=$ROOT/.venv/bin/python
-    elif PYTHON=$(command -v python3); then
-        echo "slurm_run.sh: no $ROOT/.venv/bin/python (make setup creates it); using" \
-             "$PYTHON. Set PYTHON=/path/to/python to choose another." >&2
-    else
-        echo "slurm_run.sh: no $ROOT/.venv/bin/python and no python3 on PATH: run make" \
-             "setup, or set PYTHON=/path/to/python" >&2
-        exit 1
-    fi
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/find_python.sh"
 case $SCRIPT in /*) ;; *) SCRIPT=$TOOLS/$SCRIPT ;; esac
 GPUS=${GPUS:-8}
 GPUS_PER_NODE=${GPUS_PER_NODE:-$(( GPUS < 8 ? GPUS : 8 ))}
