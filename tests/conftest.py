@@ -49,12 +49,12 @@ def mini_root(tmp_path_factory):
 @pytest.fixture(scope='session')
 def seg(mini_root, tmp_path_factory):
     """PSPNet RepVGG-A0 after one training iteration, and its fused conversion."""
-    from test_tools import train_seg
+    from helpers import train_seg
     return train_seg(mini_root, tmp_path_factory)
 
 
 @pytest.fixture(scope='session')
 def det(mini_root, tmp_path_factory):
     """Faster R-CNN RepVGG-A0 after one training iteration."""
-    from test_tools import train_det
+    from helpers import train_det
     return train_det(mini_root, tmp_path_factory)

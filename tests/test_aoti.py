@@ -16,6 +16,9 @@ import zipfile
 import pytest
 import torch
 
+from helpers import (ROOT, SEG_CONFIG, SEG_MODEL, assert_files_score_as_deploy,
+                     assert_no_temporary_files, assert_within_growth, parse_options,
+                     run_export, run_test)
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.deploy import ExportedPart, PackageRunner, load_backend, package_module
@@ -26,9 +29,6 @@ from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.ops.winograd import (WinogradConv2d, convert_to_winograd,
                                    winograd_unsupported_reason)
 from mmrepvgg.reparam import randomize_norm_stats
-from test_deploy import _export, _no_temporary_files, assert_files_score_as_deploy
-from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _options, _test_tool
-from test_winograd import assert_within_growth
 
 # Two blocks a stage (one stride-2, one stride-1), 32 to 128 channels: quick to compile.
 SMALL = dict(num_blocks=(2, 2, 2, 2), width_factors=(0.5, 0.5, 0.5, 0.25))
@@ -189,7 +189,7 @@ def test_files_that_are_not_packages_say_so(tmp_path):
 # ------------------------------------------------------- the tools on a whole segmentor
 def _winograd_convs(config, model_args):
     """How many convs of the config's fused network Winograd can compute."""
-    _, model = build_model_from_config(config, dict(_options(model_args), **{
+    _, model = build_model_from_config(config, dict(parse_options(model_args), **{
         'model.backbone.init_cfg': None}))
     network = ExportedPart(reparameterize(model.eval()))
     return sum(winograd_unsupported_reason(m) is None for m in network.modules())
@@ -200,7 +200,8 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     (the dilated OS8 stages keep theirs direct) scores as the fused torch model. Direct
     convs compile through the same path (the small packages above, fresh process)."""
     wino = tmp_path / 'pspnet_winograd.pt2'
-    report = _export(seg, SEG_CONFIG, seg.ckpt, wino, SEG_MODEL, format='aoti', winograd='2')
+    report = run_export(seg, SEG_CONFIG, seg.ckpt, wino, SEG_MODEL, format='aoti',
+                        winograd='2')
     assert report['kind'] == 'segmentor' and report['input_shape'] == [1, 3, 128, 256]
     assert report['compile_s'] > 0 and report['load_s'] > 0
     meta = read_package_metadata(str(wino))
@@ -211,7 +212,7 @@ def test_segmentor_package_scores_as_deploy(seg, tmp_path):  # noqa: F811
     assert report['winograd'] == {'2': _winograd_convs(SEG_CONFIG, SEG_MODEL)}
     assert report['parity']['within']
     assert report['winograd_vs_direct'] < 1e-4
-    _no_temporary_files(tmp_path)
+    assert_no_temporary_files(tmp_path)
     assert_files_score_as_deploy(seg, tmp_path, [('aoti_winograd', wino, 'aoti')])
 
 
@@ -226,15 +227,15 @@ def test_export_refuses_requests_it_cannot_honour(seg, tmp_path, asked, message)
     out = tmp_path / ('net.pt2' if asked.get('dynamic') or asked.get('winograd') == '5'
                       else 'net.onnx')
     with pytest.raises(MMRepVGGError, match=message):
-        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, **asked)
+        run_export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, **asked)
     assert not osp.exists(out)
-    _no_temporary_files(tmp_path)
+    assert_no_temporary_files(tmp_path)
 
 
 def test_test_tool_refuses_a_package_without_export_metadata(
         seg, tmp_path, packages):  # noqa: F811
     _, _, made = packages
     with pytest.raises(MMRepVGGError, match='was not written by tools/export.py'):
-        _test_tool(seg, SEG_CONFIG, made['direct']['path'], tmp_path / 'w', tmp_path / 'o',
-                   SEG_MODEL, backend='aoti')
+        run_test(seg, SEG_CONFIG, made['direct']['path'], tmp_path / 'w', tmp_path / 'o',
+                 SEG_MODEL, backend='aoti')
     shutil.rmtree(tmp_path / 'w', ignore_errors=True)

@@ -14,6 +14,8 @@ import onnx
 import pytest
 import torch
 
+from helpers import (MMPRETRAIN_NAMES, OFFICIAL_NAMES, SEG_CONFIG, SEG_MODEL, TIMM_NAMES,
+                     rename, run_convert, run_entry, run_export)
 from mmrepvgg import RepVGG, apis, load_file, reparameterize
 from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.checkpoint import describe_checkpoint
@@ -22,9 +24,6 @@ from mmrepvgg.deploy import load_backend
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.numerics import flatten_outputs
 from mmrepvgg.reparam import format_report, randomize_norm_stats, rounding_errors
-from test_deploy import _export
-from test_pretrained import MMPRETRAIN, OFFICIAL, TIMM, rename
-from test_tools import SEG_CONFIG, SEG_MODEL, _convert, _run
 
 SEG_OPTIONS = {'model.backbone.arch': 'A0', 'model.decode_head.in_channels': 1280,
                'model.auxiliary_head.in_channels': 192}
@@ -47,14 +46,15 @@ def releases(tmp_path_factory):
     fused = reparameterize(source).state_dict()
     head = {'weight': torch.randn(1000, 1280), 'bias': torch.zeros(1000)}
     payloads = {
-        'official_train': dict(rename(train, OFFICIAL),
+        'official_train': dict(rename(train, OFFICIAL_NAMES),
                                **{f'linear.{k}': v for k, v in head.items()}),
-        'official_deploy': dict(rename(fused, OFFICIAL),
+        'official_deploy': dict(rename(fused, OFFICIAL_NAMES),
                                 **{f'linear.{k}': v for k, v in head.items()}),
         'mmpretrain': dict(meta=dict(), state_dict=dict(
-            rename(train, MMPRETRAIN, prefix='backbone.'),
+            rename(train, MMPRETRAIN_NAMES, prefix='backbone.'),
             **{f'head.fc.{k}': v for k, v in head.items()})),
-        'timm': dict(rename(train, TIMM), **{f'head.fc.{k}': v for k, v in head.items()}),
+        'timm': dict(rename(train, TIMM_NAMES),
+                     **{f'head.fc.{k}': v for k, v in head.items()}),
     }
     paths = {}
     for kind, payload in payloads.items():
@@ -87,7 +87,7 @@ def test_export_backbone_from_a_release_file(releases, seg, kind, tmp_path):
     training-form source's within what fp32 rounding explains."""
     source, paths = releases
     out = tmp_path / 'backbone.onnx'
-    report = _export(seg, SEG_CONFIG, paths[kind], out, SEG_MODEL, part='backbone')
+    report = run_export(seg, SEG_CONFIG, paths[kind], out, SEG_MODEL, part='backbone')
     assert report['parity']['within'] and out.is_file()
     assert (report['fusion'] is None) == kind.endswith('deploy')
     probe = torch.randn(1, 3, *report['input_shape'][2:], generator=torch.Generator()
@@ -123,11 +123,11 @@ def _assert_short_and_says(message, kind, request):
 def test_tools_needing_a_whole_model_say_what_the_file_holds(releases, seg, kind, tmp_path):
     path = releases[1][kind]
     work = tmp_path / 'work'
-    message = _refusal(lambda: _run(apis.test, seg.root, SEG_CONFIG, path, mini=True,
-                                    work_dir=work, options=SEG_MODEL))
+    message = _refusal(lambda: run_entry(apis.test, seg.root, SEG_CONFIG, path, mini=True,
+                                         work_dir=work, options=SEG_MODEL))
     _assert_short_and_says(message, kind, 'testing')
     out = tmp_path / 'model.onnx'
-    message = _refusal(lambda: _export(seg, SEG_CONFIG, path, out, SEG_MODEL))
+    message = _refusal(lambda: run_export(seg, SEG_CONFIG, path, out, SEG_MODEL))
     _assert_short_and_says(message, kind, 'exporting the whole network')
     assert not work.exists() and not out.exists()
 
@@ -137,8 +137,8 @@ def test_convert_fuses_a_release_backbone(releases, seg, tmp_path):
     layout, which a deploy-form backbone loads as Pretrained."""
     source, paths = releases
     out = tmp_path / 'fused_backbone.pth'
-    printed = format_report(_convert(seg.root, SEG_CONFIG, paths['mmpretrain'], out,
-                                     SEG_MODEL))  # what tools/convert.py prints
+    printed = format_report(run_convert(seg.root, SEG_CONFIG, paths['mmpretrain'], out,
+                                        SEG_MODEL))  # what tools/convert.py prints
     assert 'fused 22 blocks' in printed and 'within fp32 rounding' in printed
     saved = load_file(out)
     info = describe_checkpoint(saved)
@@ -149,7 +149,7 @@ def test_convert_fuses_a_release_backbone(releases, seg, tmp_path):
     fused = reparameterize(source)
     for key, value in fused.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
-    message = _refusal(lambda: _convert(
+    message = _refusal(lambda: run_convert(
         seg.root, SEG_CONFIG, paths['official_deploy'], tmp_path / 'again.pth', SEG_MODEL),
         ValueError)
     assert 'fused already' in message and not (tmp_path / 'again.pth').exists()
@@ -159,13 +159,13 @@ def test_quantize_takes_a_release_file(releases, seg, tmp_path):
     """tools/quantize.py exports a checkpoint first (as tools/export.py would), then
     quantizes that network."""
     out = tmp_path / 'backbone_int8.onnx'
-    report = _run(quantize, seg.root, SEG_CONFIG, releases[1]['official_train'], out,
-                  mini=True, calib=2, part='backbone', options=SEG_MODEL)
+    report = run_entry(quantize, seg.root, SEG_CONFIG, releases[1]['official_train'], out,
+                       mini=True, calib=2, part='backbone', options=SEG_MODEL)
     assert report['quantized_ops']['QuantizeLinear'] > 0 and report['sqnr_db'] > 12
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata['mmrepvgg.part'] == 'backbone'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['backbone_int8.onnx']
-    message = _refusal(lambda: _run(quantize, seg.root, SEG_CONFIG, releases[1]['timm'],
-                                    tmp_path / 'm.onnx', mini=True, calib=1,
-                                    options=SEG_MODEL))
+    message = _refusal(lambda: run_entry(quantize, seg.root, SEG_CONFIG, releases[1]['timm'],
+                                         tmp_path / 'm.onnx', mini=True, calib=1,
+                                         options=SEG_MODEL))
     _assert_short_and_says(message, 'timm', 'exporting the whole network')

@@ -1,8 +1,8 @@
 """mmrepvgg.apis.deploy.export and apis.test with a backend (tools/export.py,
 tools/test.py --backend): the fused network leaves torch.
 
-Runs at RepVGG-A0 size on the mini data, in-process, as tests/test_tools.py does (its
-fixtures and comparison helpers are reused here).
+Runs at RepVGG-A0 size on the mini data, in-process, as tests/test_tools.py does (the
+session's trained models of tests/conftest.py, the comparisons of tests/helpers.py).
 """
 import copy
 import json
@@ -14,6 +14,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL,
+                     assert_files_score_as_deploy, assert_no_temporary_files,
+                     assert_plain_graph, assert_same_detections, det_results, fingerprint,
+                     run_entry, run_export, run_test)
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.apis.deploy import export
 from mmrepvgg.convert import build_model_from_config
@@ -21,9 +25,6 @@ from mmrepvgg.deploy import ExportedPart, ExportFailure, export_module, load_bac
 from mmrepvgg.deploy.parts import attach_backend
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.reparam import randomize_norm_stats
-from test_tools import (DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL, _det_results,
-                        _fingerprint, _run, _seg_maps, _test_tool, assert_same_detections,
-                        assert_same_segmentation)
 
 RETINA_CONFIG = osp.join(ROOT, 'configs', 'retinanet_repvgg-a2_fpn_1x_coco.py')
 RETINA_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,1280]',
@@ -31,34 +32,17 @@ RETINA_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,128
 BACKENDS = ('onnxruntime', 'openvino')
 
 
-def _export(fixture, config, ckpt, out, model_args, **kwargs):
-    """apis.deploy.export (tools/export.py) on mini data, ``kwargs`` its further
-    arguments (part, format, winograd, dynamic, check, ...): the report."""
-    return _run(export, fixture.root, config, ckpt, out, mini=True, options=model_args,
-                **kwargs)
-
-
-def _no_temporary_files(folder):
-    left = [n for n in os.listdir(folder) if n.startswith('.')]
-    assert not left, f'temporary files left behind: {left}'
-
-
-def _plain_graph(node_types):
-    """The RepVGG part fused: no batch norm and no branch sum left in the graph."""
-    assert 'BatchNormalization' not in node_types and 'Add' not in node_types, node_types
-
-
 # ------------------------------------------------------------- export and parity report
 def test_backbone_part_is_only_conv_and_relu(seg, tmp_path):
     out = tmp_path / 'backbone.onnx'
-    report = _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
+    report = run_export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
     assert report['kind'] == 'backbone' and report['fusion']['blocks'] == 22
     assert set(report['node_types']) == {'Conv', 'Relu'}, report['node_types']
     assert report['node_types'] == {'Conv': 22, 'Relu': 22}
     proto = onnx.load(str(out))
     assert all(len(n.input) == 3 for n in proto.graph.node if n.op_type == 'Conv')  # bias
     assert report['parity']['within']
-    _no_temporary_files(tmp_path)
+    assert_no_temporary_files(tmp_path)
 
 
 @pytest.mark.parametrize('se', [False, True])
@@ -75,7 +59,7 @@ def test_exported_backbone_graph_without_and_with_fusion(se, tmp_path):
         path = tmp_path / f'{name}.onnx'
         export_module(net, x, str(path))
         types[name] = {n.op_type for n in onnx.load(str(path)).graph.node}
-    _plain_graph(types['fused'])
+    assert_plain_graph(types['fused'])
     allowed = {'Conv', 'Relu'} | ({'ReduceMean', 'GlobalAveragePool', 'Sigmoid', 'Mul'}
                                   if se else set())
     assert types['fused'] <= allowed and {'Conv', 'Relu'} <= types['fused'], types
@@ -96,29 +80,13 @@ def test_export_of_a_module_whose_train_returns_none(tmp_path):
 # -------------------------------------------------------------- backends: same metrics
 def test_segmentor_backends_score_as_deploy(seg, tmp_path):
     out = tmp_path / 'pspnet.onnx'
-    report = _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL)
+    report = run_export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL)
     assert report['kind'] == 'segmentor' and report['output_names'] == ['seg_logits']
     assert report['input_shape'] == [1, 3, 128, 256]  # the mini test images
     assert report['parity']['within'] and report['torch_part'] is None
     assert 'BatchNormalization' not in report['node_types']  # head BNs folded too
-    _no_temporary_files(tmp_path)
+    assert_no_temporary_files(tmp_path)
     assert_files_score_as_deploy(seg, tmp_path, [(b, out, b) for b in BACKENDS])
-
-
-def assert_files_score_as_deploy(fixture, folder, files):
-    """tools/test.py --backend on each (name, exported file, backend) of ``files`` gives
-    the mini PSPNet's maps and metrics of tools/test.py --deploy."""
-    def test(name, ckpt, **kwargs):
-        return _test_tool(fixture, SEG_CONFIG, ckpt, folder / name, folder / f'{name}_maps',
-                          SEG_MODEL, **kwargs)
-
-    reference, _ = test('deploy', fixture.ckpt, deploy=True)
-    maps = _seg_maps(folder / 'deploy_maps')
-    for name, path, backend in files:
-        metrics, _ = test(name, path, backend=backend)
-        print(f'\nPSPNet A0 mini: torch --deploy {reference}; {name} {metrics}')
-        assert_same_segmentation(maps, _seg_maps(folder / f'{name}_maps'), reference,
-                                 metrics)
 
 
 def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args, folder,
@@ -126,17 +94,17 @@ def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args,
     """tools/test.py --backend gives the boxes and COCO metrics of torch --deploy;
     returns the test runner for more calls."""
     def test(name, path, **kwargs):
-        return _test_tool(fixture, config, path, folder / name, folder / f'{name}.pkl',
-                          model_args, **kwargs)
+        return run_test(fixture, config, path, folder / name, folder / f'{name}.pkl',
+                        model_args, **kwargs)
 
     reference, _ = test('deploy', ckpt, deploy=True)
-    boxes = _det_results(folder / 'deploy.pkl')
+    boxes = det_results(folder / 'deploy.pkl')
     for backend in backends:
         metrics, _ = test(backend, onnx_file, backend=backend)
         print(f'\n{osp.basename(config)} (A0) mini: torch --deploy {reference}; {backend} '
               f'{metrics}')
         assert metrics == reference
-        got = _det_results(folder / f'{backend}.pkl')
+        got = det_results(folder / f'{backend}.pkl')
         for img_id, ref in boxes.items():
             assert_same_detections(ref, got[img_id])
     return test
@@ -144,7 +112,7 @@ def assert_detections_match_deploy(fixture, config, ckpt, onnx_file, model_args,
 
 def test_two_stage_detector_backends_match_deploy(det, tmp_path):
     out = tmp_path / 'frcnn.onnx'
-    report = _export(det, DET_CONFIG, det.ckpt, out, DET_MODEL, dynamic=True)
+    report = run_export(det, DET_CONFIG, det.ckpt, out, DET_MODEL, dynamic=True)
     assert report['kind'] == 'two_stage' and report['input_shape'] == [None, 3, None, None]
     names = report['output_names']
     assert names[:5] == [f'feat_{i}' for i in range(5)] and len(names) == 15, names
@@ -175,7 +143,7 @@ def test_single_stage_detector_backends_match_deploy(det, tmp_path):
     ckpt = tmp_path / 'retina.pth'
     torch.save(dict(meta={}, state_dict=model.state_dict()), ckpt)
     out = tmp_path / 'retina.onnx'
-    report = _export(det, RETINA_CONFIG, ckpt, out, RETINA_MODEL, dynamic=True)
+    report = run_export(det, RETINA_CONFIG, ckpt, out, RETINA_MODEL, dynamic=True)
     assert report['kind'] == 'single_stage' and report['torch_part'] is None
     assert report['output_names'][:1] == ['cls_score_0'] and len(report['output_names']) == 10
 
@@ -242,7 +210,7 @@ def test_parity_failure_writes_nothing(seg, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, 'export_module', export_then_perturb)
     out = tmp_path / 'bad.onnx'
     with pytest.raises(MMRepVGGError, match='disagrees with the torch model'):
-        _export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
+        run_export(seg, SEG_CONFIG, seg.ckpt, out, SEG_MODEL, part='backbone')
     assert os.listdir(tmp_path) == []
 
 
@@ -276,11 +244,11 @@ def test_unsupported_op_names_the_op_and_the_module(tmp_path):
 
 def test_backend_refuses_files_that_do_not_fit(seg, det, tmp_path):
     psp = tmp_path / 'psp.onnx'
-    _export(seg, SEG_CONFIG, seg.ckpt, psp, SEG_MODEL, check=False)
+    run_export(seg, SEG_CONFIG, seg.ckpt, psp, SEG_MODEL, check=False)
 
     def test(config, path, model_args, **kwargs):
-        return _test_tool(seg, config, path, tmp_path / 'w', tmp_path / 'o', model_args,
-                          **kwargs)
+        return run_test(seg, config, path, tmp_path / 'w', tmp_path / 'o', model_args,
+                        **kwargs)
 
     with pytest.raises(MMRepVGGError, match='is not an ONNX model'):
         test(SEG_CONFIG, seg.ckpt, SEG_MODEL, backend='onnxruntime')
@@ -324,16 +292,16 @@ def test_input_size_the_network_cannot_take_says_what_would(seg, tmp_path):
     out = tmp_path / 'unet.onnx'
     with pytest.raises(MMRepVGGError, match=r'cannot take a 1x3x60x60 input .*multiples of '
                                          r'the feature stride 32, e.g. --shape 64 64'):
-        _run(export, seg.root, config, ckpt, out, shape=[60, 60])
+        run_entry(export, seg.root, config, ckpt, out, shape=[60, 60])
     assert sorted(os.listdir(tmp_path)) == ['unet.pth']
 
 
 def test_export_never_overwrites_the_checkpoint(seg, tmp_path):
     same = tmp_path / 'model.onnx'
     same.write_bytes(seg.ckpt.read_bytes())
-    before = _fingerprint(same)
+    before = fingerprint(same)
     with pytest.raises(MMRepVGGError, match='is the input checkpoint'):
-        _export(seg, SEG_CONFIG, same, same, SEG_MODEL)
-    assert _fingerprint(same) == before
+        run_export(seg, SEG_CONFIG, same, same, SEG_MODEL)
+    assert fingerprint(same) == before
     with pytest.raises(MMRepVGGError, match='must end with .onnx'):
-        _export(seg, SEG_CONFIG, seg.ckpt, tmp_path / 'model.pth', SEG_MODEL)
+        run_export(seg, SEG_CONFIG, seg.ckpt, tmp_path / 'model.pth', SEG_MODEL)

@@ -13,13 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import ROOT, SEG_CONFIG, SEG_MODEL, TEST, TINY
 from mmrepvgg.errors import MMRepVGGError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
-A0 = ['model.backbone.arch=A0', 'model.decode_head.in_channels=1280',
-      'model.auxiliary_head.in_channels=192', 'test_dataloader.dataset.indices=2',
-      'env_cfg.dist_cfg.backend=gloo']
+A0 = SEG_MODEL + TEST + ['env_cfg.dist_cfg.backend=gloo']
 METRIC = re.compile(r'Iter\((val|test)\) \[\d+/\d+\]\s+aAcc: ([\d.]+)\s+mIoU: ([\d.]+)'
                     r'\s+mAcc: ([\d.]+)')
 
@@ -63,7 +60,7 @@ def _metrics(output, kind):
 def test_two_process_gloo_train_then_deploy_test(mini_root, tmp_path):
     work_dir = str(tmp_path / 'dist')
     train_out, train_wall = _run('dist_train.sh', [
-        CONFIG, '2', '--mini', '--work-dir', work_dir, '--cfg-options',
+        SEG_CONFIG, '2', '--mini', '--work-dir', work_dir, '--cfg-options',
         'train_cfg.max_iters=2', 'train_dataloader.batch_size=2', 'randomness.seed=0'] + A0,
         mini_root)
     tail = train_out[-6000:]
@@ -74,7 +71,7 @@ def test_two_process_gloo_train_then_deploy_test(mini_root, tmp_path):
     _metrics(train_out, 'val')  # validation at the last iteration ran
 
     test_out, test_wall = _run('dist_test.sh', [
-        CONFIG, os.path.join(work_dir, 'iter_2.pth'), '2', '--deploy', '--mini',
+        SEG_CONFIG, os.path.join(work_dir, 'iter_2.pth'), '2', '--deploy', '--mini',
         '--work-dir', work_dir, '--out', str(tmp_path / 'maps_dist'), '--cfg-options'] + A0,
         mini_root)
     print(f'\nDDP (2 processes, gloo, CPU) wall time: dist_train.sh {train_wall:.1f} s, '
@@ -92,7 +89,7 @@ def test_two_process_gloo_train_then_deploy_test(mini_root, tmp_path):
     # own running statistics there, while the checkpoint holds rank 0's.)
     # On the CPU too, in a process of its own (as the distributed ranks ran).
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'test.py'), CONFIG,
+        [sys.executable, os.path.join(ROOT, 'tools', 'test.py'), SEG_CONFIG,
          os.path.join(work_dir, 'iter_2.pth'), '--mini', '--work-dir', str(tmp_path / 'single'),
          '--out', str(tmp_path / 'maps_single'), '--cfg-options'] + A0[:-1],
         cwd=mini_root, env=dict(os.environ, **CPU_ONLY), stdout=subprocess.PIPE,
@@ -135,18 +132,15 @@ def test_mpi_launcher_takes_the_local_rank_from_mpirun(variable, monkeypatch):
     monkeypatch.setenv('LOCAL_RANK', '0')  # recorded, so the test leaves it as it was
     monkeypatch.delenv('LOCAL_RANK')
     monkeypatch.setenv(variable, '3')
-    assert load_config(CONFIG, launcher='mpi', local_rank=0).launcher == 'mpi'
+    assert load_config(SEG_CONFIG, launcher='mpi', local_rank=0).launcher == 'mpi'
     assert os.environ['LOCAL_RANK'] == '3'
     monkeypatch.delenv('LOCAL_RANK')
     monkeypatch.delenv(variable)
     with pytest.raises(MMRepVGGError, match='not started by mpirun'):
-        load_config(CONFIG, launcher='mpi', local_rank=0)
+        load_config(SEG_CONFIG, launcher='mpi', local_rank=0)
 
 
 # --- The backbone alone in two processes (torch.multiprocessing.spawn, gloo, CPU) ---------
-
-# A few blocks of every kind (identity or not, grouped): each process starts in seconds.
-TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25,) * 4, groups={2: 2})
 
 
 def _spawn(worker, *args):

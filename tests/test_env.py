@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
+from helpers import SEG_CONFIG, SEG_MODEL, TRAIN, run_entry, run_tools
 from mmrepvgg import apis, env
 from mmrepvgg.ops.winograd_kernel import winograd_check
 from mmrepvgg.errors import MMRepVGGError
-from test_tools import SEG_CONFIG, SEG_MODEL, TRAIN, _run, run_tools
 
 
 @pytest.fixture
@@ -122,6 +122,6 @@ def test_training_refuses_to_fall_back_to_the_cpu(old_driver, mini_root, tmp_pat
     work = tmp_path / 'work'
     with pytest.raises(MMRepVGGError, match=r'cannot use it: it needs an NVIDIA driver >= '
                                          r'580\.65\.06.*CUDA_VISIBLE_DEVICES='):
-        _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
-             options=TRAIN + SEG_MODEL)
+        run_entry(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
+                  options=TRAIN + SEG_MODEL)
     assert not any(work.glob('**/*.pth'))

@@ -6,7 +6,6 @@ loops actually used (the training model, or the hook's fused copy).
 """
 import copy
 import glob
-import os.path as osp
 import uuid
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
+from helpers import A0_BLOCKS, log_text
 from mmrepvgg.engine.hooks import ReparamHook  # importing mmrepvgg registers it
 from mmrepvgg.models import RepVGG, RepVGGBlock
 from mmrepvgg.numerics import output_error
@@ -28,7 +28,6 @@ from mmrepvgg.reparam import (count_unfused, format_report, fuse_and_report,
 
 TOY_MODEL = 'MMRepVGGTestHookToyNet'
 TOY_METRIC = 'MMRepVGGTestHookToyAccuracy'
-A0_BLOCKS = 1 + 2 + 4 + 14 + 1  # stem + stages 1-4
 SIZE = 32  # A0 reduces 32x32 to 1x1: the smallest input every stage accepts
 
 EVENTS = []  # (mode, blocks still in training form, id of the model) per forward
@@ -102,12 +101,6 @@ def _runner(work_dir, hooks=(), load_from=None, max_iters=4, val_interval=2,
             type='CheckpointHook', interval=val_interval, by_epoch=False)),
         custom_hooks=list(hooks), load_from=load_from,
         randomness=dict(seed=0), log_level='INFO')
-
-
-def _log_text(work_dir):
-    files = glob.glob(osp.join(str(work_dir), '*', '*.log'))
-    assert files, f'no log file under {work_dir}'
-    return '\n'.join(open(f).read() for f in files)
 
 
 def _blocks(model):
@@ -209,7 +202,7 @@ def test_validation_during_training_never_fuses_the_training_model(
     assert all(b.dense is not None and b.fused is None for b in _blocks(model))
 
     val_steps = [e for e in events if e[0] == 'predict']
-    log = _log_text(tmp_path)
+    log = log_text(tmp_path)
     if fuse_val:
         # Validation ran on a fused copy, not on the training model.
         assert all(unfused == 0 and mid != id(model) for _, unfused, mid in val_steps)
@@ -259,7 +252,7 @@ def test_before_test_fuses_after_the_checkpoint_is_loaded(tmp_path, trained, eve
     inputs = _val_inputs(model)
     with torch.no_grad():
         assert fused_weight_errors(plain.model.eval(), model, inputs, _logits)['within']
-    log = _log_text(tmp_path / 'hook')
+    log = log_text(tmp_path / 'hook')
     params_before = sum(p.numel() for p in plain.model.parameters())
     params_after = sum(p.numel() for p in model.parameters())
     assert params_after < params_before
@@ -383,7 +376,7 @@ def test_fuse_val_validates_the_fused_ema_weights(tmp_path, events, val_logits,
                     hooks=[ema, dict(type='mmrepvgg.ReparamHook', probe_size=SIZE,
                                      fuse_val=True)])
     fused.train()
-    assert 'validating a fused copy of the EMA weights' in _log_text(tmp_path / 'fused')
+    assert 'validating a fused copy of the EMA weights' in log_text(tmp_path / 'fused')
     # The last validation scored the fused EMA weights: within rounding of the same
     # weights unfused, which is what the run without ReparamHook validated.
     averaged = _ema_hook(fused).ema_model.module

@@ -15,16 +15,15 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from mmrepvgg import apis
+from helpers import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, assert_no_temporary_files,
+                     assert_plain_graph, assert_same_segmentation, log_text, parse_options,
+                     run_convert, run_entry, run_export, run_test, seg_maps,
+                     train_one_iteration, working_dir)
 from mmrepvgg.apis.config import load_config
 from mmrepvgg.apis.deploy import quantize
 from mmrepvgg.deploy import load_backend
 from mmrepvgg.deploy.quantize import calibration_inputs, sqnr_db
 from mmrepvgg.errors import MMRepVGGError
-from test_deploy import _export, _no_temporary_files, _plain_graph
-from test_tools import (DET_CONFIG, DET_MODEL, SEG_CONFIG, SEG_MODEL, TRAIN, _convert, _cwd,
-                        _log_text, _options, _run, _seg_maps, _test_tool,
-                        assert_same_segmentation)
 
 QA_MODEL = SEG_MODEL + ['model.backbone.block=qa']
 
@@ -33,19 +32,18 @@ QA_MODEL = SEG_MODEL + ['model.backbone.block=qa']
 def qa_seg(mini_root, tmp_path_factory):
     """A QARepVGG-A0 PSPNet after one iteration, and its fp32 ONNX export."""
     work = tmp_path_factory.mktemp('qa_train')
-    _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
-         options=TRAIN + QA_MODEL)
-    fixture = SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
+    ckpt = train_one_iteration(mini_root, work, SEG_CONFIG, QA_MODEL)
+    fixture = SimpleNamespace(root=mini_root, work=work, ckpt=ckpt)
     fixture.onnx = work / 'pspnet.onnx'
-    _export(fixture, SEG_CONFIG, fixture.ckpt, fixture.onnx, QA_MODEL)
+    run_export(fixture, SEG_CONFIG, fixture.ckpt, fixture.onnx, QA_MODEL)
     return fixture
 
 
 def _quantize(fixture, model, output, model_args=QA_MODEL, **kwargs):
     """apis.deploy.quantize (tools/quantize.py) on mini data, ``kwargs`` its further
     arguments (calib, method, per_channel, ...): the report."""
-    return _run(quantize, fixture.root, SEG_CONFIG, model, output, mini=True,
-                options=model_args, **kwargs)
+    return run_entry(quantize, fixture.root, SEG_CONFIG, model, output, mini=True,
+                     options=model_args, **kwargs)
 
 
 def _metadata(path):
@@ -55,24 +53,24 @@ def _metadata(path):
 # ------------------------------------------------------------- QA block through the tools
 def test_qa_pspnet_deploys_converts_and_exports_as_plain_convs(qa_seg, tmp_path):
     def test(ckpt, name, **kwargs):
-        return _test_tool(qa_seg, SEG_CONFIG, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', QA_MODEL, **kwargs)
+        return run_test(qa_seg, SEG_CONFIG, ckpt, tmp_path / name,
+                        tmp_path / f'{name}_maps', QA_MODEL, **kwargs)
 
     plain, _ = test(qa_seg.ckpt, 'plain')
     deploy, deploy_work = test(qa_seg.ckpt, 'deploy', deploy=True)
-    assert 'ReparamHook: fused 22 blocks' in _log_text(deploy_work)
+    assert 'ReparamHook: fused 22 blocks' in log_text(deploy_work)
     fused = tmp_path / 'fused.pth'
-    _convert(qa_seg.root, SEG_CONFIG, qa_seg.ckpt, fused, QA_MODEL)
+    run_convert(qa_seg.root, SEG_CONFIG, qa_seg.ckpt, fused, QA_MODEL)
     converted, _ = test(fused, 'converted', deploy=True)
-    reference = _seg_maps(tmp_path / 'plain_maps')
-    assert_same_segmentation(reference, _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
-    assert_same_segmentation(reference, _seg_maps(tmp_path / 'converted_maps'), plain,
+    reference = seg_maps(tmp_path / 'plain_maps')
+    assert_same_segmentation(reference, seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+    assert_same_segmentation(reference, seg_maps(tmp_path / 'converted_maps'), plain,
                              converted)
 
-    report = _export(qa_seg, SEG_CONFIG, qa_seg.ckpt, tmp_path / 'backbone.onnx', QA_MODEL,
-                     part='backbone')
+    report = run_export(qa_seg, SEG_CONFIG, qa_seg.ckpt, tmp_path / 'backbone.onnx', QA_MODEL,
+                        part='backbone')
     assert report['node_types'] == {'Conv': 22, 'Relu': 22}
-    _plain_graph(report['node_types'])
+    assert_plain_graph(report['node_types'])
     assert report['parity']['within']
 
 
@@ -80,7 +78,7 @@ def test_qa_pspnet_deploys_converts_and_exports_as_plain_convs(qa_seg, tmp_path)
 def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, tmp_path):
     out = tmp_path / 'pspnet_int8.onnx'
     report = _quantize(qa_seg, qa_seg.onnx, out, calib=2)
-    _no_temporary_files(tmp_path)
+    assert_no_temporary_files(tmp_path)
     assert report['calibration_images'] == 2
     assert report['quantized_ops']['QuantizeLinear'] > 0
     meta = _metadata(out)
@@ -107,9 +105,9 @@ def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, t
     # calibration images far closer than noise would (a broken range gives <= 0 dB);
     # 8-bit quantization of ~30 stacked layers keeps tens of dB.
     assert report['sqnr_db'] > 12, report['sqnr_db']
-    with _cwd(qa_seg.root):  # the mini data's paths are relative
+    with working_dir(qa_seg.root):  # the mini data's paths are relative
         # the config as tools/quantize.py CONFIG ... --mini --cfg-options QA_MODEL reads it
-        cfg = load_config(SEG_CONFIG, cfg_options=_options(QA_MODEL), mini=True)
+        cfg = load_config(SEG_CONFIG, cfg_options=parse_options(QA_MODEL), mini=True)
         images = calibration_inputs(cfg, 2)
         # training images read through the test pipeline: the exported shape, not crops
         train = calibration_inputs(cfg, 3, 'train')
@@ -121,10 +119,10 @@ def test_int8_pspnet_is_written_calibrated_and_scored_in_both_backends(qa_seg, t
     assert abs(sqnr - report['sqnr_db']) < 1e-6
 
     for backend in ('onnxruntime', 'openvino'):
-        metrics, work = _test_tool(qa_seg, SEG_CONFIG, out, tmp_path / backend,
-                                   tmp_path / f'{backend}_maps', QA_MODEL, backend=backend)
+        metrics, work = run_test(qa_seg, SEG_CONFIG, out, tmp_path / backend,
+                                 tmp_path / f'{backend}_maps', QA_MODEL, backend=backend)
         assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics) and metrics['aAcc'] > 0
-        assert 'testing the INT8 (QDQ) model' in _log_text(work)
+        assert 'testing the INT8 (QDQ) model' in log_text(work)
 
 
 def _activation_scales(path):
@@ -166,7 +164,7 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
         with pytest.raises(MMRepVGGError) as err:
             _quantize(qa_seg, model, out, model_args, **kwargs)
         assert not out.exists()
-        _no_temporary_files(tmp_path)
+        assert_no_temporary_files(tmp_path)
         return str(err.value)
 
     # a calibration set larger than the data
@@ -193,11 +191,11 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     junk.write_bytes(b'not a model')
     assert 'is not an ONNX model' in refused(junk, calib=1)
     with pytest.raises(MMRepVGGError, match='OUTPUT is the input file'):
-        _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, mini=True, calib=1,
-             options=QA_MODEL)
+        run_entry(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, qa_seg.onnx, mini=True,
+                  calib=1, options=QA_MODEL)
     with pytest.raises(MMRepVGGError, match='must end with .onnx'):
-        _run(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth', mini=True,
-             calib=1, options=QA_MODEL)
+        run_entry(quantize, qa_seg.root, SEG_CONFIG, qa_seg.onnx, tmp_path / 'int8.pth',
+                  mini=True, calib=1, options=QA_MODEL)
     assert not (tmp_path / 'int8.pth').exists()
 
 
@@ -206,25 +204,25 @@ def test_int8_two_stage_detector_keeps_its_roi_head_weights(det, tmp_path):  # n
     images differ) beside the output, quantizes it and keeps only the INT8 file and the
     RoI head's weights."""
     out = tmp_path / 'frcnn_int8.onnx'
-    report = _run(quantize, det.root, DET_CONFIG, det.ckpt, out, mini=True, calib=2,
-                  options=DET_MODEL)
+    report = run_entry(quantize, det.root, DET_CONFIG, det.ckpt, out, mini=True, calib=2,
+                       options=DET_MODEL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['frcnn_int8.onnx',
                                                           'frcnn_int8.torch.pth']
     assert report['torch_part'] == str(tmp_path / 'frcnn_int8.torch.pth')
     meta = _metadata(out)
     assert meta['mmrepvgg.torch_part'] == 'frcnn_int8.torch.pth'
     assert json.loads(meta['mmrepvgg.input_shape']) == [None, 3, None, None]
-    metrics, _ = _test_tool(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
-                            DET_MODEL, backend='onnxruntime')
+    metrics, _ = run_test(det, DET_CONFIG, out, tmp_path / 'ort', tmp_path / 'ort.pkl',
+                          DET_MODEL, backend='onnxruntime')
     assert 'coco/bbox_mAP' in metrics
 
 
 def test_quantization_report_scores_every_form(qa_seg, tmp_path):
     from mmrepvgg.benchmark.quantization_report import quantization_study
-    with _cwd(qa_seg.root):  # what tools/quantization_report.py runs
+    with working_dir(qa_seg.root):  # what tools/quantization_report.py runs
         results = quantization_study(SEG_CONFIG, str(qa_seg.ckpt), str(tmp_path), calib=2,
                                      methods=['minmax'], sqnr_images=2, mini=True,
-                                     cfg_options=_options(QA_MODEL))
+                                     cfg_options=parse_options(QA_MODEL))
     metrics = results['metrics']
     assert list(metrics) == ['torch fp32', 'torch fused fp32', 'onnxruntime fp32',
                              'onnxruntime int8 minmax']

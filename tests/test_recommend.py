@@ -9,11 +9,11 @@ import time
 
 import pytest
 
+from helpers import ROOT, SEG_CONFIG, SEG_MODEL, parse_options, working_dir
 from mmrepvgg.benchmark.timing import Candidate, Progress, benchmark_interleaved
 from mmrepvgg.benchmark.recommend import cpu_class, format_recommendation, recommend
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.reparam import rounding_bound
-from test_tools import ROOT, SEG_CONFIG, SEG_MODEL, _cwd, _options
 
 FORMS = (('eager', 'fp32'), ('onnxruntime', 'fp32'), ('eager', 'bf16'),
          ('onnxruntime-int8', 'int8'))
@@ -25,7 +25,7 @@ def test_recommendation_is_the_fastest_form_within_the_budget(seg, capsys):
     cwd = os.getcwd()
     os.chdir(seg.root)
     try:
-        result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=_options(SEG_MODEL),
+        result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=parse_options(SEG_MODEL),
                            mini=True, max_drop=1e-3, forms=FORMS, repeats=2, warmup=1)
     finally:
         os.chdir(cwd)
@@ -73,8 +73,8 @@ def test_metric_budget_is_in_points_of_the_configs_metric(seg, capsys):
     data (eager bf16 through tools/test.py --deploy --precision bf16, INT8 through
     export, quantize and test --backend), the drop measured from eager fp32. A time
     limit shorter than any call leaves one timed run per form, after the warm-up."""
-    with _cwd(seg.root):
-        result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=_options(SEG_MODEL),
+    with working_dir(seg.root):
+        result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=parse_options(SEG_MODEL),
                            mini=True, forms=METRIC_FORMS, repeats=3, warmup=1,
                            time_limit=1e-6, metric=True)
     assert result['metric'] == 'mIoU' and result['max_drop'] == 0.5
@@ -150,7 +150,7 @@ def test_one_at_a_time_sets_up_each_candidate_after_the_last_is_released():
 
 
 def test_metric_without_the_test_data_names_it_and_suggests_mini(tmp_path):
-    with _cwd(tmp_path), pytest.raises(MMRepVGGError) as error:
+    with working_dir(tmp_path), pytest.raises(MMRepVGGError) as error:
         recommend(SEG_CONFIG, 'trained.pth', metric=True)
     message = str(error.value)
     assert 'data/cityscapes/' in message and 'leftImg8bit/val' in message

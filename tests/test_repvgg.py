@@ -6,6 +6,7 @@ import torch
 from mmengine.model import revert_sync_batchnorm
 from torch import nn
 
+from helpers import TINY
 from mmrepvgg import QARepVGGBlock, RepVGG, RepVGGBlock, reparameterize
 from mmrepvgg.models import ARCH_SETTINGS, arch_channels
 from mmrepvgg.reparam import (FUSION_MARGIN, assert_fusion_exact, count_parameters,
@@ -355,10 +356,6 @@ def test_frozen_stages_and_norm_eval():
     assert all(p.requires_grad for p in model.stage3.parameters())
     assert not model.stage1.training
     assert model.stage3.training and not model.stage3[0].dense.bn.training
-
-
-# A few blocks of every kind (identity or not, grouped), for tests that run in seconds.
-TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25,) * 4, groups={2: 2})
 
 
 def _count_block_calls(model):

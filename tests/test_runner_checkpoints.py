@@ -8,7 +8,7 @@ validation (CheckpointHook's save_best file), and one trained with EMAHook and -
 weights-only) after ``import mmrepvgg``, by tools/test.py, and by
 ``tools/train.py --resume CKPT``. The other things mmengine can put into a checkpoint
 (every scheduler state, EMA variants, the AMP loss scaler) are covered on a toy Runner
-in test_compat.py.
+in test_weights_only_loading.py.
 """
 from types import SimpleNamespace
 
@@ -20,13 +20,13 @@ from mmengine.hooks import Hook
 from mmengine.logging import HistoryBuffer
 from mmengine.registry import HOOKS
 
+from helpers import (DET_CONFIG, SEG_CONFIG, SEG_MODEL, TEST, TRAIN, fingerprint, log_text,
+                     run_entry, working_dir)
 from mmrepvgg import apis  # importing mmrepvgg first, as tools/test.py and train.py do
 from mmrepvgg.apis.config import apply_amp, apply_mini
 from mmrepvgg.engine.optim_wrapper import CPUAmpOptimWrapper
 from mmrepvgg.errors import MMRepVGGError
 # the mini PSPNet settings and the in-process runner of the tools' own tests
-from test_tools import (DET_CONFIG, SEG_CONFIG, SEG_MODEL, TEST, TRAIN, _cwd, _fingerprint,
-                        _log_text, _run)
 
 # Heads of 16 channels instead of 512: the checkpoint's contents are what matters here.
 MODEL = SEG_MODEL + ['model.decode_head.channels=16', 'model.auxiliary_head.channels=16']
@@ -68,12 +68,12 @@ def runs(mini_root, tmp_path_factory):
     folder = tmp_path_factory.mktemp('runner_ckpts')
     # fp32, validated after iteration 2 with save_best
     plain = _config(folder, 'plain', [dict(type='SaveInitialCheckpointHook')])
-    _run(apis.train, mini_root, plain, mini=True, work_dir=folder / 'plain',
-         options=MODEL + TRAIN_VAL)
+    run_entry(apis.train, mini_root, plain, mini=True, work_dir=folder / 'plain',
+              options=MODEL + TRAIN_VAL)
     # EMAHook and --amp: one iteration, no validation
     ema = _config(folder, 'ema_amp', [dict(type='EMAHook')])
-    _run(apis.train, mini_root, ema, mini=True, amp=True, work_dir=folder / 'ema_amp',
-         options=TRAIN + MODEL)
+    run_entry(apis.train, mini_root, ema, mini=True, amp=True, work_dir=folder / 'ema_amp',
+              options=TRAIN + MODEL)
     return SimpleNamespace(root=mini_root, ema=ema, work=folder)
 
 
@@ -126,20 +126,20 @@ def test_plain_torch_load(runs, name):
 def test_tools_test_loads_it(runs, name, tmp_path):
     path, config, _, _ = _checkpoint(runs, name)
     work = tmp_path / 'test'
-    metrics = _run(apis.test, runs.root, config, path, mini=True, work_dir=work,
-                   options=TEST + MODEL)
+    metrics = run_entry(apis.test, runs.root, config, path, mini=True, work_dir=work,
+                        options=TEST + MODEL)
     assert {'aAcc', 'mIoU', 'mAcc'} <= set(metrics)
-    assert f'Load checkpoint from {path}' in _log_text(work)
+    assert f'Load checkpoint from {path}' in log_text(work)
 
 
 @pytest.mark.parametrize('name', sorted(CHECKPOINTS))
 def test_tools_train_resumes_from_it(runs, name, tmp_path):
     path, config, iteration, resume_args = _checkpoint(runs, name)
-    before = _fingerprint(path)
+    before = fingerprint(path)
     work = tmp_path / 'resume'
-    _run(apis.train, runs.root, config, mini=True, work_dir=work, resume=path, **resume_args,
-         options=TRAIN + MODEL + [f'train_cfg.max_iters={iteration + 1}'])
-    log = _log_text(work)
+    run_entry(apis.train, runs.root, config, mini=True, work_dir=work, resume=path,
+              **resume_args, options=TRAIN + MODEL + [f'train_cfg.max_iters={iteration + 1}'])
+    log = log_text(work)
     assert f'resumed epoch: 0, iter: {iteration}' in log
     # only the one remaining iteration ran, and its checkpoint loads too
     assert sorted(p.name for p in work.glob('iter_*.pth')) == [f'iter_{iteration + 1}.pth']
@@ -147,7 +147,7 @@ def test_tools_train_resumes_from_it(runs, name, tmp_path):
     assert ckpt['meta']['iter'] == iteration + 1
     if name == 'ema_amp':  # the average went on from the checkpoint's
         assert int(ckpt['ema_state_dict']['steps']) == iteration + 1
-    assert _fingerprint(path) == before  # the source is never touched
+    assert fingerprint(path) == before  # the source is never touched
 
 
 # ------------------------------------------------------------------- dataset_meta of mmdet
@@ -158,7 +158,7 @@ def test_mmdet_dataset_meta_loads(mini_root, tmp_path):
     from mmseg.registry import DATASETS as SEG_DATASETS
     cfg = Config.fromfile(DET_CONFIG)
     apply_mini(cfg)
-    with _cwd(mini_root):  # the metainfo is all that is used: no pipeline
+    with working_dir(mini_root):  # the metainfo is all that is used: no pipeline
         coco = DET_DATASETS.build(dict(cfg.train_dataloader.dataset, pipeline=[]))
     metas = {'mini_coco': coco.metainfo}
     for registry in (DET_DATASETS, SEG_DATASETS):

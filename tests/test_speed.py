@@ -1,30 +1,26 @@
 """Behaviour of the inference recipes, the benchmark harness, the benchmark run of
-mmrepvgg.apis and the command line tools/benchmark.py (never their timings)."""
+mmrepvgg.benchmark and the command line tools/benchmark.py (never their timings)."""
 import copy
 import json
-import os.path as osp
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from helpers import ROOT, TINY
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.benchmark import models as benchmark_models
-from mmrepvgg.benchmark.timing import (Candidate, benchmark_interleaved, count_conv_flops,
-                                     peak_memory, summarize)
 from mmrepvgg.benchmark.models import prepare_specs, repvgg_specs
 from mmrepvgg.benchmark.report import format_report
-from mmrepvgg.benchmark.run import (BenchmarkOptions, make_candidates,
-                                         openvino_bf16_note, run_benchmark)
+from mmrepvgg.benchmark.run import (BenchmarkOptions, make_candidates, openvino_bf16_note,
+                                    run_benchmark)
+from mmrepvgg.benchmark.timing import (Candidate, benchmark_interleaved, count_conv_flops,
+                                       peak_memory, summarize)
 from mmrepvgg.numerics import fp32_math, output_error
 from mmrepvgg.ops.inference import MODES, optimize_for_inference
 from mmrepvgg.ops.winograd import convert_to_winograd
 from mmrepvgg.reparam import rounding_bound, rounding_errors
-
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TINY = dict(num_blocks=(1, 2, 1, 1), width_factors=(0.25, 0.25, 0.25, 0.25),
-            groups={2: 2})
 
 
 def run_tool(*argv):

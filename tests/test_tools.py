@@ -5,13 +5,9 @@ Everything runs in-process at RepVGG-A0 size (1 training iteration, 2 val images
 the session's mini data folder as the working directory, as `--mini` expects; the tools
 themselves run as processes only where their command line is what is tested.
 """
-import argparse
-import contextlib
 import glob
-import hashlib
 import os
 import os.path as osp
-import pickle
 import re
 import shutil
 import subprocess
@@ -22,184 +18,35 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from mmengine.config import Config, DictAction
-from PIL import Image
+from mmengine.config import Config
 
-from mmrepvgg import apis, load_file
-from mmrepvgg.convert import build_model_from_config, convert_release, fuse_checkpoint
+from helpers import (A0_BLOCKS, DET_CONFIG, DET_MODEL, ROOT, SEG_CONFIG, SEG_MODEL, TEST,
+                     TRAIN, assert_resumed_from_iter_1, assert_same_detections,
+                     assert_same_segmentation, det_results, fingerprint, load_state, log_text,
+                     parse_options, run_convert, run_convert_release, run_entry, run_test,
+                     run_tools, seg_maps, working_dir)
+from mmrepvgg import apis
+from mmrepvgg.convert import build_model_from_config
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.models import RepVGG
 from mmrepvgg.reparam import (assert_fusion_exact, format_report, fusion_errors,
                               reparameterize)
 
-ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
-SEG_CONFIG = osp.join(ROOT, 'configs', 'pspnet_repvgg_b1g2_cityscapes.py')
-DET_CONFIG = osp.join(ROOT, 'configs', 'faster-rcnn_repvgg-a2_fpn_1x_coco.py')
 R50_CONFIG = osp.join(ROOT, 'configs', 'pspnet_r50_cityscapes.py')
-A0_BLOCKS = 22  # stem + 2 + 4 + 14 + 1
 
-# RepVGG-A0 stage channels are (48, 96, 192, 1280).
-SEG_MODEL = ['model.backbone.arch=A0', 'model.decode_head.in_channels=1280',
-             'model.auxiliary_head.in_channels=192']
-DET_MODEL = ['model.backbone.arch=A0', 'model.neck.in_channels=[48,96,192,1280]',
-             # every box kept, so the predictions compared are not empty; 100 proposals
-             # instead of 1000 keep the CPU NMS fast
-             'model.test_cfg.rcnn.score_thr=0.0', 'model.test_cfg.rpn.max_per_img=100']
-TEST = ['test_dataloader.dataset.indices=2']
-# One iteration, batch 2, no validation at the end (the tests run the test entry point).
-TRAIN = ['train_cfg.max_iters=1', 'train_dataloader.batch_size=2', 'randomness.seed=0',
-         'val_dataloader=None', 'val_cfg=None', 'val_evaluator=None']
-
-
-@contextlib.contextmanager
-def _cwd(path):
-    old = os.getcwd()
-    os.chdir(str(path))
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-def _options(pairs):
-    """'key=value' strings (SEG_MODEL, TRAIN, ...) as the cfg_options dict the tools'
-    --cfg-options makes of them (mmengine's DictAction parses them)."""
-    namespace = argparse.Namespace()
-    DictAction(option_strings=[], dest='options')(None, namespace, [str(p) for p in pairs])
-    return namespace.options
-
-
-def _str(value):
-    return str(value) if isinstance(value, os.PathLike) else value
-
-
-def _run(fn, root, *args, options=(), **kwargs):
-    """A package entry point (``apis.train``, ``apis.test``, ``export``, ``quantize``)
-    with `root` as cwd. ``options`` ('key=value' strings) are merged over ``cfg_options``
-    (a dict), after a unique experiment name (runners built in the same second would
-    otherwise share mmengine's logger instance). Paths may be given as Path objects."""
-    cfg_options = dict(kwargs.pop('cfg_options', None) or {})
-    cfg_options.update(_options([f'experiment_name=t{uuid.uuid4().hex[:8]}', *options]))
-    args = [_str(a) for a in args]
-    kwargs = {k: _str(v) for k, v in kwargs.items()}
-    with _cwd(root):
-        return fn(*args, cfg_options=cfg_options, **kwargs)
-
-
-def _convert(root, config, checkpoint, output, options=(), probe=True):
-    """What tools/convert.py CONFIG CHECKPOINT OUTPUT does, with `root` as cwd: the
-    fusion report (tools/convert.py prints its format_report)."""
-    with _cwd(root):
-        return fuse_checkpoint(str(config), str(checkpoint), str(output), probe=probe,
-                               cfg_options=_options(options) or None)
-
-
-def _convert_release(root, checkpoint, output):
-    """What tools/convert.py --release RELEASE OUTPUT does, with `root` as cwd."""
-    with _cwd(root):
-        return convert_release(str(checkpoint), str(output))
-
-
-def run_tools(*commands, cwd=ROOT, env=None, timeout=300):
-    """tools/NAME.py ARGS... for each (NAME, *ARGS) of ``commands``, as processes started
-    side by side (each spends seconds importing): their (returncode, stdout, stderr)."""
-    procs = [subprocess.Popen([sys.executable, osp.join(ROOT, 'tools', f'{name}.py'),
-                               *map(str, args)], cwd=str(cwd), env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-             for name, *args in commands]
-    results = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for other in procs:
-                other.kill()
-            raise
-        results.append(SimpleNamespace(returncode=proc.returncode, stdout=stdout,
-                                       stderr=stderr))
-    return results
-
-
-def _log_text(work_dir):
-    files = glob.glob(osp.join(str(work_dir), '*', '*.log'))
-    assert files, f'no log file under {work_dir}'
-    return '\n'.join(open(f).read() for f in files)
-
-
-def _fingerprint(path):
-    st = os.stat(path)
-    with open(path, 'rb') as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return st.st_size, st.st_mtime_ns, digest
-
-
-def _state(path):
-    return load_file(str(path))  # weights_only=True with mmengine's types allowed
-
-
-# ------------------------------------------- what the session fixtures of conftest.py train
-def train_seg(mini_root, tmp_path_factory):
-    """PSPNet RepVGG-A0 after one training iteration, and its fused conversion (the
-    session's ``seg`` fixture, tests/conftest.py)."""
-    work = tmp_path_factory.mktemp('seg_train')
-    _run(apis.train, mini_root, SEG_CONFIG, mini=True, work_dir=work,
-         options=TRAIN + SEG_MODEL)
-    ckpt = work / 'iter_1.pth'
-    out_dir = tmp_path_factory.mktemp('seg_fused')
-    fused = out_dir / 'fused.pth'
-    report = _convert(mini_root, SEG_CONFIG, ckpt, fused, SEG_MODEL)
-    return SimpleNamespace(root=mini_root, work=work, ckpt=ckpt, fused=fused,
-                           out_dir=out_dir, report=report)
-
-
-def train_det(mini_root, tmp_path_factory):
-    """Faster R-CNN RepVGG-A0 after one training iteration (the session's ``det``)."""
-    work = tmp_path_factory.mktemp('det_train')
-    _run(apis.train, mini_root, DET_CONFIG, mini=True, work_dir=work,
-         options=TRAIN + DET_MODEL)
-    return SimpleNamespace(root=mini_root, work=work, ckpt=work / 'iter_1.pth')
+# The names other test modules imported from this one before tests/helpers.py held them.
+from helpers import MAX_FLIPPED_PIXELS, train_det, train_seg  # noqa: E402,F401
+_cwd, _options, _run, _convert, _convert_release = (
+    working_dir, parse_options, run_entry, run_convert, run_convert_release)
+_log_text, _fingerprint, _state, _seg_maps, _test_tool, _det_results = (
+    log_text, fingerprint, load_state, seg_maps, run_test, det_results)
 
 
 # ---------------------------------------------------------------- --deploy: same scores
-def _seg_maps(folder):
-    names = sorted(os.listdir(folder))
-    assert len(names) == 2 and all(n.endswith('.png') for n in names), names
-    return {n: np.array(Image.open(osp.join(folder, n))) for n in names}
-
-
-MAX_FLIPPED_PIXELS = 8  # of 2 x 256 x 128
-
-
-def assert_same_segmentation(ref_maps, maps, ref_metrics, metrics):
-    """The fused model predicts the same label maps, hence the same metrics.
-
-    Fusion changes outputs by ~1e-6, so a pixel whose two best classes tie to that
-    precision may flip; the training seed makes this rare, and any flip is bounded here.
-    With identical maps the metrics must be identical.
-    """
-    assert maps.keys() == ref_maps.keys()
-    flipped = sum(int((maps[k] != ref_maps[k]).sum()) for k in maps)
-    assert flipped <= MAX_FLIPPED_PIXELS, f'{flipped} pixels differ'
-    if flipped == 0:
-        assert metrics == ref_metrics
-    else:  # a numerical near-tie flipped a few pixels
-        assert metrics.keys() == ref_metrics.keys()
-        for key in metrics:
-            assert abs(float(metrics[key]) - float(ref_metrics[key])) <= 0.05, key
-
-
-def _test_tool(fixture, config, ckpt, work, out, model_args, **kwargs):
-    """apis.test (tools/test.py) on mini data, ``kwargs`` its further arguments
-    (deploy, backend, precision): (metrics, work dir)."""
-    metrics = _run(apis.test, fixture.root, config, ckpt, mini=True, work_dir=work, out=out,
-                   options=TEST + model_args, **kwargs)
-    return metrics, work
-
-
 def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
     def test(ckpt, name, **kwargs):
-        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', SEG_MODEL, **kwargs)
+        return run_test(seg, SEG_CONFIG, ckpt, tmp_path / name,
+                        tmp_path / f'{name}_maps', SEG_MODEL, **kwargs)
 
     plain, _ = test(seg.ckpt, 'plain')
     deploy, deploy_work = test(seg.ckpt, 'deploy', deploy=True)
@@ -209,35 +56,28 @@ def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
     print(f'\nPSPNet RepVGG-A0, 2 mini val images: training form {plain}; --deploy '
           f'(fused after loading) {deploy}; --deploy on the converted checkpoint {fused}')
     assert plain['aAcc'] > 0  # a real evaluation happened
-    reference = _seg_maps(tmp_path / 'plain_maps')
-    assert_same_segmentation(reference, _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
-    assert_same_segmentation(reference, _seg_maps(tmp_path / 'fused_maps'), plain, fused)
+    reference = seg_maps(tmp_path / 'plain_maps')
+    assert_same_segmentation(reference, seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+    assert_same_segmentation(reference, seg_maps(tmp_path / 'fused_maps'), plain, fused)
 
     # A training checkpoint is fused by the hook after loading...
-    log = _log_text(deploy_work)
+    log = log_text(deploy_work)
     assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log
     assert 'max output difference on a probe input' in log
     # ...a converted one is detected and loaded into a deploy-form model, no hook.
     dumped = Config.fromfile(str(fused_work / osp.basename(SEG_CONFIG)))
     assert dumped.model.backbone.deploy is True
-    assert 'ReparamHook:' not in _log_text(fused_work)
-
-
-def _det_results(path):
-    with open(path, 'rb') as f:
-        results = pickle.load(f)
-    assert len(results) == 2
-    return {r['img_id']: r['pred_instances'] for r in results}
+    assert 'ReparamHook:' not in log_text(fused_work)
 
 
 def test_detector_deploy_predictions_and_map_equal_training_form(det, tmp_path):
     fused_ckpt = tmp_path / 'fused.pth'
-    report = _convert(det.root, DET_CONFIG, det.ckpt, fused_ckpt, DET_MODEL[:2])
+    report = run_convert(det.root, DET_CONFIG, det.ckpt, fused_ckpt, DET_MODEL[:2])
     assert f'fused {A0_BLOCKS} blocks' in format_report(report)
 
     def test(ckpt, name, **kwargs):
-        return _test_tool(det, DET_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}.pkl',
-                          DET_MODEL, **kwargs)
+        return run_test(det, DET_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}.pkl',
+                        DET_MODEL, **kwargs)
 
     plain, _ = test(det.ckpt, 'plain')
     deploy, deploy_work = test(det.ckpt, 'deploy', deploy=True)
@@ -247,42 +87,14 @@ def test_detector_deploy_predictions_and_map_equal_training_form(det, tmp_path):
     assert 'coco/bbox_mAP' in plain
     assert deploy == plain
     assert fused == plain
-    assert f'ReparamHook: fused {A0_BLOCKS} blocks' in _log_text(deploy_work)
+    assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log_text(deploy_work)
 
-    reference = _det_results(tmp_path / 'plain.pkl')
+    reference = det_results(tmp_path / 'plain.pkl')
     for name in ('deploy.pkl', 'fused.pkl'):
-        results = _det_results(tmp_path / name)
+        results = det_results(tmp_path / name)
         assert results.keys() == reference.keys()
         for img_id, ref in reference.items():
             assert_same_detections(ref, results[img_id])
-
-
-def assert_same_detections(ref, got, score_tol=1e-5, box_tol=1e-2):
-    """Every box has a partner with the same label, score (1e-5) and corners (0.01 px).
-
-    Matched rather than compared row by row: two boxes whose scores tie to ~1e-7 may
-    swap ranks after fusion, and the last kept box of an image may change places with
-    the first dropped one (hence at most one unmatched box).
-    Tolerances in fp32 eps (1.19e-7) of each output's range: 1e-5 of a probability is
-    84 eps, 0.01 px of a 256-px mini COCO coordinate 330 eps: room for the fused
-    backbone's fp32 rounding (1-2e-6 of its outputs, ~10 eps, tools/check_fusion.py)
-    carried through RPN, RoI pooling and the exp() of box decoding.
-    """
-    num = len(ref['scores'])
-    assert num > 0, 'no predictions to compare'
-    assert len(got['scores']) == num
-    used = torch.zeros(num, dtype=torch.bool)
-    unmatched = 0
-    for box, score, label in zip(got['bboxes'], got['scores'], got['labels']):
-        fits = (~used & (ref['labels'] == label)
-                & ((ref['scores'] - score).abs() <= score_tol)
-                & ((ref['bboxes'] - box).abs().amax(1) <= box_tol))
-        index = fits.nonzero().flatten()
-        if len(index):
-            used[index[0]] = True
-        else:
-            unmatched += 1
-    assert unmatched <= 1, f'{unmatched} of {num} boxes have no partner'
 
 
 # ---------------------------------------------------------------------- tools/convert.py
@@ -303,7 +115,7 @@ def test_convert_writes_deploy_checkpoint_atomically_with_meta(seg):
     assert int(found.group(1)) == A0_BLOCKS and after < before
     assert float(found.group(4)) > 0  # a real fp32 comparison was made
 
-    source, fused = _state(seg.ckpt), _state(seg.fused)
+    source, fused = load_state(seg.ckpt), load_state(seg.fused)
     for key, value in source['meta'].items():  # meta kept...
         assert key in fused['meta']
         if isinstance(value, (str, int, float, bool)):
@@ -325,8 +137,8 @@ def test_converted_checkpoint_loads_into_deploy_model(seg):
     _, train_model = build_model_from_config(SEG_CONFIG, dict(opts))
     _, deploy_model = build_model_from_config(SEG_CONFIG,
                                               {**opts, 'model.backbone.deploy': True})
-    load_state_dict(train_model, _state(seg.ckpt)['state_dict'], strict=True)
-    load_state_dict(deploy_model, _state(seg.fused)['state_dict'], strict=True)
+    load_state_dict(train_model, load_state(seg.ckpt)['state_dict'], strict=True)
+    load_state_dict(deploy_model, load_state(seg.fused)['state_dict'], strict=True)
     assert deploy_model.backbone.deploy and not train_model.backbone.deploy
     train_model.eval()
     deploy_model.eval()
@@ -342,27 +154,27 @@ def test_converted_checkpoint_loads_into_deploy_model(seg):
 
 
 def test_convert_refuses_output_equal_to_checkpoint(seg, tmp_path):
-    before = _fingerprint(seg.ckpt)
+    before = fingerprint(seg.ckpt)
     listing = sorted(os.listdir(seg.work))
     link = tmp_path / 'link.pth'
     link.symlink_to(seg.ckpt)
     spellings = [seg.ckpt, osp.join(seg.work, '..', seg.work.name, 'iter_1.pth'), link]
     for output in spellings:
         with pytest.raises(ValueError) as err:  # tools/convert.py: its exit message
-            _convert(seg.root, SEG_CONFIG, seg.ckpt, output, SEG_MODEL)
+            run_convert(seg.root, SEG_CONFIG, seg.ckpt, output, SEG_MODEL)
         assert 'is the input checkpoint' in str(err.value)
-        assert _fingerprint(seg.ckpt) == before
+        assert fingerprint(seg.ckpt) == before
         assert sorted(os.listdir(seg.work)) == listing
     with pytest.raises(ValueError, match='is the input checkpoint'):
-        _convert_release(seg.root, seg.ckpt, seg.ckpt)
-    assert _fingerprint(seg.ckpt) == before
+        run_convert_release(seg.root, seg.ckpt, seg.ckpt)
+    assert fingerprint(seg.ckpt) == before
 
 
 def test_convert_tool_prints_what_it_wrote_and_exits_with_the_error(seg, tmp_path):
     """tools/convert.py's command line, in processes of its own: the fusion report and
     the file written on stdout; a refused request as a one-line message, exit status 1."""
     out = tmp_path / 'fused.pth'
-    before = _fingerprint(seg.ckpt)
+    before = fingerprint(seg.ckpt)
     fused, refused = run_tools(
         ('convert', SEG_CONFIG, seg.ckpt, out, '--cfg-options', *SEG_MODEL),
         ('convert', '--release', seg.ckpt, seg.ckpt), cwd=seg.root)
@@ -372,7 +184,7 @@ def test_convert_tool_prints_what_it_wrote_and_exits_with_the_error(seg, tmp_pat
     assert int(found.group(1)) == A0_BLOCKS and found.group(5) == str(out)
     assert os.listdir(tmp_path) == ['fused.pth']
     # what the package wrote for the same request (the seg fixture's)
-    got, ref = _state(out)['state_dict'], _state(seg.fused)['state_dict']
+    got, ref = load_state(out)['state_dict'], load_state(seg.fused)['state_dict']
     assert got.keys() == ref.keys()
     for key, value in ref.items():
         assert torch.equal(got[key], value), key
@@ -381,7 +193,7 @@ def test_convert_tool_prints_what_it_wrote_and_exits_with_the_error(seg, tmp_pat
     assert refused.stderr.startswith(f'error: output {seg.ckpt} is the input checkpoint'), \
         refused.stderr
     assert 'Traceback' not in refused.stderr
-    assert _fingerprint(seg.ckpt) == before
+    assert fingerprint(seg.ckpt) == before
 
 
 # Our backbone's branch names -> the official RepVGG release's (written out, not taken
@@ -422,11 +234,11 @@ def test_convert_release_official_layout(tmp_path):
     src, out = tmp_path / 'RepVGG-A0-train.pth', tmp_path / 'converted' / 'a0.pth'
     torch.save(release, src)
 
-    info = _convert_release(tmp_path, src, out)
+    info = run_convert_release(tmp_path, src, out)
     # tools/convert.py prints 'official layout, training form; dropped 2 head keys'
     assert (info['layout'], info['deploy'], len(info['dropped'])) == ('official', False, 2)
     assert os.listdir(out.parent) == ['a0.pth']
-    assert _state(out)['meta']['source_layout'] == 'official'
+    assert load_state(out)['meta']['source_layout'] == 'official'
 
     model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=str(out)))
     model.init_weights()
@@ -453,14 +265,11 @@ def test_train_resume_continues_from_the_checkpoint(seg, tmp_path, explicit):
     else:
         work = _resume_source(seg, tmp_path)
         resume = 'auto'  # tools/train.py --resume without a path
-    before = _fingerprint(seg.ckpt)
-    _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=resume,
-         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
-    assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
-    log = _log_text(work)
-    assert 'resumed epoch: 0, iter: 1' in log
-    assert 'Iter(train) [1/2]' not in log and 'Iter(train) [2/2]' in log
-    assert _fingerprint(seg.ckpt) == before  # the source checkpoint is never touched
+    before = fingerprint(seg.ckpt)
+    run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=resume,
+              options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    assert_resumed_from_iter_1(work)
+    assert fingerprint(seg.ckpt) == before  # the source checkpoint is never touched
 
 
 def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
@@ -481,9 +290,9 @@ def test_train_cli_prepares_amp_resume_and_cfg_options(monkeypatch, mini_root):
 
     def train(*more_options, **kwargs):
         apis.train(SEG_CONFIG, mini=True, work_dir='w',
-                   cfg_options=_options(options + list(more_options)), **kwargs)
+                   cfg_options=parse_options(options + list(more_options)), **kwargs)
 
-    with _cwd(mini_root):
+    with working_dir(mini_root):
         for device in ('cpu', 'cuda'):  # --amp depends on where the Runner will train
             with monkeypatch.context() as patch:
                 patch.setattr(mmengine.device, 'get_device', lambda: device)
@@ -537,13 +346,13 @@ def test_train_config_without_custom_imports(mini_root, tmp_path):
          '--work-dir', str(work), '--resume', '--cfg-options', *TRAIN],
         cwd=str(mini_root), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
-    state = _state(work / 'iter_1.pth')['state_dict']
+    state = load_state(work / 'iter_1.pth')['state_dict']
     assert 'backbone.stage1.0.dense.conv.weight' in state
     assert state['backbone.stage4.0.dense.conv.weight'].shape[0] == 1280
     # --resume alone parsed as 'auto': resume from the work dir, no checkpoint named
     dumped = Config.fromfile(str(work / config.name))
     assert dumped.resume is True and dumped.load_from is None
-    assert 'Auto resumed from the latest checkpoint None' in _log_text(work)
+    assert 'Auto resumed from the latest checkpoint None' in log_text(work)
 
 
 # ------------------------------------------------------------------------- bad input
@@ -555,47 +364,47 @@ def test_test_missing_and_corrupt_checkpoints(seg, tmp_path):
     work = tmp_path / 'work'
     missing = tmp_path / 'missing.pth'
     with pytest.raises(MMRepVGGError, match='not found'):
-        _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work, deploy=True,
-             options=SEG_MODEL)
+        run_entry(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
+                  deploy=True, options=SEG_MODEL)
     _assert_untouched(work)
     assert not missing.exists()
 
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
-    before = _fingerprint(corrupt)
+    before = fingerprint(corrupt)
     for deploy in (False, True):
         with pytest.raises(MMRepVGGError, match='not a valid PyTorch checkpoint'):
-            _run(apis.test, seg.root, SEG_CONFIG, corrupt, mini=True, work_dir=work,
-                 deploy=deploy, options=SEG_MODEL)
+            run_entry(apis.test, seg.root, SEG_CONFIG, corrupt, mini=True, work_dir=work,
+                      deploy=deploy, options=SEG_MODEL)
         _assert_untouched(work)
-    assert _fingerprint(corrupt) == before
+    assert fingerprint(corrupt) == before
 
 
 def test_convert_missing_and_corrupt_checkpoints(seg, tmp_path):
     out = tmp_path / 'out' / 'fused.pth'
     # tools/convert.py ends with these errors' messages
     with pytest.raises(FileNotFoundError, match='not found'):
-        _convert(seg.root, SEG_CONFIG, tmp_path / 'missing.pth', out, SEG_MODEL)
+        run_convert(seg.root, SEG_CONFIG, tmp_path / 'missing.pth', out, SEG_MODEL)
     corrupt = tmp_path / 'corrupt.pth'
     corrupt.write_bytes(np.random.default_rng(1).bytes(4096))
-    before = _fingerprint(corrupt)
+    before = fingerprint(corrupt)
     with pytest.raises(ValueError, match='not a valid PyTorch checkpoint'):
-        _convert(seg.root, SEG_CONFIG, corrupt, out, SEG_MODEL)
+        run_convert(seg.root, SEG_CONFIG, corrupt, out, SEG_MODEL)
     with pytest.raises(ValueError, match='not a valid PyTorch checkpoint'):
-        _convert_release(seg.root, corrupt, out)
-    assert _fingerprint(corrupt) == before
+        run_convert_release(seg.root, corrupt, out)
+    assert fingerprint(corrupt) == before
     assert not out.exists() and sorted(os.listdir(tmp_path)) == ['corrupt.pth']
 
 
 def test_deploy_checkpoint_without_deploy_flag_is_refused(seg, tmp_path):
     work = tmp_path / 'work'
-    before = _fingerprint(seg.fused)
+    before = fingerprint(seg.fused)
     with pytest.raises(MMRepVGGError) as err:
-        _run(apis.test, seg.root, SEG_CONFIG, seg.fused, mini=True, work_dir=work,
-             options=TEST + SEG_MODEL)
+        run_entry(apis.test, seg.root, SEG_CONFIG, seg.fused, mini=True, work_dir=work,
+                  options=TEST + SEG_MODEL)
     assert '--deploy' in str(err.value.code)
     _assert_untouched(work)
-    assert _fingerprint(seg.fused) == before
+    assert fingerprint(seg.fused) == before
 
 
 def test_deploy_with_nothing_to_fuse_warns(mini_root, tmp_path):
@@ -607,15 +416,15 @@ def test_deploy_with_nothing_to_fuse_warns(mini_root, tmp_path):
                ckpt)
     del model
     work = tmp_path / 'work'
-    metrics = _run(apis.test, mini_root, R50_CONFIG, ckpt, mini=True, work_dir=work,
-                   deploy=True, options=['test_dataloader.dataset.indices=1'])
+    metrics = run_entry(apis.test, mini_root, R50_CONFIG, ckpt, mini=True, work_dir=work,
+                        deploy=True, options=['test_dataloader.dataset.indices=1'])
     assert 'aAcc' in metrics and 'mIoU' in metrics
-    log = _log_text(work)
+    log = log_text(work)
     assert 'WARNING - ReparamHook: nothing to fuse' in log
 
     out = tmp_path / 'r50_fused.pth'
     with pytest.raises(ValueError, match='nothing to fuse'):  # tools/convert.py: its exit
-        _convert(mini_root, R50_CONFIG, ckpt, out, probe=False)
+        run_convert(mini_root, R50_CONFIG, ckpt, out, probe=False)
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.endswith('.tmp')]
 
@@ -628,23 +437,23 @@ def test_deploy_scores_the_fused_ema_weights_of_a_pspnet(mini_root, tmp_path):
     config = tmp_path / 'pspnet_ema.py'
     config.write_text(f'_base_ = {SEG_CONFIG!r}\n'
                       "custom_hooks = [dict(type='EMAHook', momentum=0.5)]\n")
-    _run(apis.train, mini_root, config, mini=True, work_dir=work,
-         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    run_entry(apis.train, mini_root, config, mini=True, work_dir=work,
+              options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
     ckpt = work / 'iter_2.pth'
-    assert 'ema_state_dict' in _state(ckpt)
+    assert 'ema_state_dict' in load_state(ckpt)
 
     def test(name, options=(), **kwargs):
-        return _test_tool(SimpleNamespace(root=mini_root), config, ckpt, tmp_path / name,
-                          tmp_path / f'{name}_maps', SEG_MODEL + list(options), **kwargs)[0]
+        return run_test(SimpleNamespace(root=mini_root), config, ckpt, tmp_path / name,
+                        tmp_path / f'{name}_maps', SEG_MODEL + list(options), **kwargs)[0]
 
     plain = test('plain')
-    reference = _seg_maps(tmp_path / 'plain_maps')
+    reference = seg_maps(tmp_path / 'plain_maps')
     for priority in ('HIGHEST', 'NORMAL', 'LOW'):
         name = f'deploy_{priority}'
         deploy = test(name, [f'custom_hooks.0.priority={priority}'], deploy=True)
-        assert_same_segmentation(reference, _seg_maps(tmp_path / f'{name}_maps'),
+        assert_same_segmentation(reference, seg_maps(tmp_path / f'{name}_maps'),
                                  plain, deploy)
-        assert 'ReparamHook: fused the EMA model too' in _log_text(tmp_path / name)
+        assert 'ReparamHook: fused the EMA model too' in log_text(tmp_path / name)
 
 
 @pytest.mark.parametrize('kind', ['seg', 'det'])
@@ -657,8 +466,8 @@ def test_show_dir_draws_every_test_image(kind, request, tmp_path):
                      if kind == 'seg' else (DET_CONFIG, DET_MODEL))
     model = model + [f'visualizer.name=vis_{uuid.uuid4().hex[:8]}']
     work, show = tmp_path / 'work', tmp_path / 'drawn'
-    _run(apis.test, fixture.root, config, fixture.ckpt, mini=True, deploy=True,
-         work_dir=work, show_dir=show, options=TEST + model)
+    run_entry(apis.test, fixture.root, config, fixture.ckpt, mini=True, deploy=True,
+              work_dir=work, show_dir=show, options=TEST + model)
     # mmdet draws into work_dir/<timestamp>/<show-dir>, mmseg into <show-dir>/vis_data.
     drawn = glob.glob(str(tmp_path / '**' / '*.png'), recursive=True) + glob.glob(
         str(tmp_path / '**' / '*.jpg'), recursive=True)

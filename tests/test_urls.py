@@ -27,6 +27,10 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from helpers import (A0_BLOCKS, MMPRETRAIN_NAMES, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN,
+                     assert_resumed_from_iter_1, assert_same_segmentation,
+                     assert_same_weights, load_state, log_text, rename, run_convert,
+                     run_convert_release, run_entry, run_test, seg_maps, source_model)
 from mmrepvgg import apis
 from mmrepvgg.apis.config import apply_mini
 from mmrepvgg.apis.deploy import export
@@ -35,10 +39,6 @@ from mmrepvgg.checkpoint.fetch import CheckpointDownloadError, load_file
 from mmrepvgg.errors import MMRepVGGError
 from mmrepvgg.models import RepVGG
 from mmrepvgg.reparam import format_report
-from test_pretrained import MMPRETRAIN, assert_same_weights, rename, source_model
-from test_tools import (A0_BLOCKS, ROOT, SEG_CONFIG, SEG_MODEL, TRAIN, _convert,
-                        _convert_release, _log_text, _run, _seg_maps, _state, _test_tool,
-                        assert_same_segmentation)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -129,7 +129,7 @@ def release(randomize, tmp_path):
     """An mmpretrain-layout release file of RepVGG-A0 (backbone.stem.branch_3x3...,
     head.fc.*), renamed by hand from our model's state dict: (source model, path)."""
     source = source_model(randomize)
-    state = rename(source.state_dict(), MMPRETRAIN, prefix='backbone.')
+    state = rename(source.state_dict(), MMPRETRAIN_NAMES, prefix='backbone.')
     assert 'backbone.stem.branch_3x3.conv.weight' in state
     assert 'backbone.stage_1.1.branch_norm.running_var' in state
     state['head.fc.weight'] = torch.randn(1000, 1280)
@@ -145,8 +145,8 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
     url = server.serve(seg.ckpt, 'iter_1.pth')
 
     def test(ckpt, name, **kwargs):
-        return _test_tool(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
-                          SEG_MODEL, **kwargs)
+        return run_test(seg, SEG_CONFIG, ckpt, tmp_path / name, tmp_path / f'{name}_maps',
+                        SEG_MODEL, **kwargs)
 
     plain, plain_work = test(url, 'plain')
     # one download serves both the form check and the runner, which reads the cached
@@ -156,24 +156,24 @@ def test_test_tool_by_url_with_and_without_deploy(seg, server, tmp_path, monkeyp
     assert len(unpickles) == 1, unpickles
     cached = server.cache / 'iter_1.pth'
     assert cached.read_bytes() == seg.ckpt.read_bytes()
-    assert f'Load checkpoint from {cached}' in _log_text(plain_work)
+    assert f'Load checkpoint from {cached}' in log_text(plain_work)
     assert plain['aAcc'] > 0
 
     server.cache = _fresh_cache(monkeypatch, tmp_path / 'torch_home_deploy')
     deploy, deploy_work = test(url, 'deploy', deploy=True)
     assert server.gets == ['/iter_1.pth'] * 2  # once more, into the fresh cache
-    log = _log_text(deploy_work)
+    log = log_text(deploy_work)
     assert f'Load checkpoint from {server.cache / "iter_1.pth"}' in log
     assert f'ReparamHook: fused {A0_BLOCKS} blocks' in log
-    assert_same_segmentation(_seg_maps(tmp_path / 'plain_maps'),
-                             _seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
+    assert_same_segmentation(seg_maps(tmp_path / 'plain_maps'),
+                             seg_maps(tmp_path / 'deploy_maps'), plain, deploy)
 
 
 def test_export_by_url_reads_the_file_once(seg, server, tmp_path, unpickles):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     out = tmp_path / 'backbone.onnx'
-    report = _run(export, seg.root, SEG_CONFIG, url, out, mini=True, part='backbone',
-                  options=SEG_MODEL)
+    report = run_entry(export, seg.root, SEG_CONFIG, url, out, mini=True, part='backbone',
+                       options=SEG_MODEL)
     assert server.gets == ['/iter_1.pth'] and out.is_file()
     assert len(unpickles) == 1, unpickles  # the download's verification read serves all
     assert report['fusion']['blocks'] == A0_BLOCKS and report['parity']['within']
@@ -190,7 +190,8 @@ def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path)
         load_file(url)
     work = tmp_path / 'work'
     with pytest.raises(MMRepVGGError, match='refusing to load'):
-        _run(apis.test, seg.root, SEG_CONFIG, url, mini=True, work_dir=work, options=SEG_MODEL)
+        run_entry(apis.test, seg.root, SEG_CONFIG, url, mini=True, work_dir=work,
+                  options=SEG_MODEL)
     assert not work.exists()
 
 
@@ -198,10 +199,11 @@ def test_url_checkpoint_needing_unsafe_globals_is_refused(seg, server, tmp_path)
 def test_convert_by_url(seg, server, release, tmp_path):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     fused = tmp_path / 'fused.pth'
-    report = _convert(seg.root, SEG_CONFIG, url, fused, SEG_MODEL)
+    report = run_convert(seg.root, SEG_CONFIG, url, fused, SEG_MODEL)
     assert f'fused {A0_BLOCKS} blocks' in format_report(report)  # what tools/convert.py prints
     assert server.gets == ['/iter_1.pth']
-    got, ref = _state(fused), _state(seg.fused)  # seg.fused: converted from the local file
+    # seg.fused: converted from the local file
+    got, ref = load_state(fused), load_state(seg.fused)
     assert got['meta']['source_checkpoint'] == url
     assert got['state_dict'].keys() == ref['state_dict'].keys()
     for key, value in ref['state_dict'].items():
@@ -210,11 +212,11 @@ def test_convert_by_url(seg, server, release, tmp_path):
     source, path = release
     release_url = server.serve(path, path.name)
     out = tmp_path / 'converted.pth'
-    info = _convert_release(tmp_path, release_url, out)
+    info = run_convert_release(tmp_path, release_url, out)
     # tools/convert.py prints 'mmpretrain layout, training form; dropped 2 head keys'
     assert (info['layout'], info['deploy'], len(info['dropped'])) == ('mmpretrain', False, 2)
     assert server.gets == ['/iter_1.pth', f'/{path.name}']
-    state = _state(out)['state_dict']
+    state = load_state(out)['state_dict']
     assert state.keys() == source.state_dict().keys()
     for key, value in source.state_dict().items():
         assert torch.equal(state[key], value), key
@@ -248,13 +250,10 @@ def test_pretrained_init_by_url_and_model_zoo_name(server, release):
 def test_resume_by_url(seg, server, tmp_path):
     url = server.serve(seg.ckpt, 'iter_1.pth')
     work = tmp_path / 'work'
-    _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=url,
-         options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
+    run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=url,
+              options=TRAIN + SEG_MODEL + ['train_cfg.max_iters=2'])
     assert server.gets == ['/iter_1.pth']
-    assert _state(work / 'iter_2.pth')['meta']['iter'] == 2
-    log = _log_text(work)
-    assert 'resumed epoch: 0, iter: 1' in log
-    assert 'Iter(train) [1/2]' not in log and 'Iter(train) [2/2]' in log
+    assert_resumed_from_iter_1(work)
     # the runner read the downloaded file (weights_only), not the URL (torch.hub)
     dumped = Config.fromfile(str(work / osp.basename(SEG_CONFIG)))
     assert dumped.load_from == str(server.cache / 'iter_1.pth')
@@ -266,20 +265,20 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
     work = tmp_path / 'work'
     for deploy in (False, True):
         with pytest.raises(MMRepVGGError) as err:
-            _run(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
-                 deploy=deploy, options=SEG_MODEL)
+            run_entry(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
+                      deploy=deploy, options=SEG_MODEL)
         message = str(err.value.code)
         assert missing in message and 'HTTP 404' in message, message
         assert 'Traceback' not in message
     # what tools/convert.py exits with
     with pytest.raises(CheckpointDownloadError,
                        match=r'could not download .*missing/iter_4\.pth.*404'):
-        _convert(seg.root, SEG_CONFIG, missing, tmp_path / 'out.pth', SEG_MODEL)
+        run_convert(seg.root, SEG_CONFIG, missing, tmp_path / 'out.pth', SEG_MODEL)
     with pytest.raises(CheckpointDownloadError, match='HTTP 404'):
-        _convert_release(seg.root, missing, tmp_path / 'out.pth')
+        run_convert_release(seg.root, missing, tmp_path / 'out.pth')
     with pytest.raises(MMRepVGGError, match='HTTP 404'):
-        _run(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=missing,
-             options=SEG_MODEL)
+        run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, resume=missing,
+                  options=SEG_MODEL)
 
     model = RepVGG('A0', init_cfg=dict(type='Pretrained', checkpoint=missing))
     with pytest.raises(CheckpointDownloadError) as err:
@@ -291,8 +290,8 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
     for bad, expected in [('ftp://127.0.0.1/iter_1.pth', 'unsupported checkpoint location'),
                           ('open-mmlab://no_such_model', 'unknown model name')]:
         with pytest.raises(MMRepVGGError, match=expected) as err:
-            _run(apis.test, seg.root, SEG_CONFIG, bad, mini=True, work_dir=work,
-                 options=SEG_MODEL)
+            run_entry(apis.test, seg.root, SEG_CONFIG, bad, mini=True, work_dir=work,
+                      options=SEG_MODEL)
         assert bad in str(err.value.code)
 
     assert len(server.gets) == 6 and set(server.gets) == {'/missing/iter_4.pth'}

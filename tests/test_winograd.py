@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import assert_within_growth, run_tools
 from mmrepvgg import RepVGG, reparameterize
 from mmrepvgg.ops import winograd_kernel
 from mmrepvgg.ops.gemm_conv import GemmConv2d
@@ -21,17 +22,6 @@ from mmrepvgg.ops.winograd import (BF16_PRODUCTS, BF16_TILES, FP16_TILES, MAX_WO
                                    error_growth, range_growth, tile_products, tile_refusal,
                                    transform_matrices, winograd_pays,
                                    winograd_unsupported_reason, worst_case_error)
-from mmrepvgg.reparam import rounding_errors
-from test_tools import run_tools
-
-
-def assert_within_growth(out, direct, reference, tile):
-    """Winograd's error against fp64 is within error_growth(tile) x a direct conv's own in
-    the same precision (floored at a few fp32 ulps of the output: mmrepvgg.reparam).
-    error_growth (mmrepvgg.ops.winograd) bounds how much the transforms magnify rounding."""
-    errors = rounding_errors(out, direct, reference, factor=error_growth(tile))
-    assert errors['within'], (tile, errors)
-    return errors
 
 
 def _conv(in_channels, out_channels, groups=1, bias=True, dtype=torch.float64):

@@ -31,13 +31,13 @@ from mmengine.optim import OneCycleParamScheduler
 from mmengine.registry import MODELS
 from mmengine.runner import Runner, load_checkpoint
 
-import mmrepvgg.checkpoint.loading as compat
 from mmrepvgg import load_file
+from mmrepvgg.checkpoint import loading
 from mmrepvgg.checkpoint.loading import allow_mmengine_checkpoint_types
 
 
-@MODELS.register_module(name='CompatToyModel', force=True)
-class CompatToyModel(BaseModel):
+@MODELS.register_module(name='WeightsOnlyToyModel', force=True)
+class WeightsOnlyToyModel(BaseModel):
 
     def __init__(self):
         super().__init__()
@@ -81,7 +81,7 @@ def _loader():
 def make_runner(work_dir, name, max_iters=2, **kwargs):
     """The toy Runner; keyword arguments replace its settings (optim_wrapper, ...)."""
     settings = dict(
-        model=dict(type='CompatToyModel'),
+        model=dict(type='WeightsOnlyToyModel'),
         work_dir=str(work_dir),
         experiment_name=name,
         train_dataloader=_loader(),
@@ -102,8 +102,8 @@ def make_runner(work_dir, name, max_iters=2, **kwargs):
 
 @pytest.fixture(scope='module')
 def runner_ckpt(tmp_path_factory):
-    work_dir = tmp_path_factory.mktemp('compat_runner')
-    make_runner(work_dir, 'compat_train').train()
+    work_dir = tmp_path_factory.mktemp('loading_runner')
+    make_runner(work_dir, 'loading_train').train()
     last = work_dir / 'iter_2.pth'
     assert last.is_file(), sorted(p.name for p in work_dir.iterdir())
     # A copy: resuming lets CheckpointHook delete the 'best_ckpt' it recorded.
@@ -118,7 +118,7 @@ def test_allowance_is_idempotent_and_narrow():
     allow_mmengine_checkpoint_types()
     after = set(torch.serialization.get_safe_globals())
     assert before == after
-    ours = compat.mmengine_checkpoint_safe_globals()
+    ours = loading.mmengine_checkpoint_safe_globals()
     assert set(ours) <= after
     names = {g[1] for g in ours if isinstance(g, tuple)}
     assert {'numpy.core.multiarray.scalar', 'numpy._core.multiarray.scalar',
@@ -167,7 +167,7 @@ def test_plain_torch_load_after_allowance(runner_ckpt):
 def test_mmengine_load_checkpoint(runner_ckpt):
     allow_mmengine_checkpoint_types()  # what `import mmrepvgg` does
     ckpt = load_file(runner_ckpt)
-    model = CompatToyModel()
+    model = WeightsOnlyToyModel()
     load_checkpoint(model, str(runner_ckpt), map_location='cpu', strict=True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt['state_dict'][key])
@@ -175,7 +175,7 @@ def test_mmengine_load_checkpoint(runner_ckpt):
 
 def test_runner_resumes_from_it(runner_ckpt, tmp_path):
     allow_mmengine_checkpoint_types()  # what `import mmrepvgg` does
-    runner = make_runner(tmp_path, 'compat_resume', max_iters=3,
+    runner = make_runner(tmp_path, 'loading_resume', max_iters=3,
                          load_from=str(runner_ckpt), resume=True)
     runner.train()
     assert runner.iter == 3
@@ -260,9 +260,9 @@ def test_getattr_is_restricted_to_listed_class_functions(tmp_path):
                       (OneCycleParamScheduler, 'step'), (HistoryBuffer(), 'mean'),
                       ([HistoryBuffer], 'mean')]:
         with pytest.raises(pickle.UnpicklingError, match='refusing getattr'):
-            compat._restricted_getattr(obj, name)
-    assert compat._restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
-    assert (compat._restricted_getattr(OneCycleParamScheduler, '_annealing_cos')
+            loading._restricted_getattr(obj, name)
+    assert loading._restricted_getattr(HistoryBuffer, 'mean') is HistoryBuffer.mean
+    assert (loading._restricted_getattr(OneCycleParamScheduler, '_annealing_cos')
             is OneCycleParamScheduler._annealing_cos)
 
 
@@ -282,7 +282,7 @@ def _allowlist_without(entry):
     before = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
     torch.serialization.add_safe_globals(
-        [g for g in compat.mmengine_checkpoint_safe_globals() if g is not entry])
+        [g for g in loading.mmengine_checkpoint_safe_globals() if g is not entry])
     try:
         yield
     finally:
@@ -294,7 +294,7 @@ def _allowlist_without(entry):
 def test_empty_history_buffer_needs_bytes(tmp_path):
     # A buffer with no values yet holds empty arrays, whose raw data protocol 2
     # writes as bytes() (GLOBAL __builtin__ bytes, EMPTY_TUPLE, REDUCE).
-    hub = MessageHub('compat_empty_buffer', log_scalars={'train/loss': HistoryBuffer()},
+    hub = MessageHub('loading_empty_buffer', log_scalars={'train/loss': HistoryBuffer()},
                      resumed_keys={'train/loss': True})
     ops = _pickle_ops(hub.state_dict())
     at = ops.index(('GLOBAL', '__builtin__ bytes'))
@@ -410,10 +410,10 @@ def test_numpy_values_in_meta(tmp_path):
         assert np.array_equal(loaded[key], value), key
 
 
-def test_loaders_are_still_importable_from_compat():
-    """The loaders live in mmrepvgg.checkpoint.fetch (mmrepvgg.compat, their old home, is
-    mmrepvgg.checkpoint.loading now, without them); user code imports them from the
-    mmrepvgg.checkpoint package, and load_file from mmrepvgg."""
+def test_loaders_are_importable_from_the_checkpoint_package():
+    """The loaders live in mmrepvgg.checkpoint.fetch (not in mmrepvgg.checkpoint.loading,
+    which this file tests); user code imports them from the mmrepvgg.checkpoint package,
+    and load_file from mmrepvgg."""
     import mmrepvgg
     from mmrepvgg import checkpoint
     from mmrepvgg.checkpoint import fetch
