@@ -25,5 +25,23 @@ from .engine import ReparamHook  # noqa: E402
 # torch's weights_only default in test and resume; allow exactly their types.
 allow_mmengine_checkpoint_types()
 
+
+def _serve_bundled_configs() -> None:
+    """Let mmengine resolve ``mmrepvgg::repvgg/<name>.py`` (in ``_base_`` and
+    ``mmengine.hub.get_config``) to the configs the package carries in ``.mim/configs``.
+
+    mmengine 0.10 serves ``pkg::`` paths only for the keys of its ``MODULE2PACKAGE``, and
+    finds the package's folder from the name it maps to: a pip distribution of that name
+    is located through pip's metadata, which for an editable install points at
+    site-packages rather than the checkout; a name no distribution has is located by
+    importing it. ``mmrepvgg.version`` is such a name, so both kinds of install resolve
+    to the folder this package was imported from.
+    """
+    from mmengine.config.utils import MODULE2PACKAGE
+    MODULE2PACKAGE['mmrepvgg'] = 'mmrepvgg.version'
+
+
+_serve_bundled_configs()
+
 __all__ = ['__version__', 'HOOKS', 'MODELS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',
            'ReparamHook', 'load_file', 'reparameterize', 'allow_mmengine_checkpoint_types']

@@ -8,7 +8,8 @@ and fused (--deploy), time, and tabulate against the published numbers, resumabl
   python tools/reproduce.py configs/my_config.py --mini --work-dir W --dry-run
 
 Suites: cityscapes (the five PSPNet configs), coco (the eight detection configs), paper
-(both), smoke (one RepVGG config of each task, a few iterations). Before the first
+(both), smoke (one RepVGG config of each task, a few iterations), as the installed package
+carries them (a CONFIG may name one as mmrepvgg::repvgg/<name>.py). Before the first
 experiment it checks the data, the pretrained weights and the environment of the machine
 that trains (this one, or under slurm a node of the partition through srun: CUDA, NCCL,
 mmcv's ops on CUDA where a detector trains). Each experiment works in W/<config stem>/
@@ -55,7 +56,9 @@ def parse_args(argv=None):
     parser.add_argument('--gpus-per-node', type=int, default=8, help='slurm (default 8)')
     parser.add_argument('--cpus-per-task', type=int, default=5, help='slurm (default 5)')
     parser.add_argument('--mini', action='store_true',
-                        help='on CPU, on the synthetic mini data (tools/make_mini_data.py)')
+                        help='on CPU, on the synthetic mini data (written where absent, to '
+                             'the data roots of the mini configs: data/mini_cityscapes, '
+                             'data/mini_coco of the working directory)')
     parser.add_argument('--seeds', type=_csv(int),
                         help='run each experiment once per seed, e.g. 0,1,2 (the table '
                              'gives mean and spread)')

@@ -1,9 +1,10 @@
 """A config made ready for a run, with the plugin's options (``--mini``, ``--amp``,
-``--deploy``, the launcher), as mmdet's and mmseg's tools prepare theirs."""
+``--deploy``, the launcher), as mmdet's and mmseg's tools prepare theirs; where the
+package's own configs and tools are (``mmrepvgg::repvgg/<name>.py``)."""
 import argparse
 import os
 import os.path as osp
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from mmengine.config import Config, DictAction
 
@@ -11,9 +12,72 @@ from ..checkpoint.layouts import CheckpointInfo, whole_model_needed
 from ..errors import InputError, UsageError
 
 LAUNCHERS = ['none', 'pytorch', 'slurm', 'mpi']
-# --mini merges one of these (mmrepvgg/testing/configs/) over the config.
+PACKAGE_DIR = osp.dirname(osp.dirname(osp.abspath(__file__)))
+# --mini merges one of these (mmrepvgg/testing/configs/) over the config, and writes the
+# synthetic dataset it reads (mmrepvgg.testing) where it is absent.
 MINI_CONFIGS = {'mmseg': 'cityscapes.py', 'mmdet': 'coco.py'}
-MINI_DIR = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'testing', 'configs')
+MINI_DATASETS = {'mmseg': 'cityscapes', 'mmdet': 'coco'}
+MINI_NAMES = {'cityscapes': 'Cityscapes', 'coco': 'COCO'}
+MINI_DIR = osp.join(PACKAGE_DIR, 'testing', 'configs')
+
+#: The folder the package's configs have under ``.mim/configs`` (mmengine's ``pkg::``
+#: paths need one): ``mmrepvgg::repvgg/pspnet_repvgg_b1g2_cityscapes.py``.
+CONFIG_FOLDER = 'repvgg'
+#: Where setup.py puts the repository's folders in an installed package.
+MIM_PLACES = {'configs': osp.join('configs', CONFIG_FOLDER), 'tools': 'tools'}
+
+
+def checkout_root() -> Optional[str]:
+    """The repository this package is imported from (an editable install, or a checkout
+    on the path), or None for an installed wheel."""
+    root = osp.dirname(PACKAGE_DIR)
+    return root if osp.isfile(osp.join(root, 'setup.py')) and \
+        osp.isdir(osp.join(root, 'configs')) else None
+
+
+def bundled_folder(kind: str) -> str:
+    """The folder of the package's own ``'configs'`` or ``'tools'``: ``.mim/`` of an
+    installed package, else the repository's ``configs/`` or ``tools/`` beside it."""
+    if kind not in MIM_PLACES:
+        raise ValueError(f'bundled_folder: {kind!r}; valid: {", ".join(MIM_PLACES)}')
+    mim = osp.join(PACKAGE_DIR, '.mim', MIM_PLACES[kind])
+    if osp.isdir(mim):
+        return mim
+    root = checkout_root()
+    if root is not None and osp.isdir(osp.join(root, kind)):
+        return osp.join(root, kind)
+    raise InputError(f'this mmrepvgg ({PACKAGE_DIR}) carries no {kind}: neither '
+                     f'{mim} (an installed wheel) nor a repository beside it; install '
+                     'mmrepvgg from a wheel or an sdist, or from its repository')
+
+
+def resolve_config(config: str) -> str:
+    """The file of a config: ``config`` itself, or for ``pkg::folder/name.py`` the file
+    the installed package carries in ``.mim/configs`` (mmengine's ``_base_`` syntax;
+    ``mmrepvgg::repvgg/<name>.py`` is one of this package's configs)."""
+    if '::' not in config or osp.exists(config):
+        return config
+    package, _, relative = config.partition('::')
+    if package == 'mmrepvgg':
+        folder, _, name = relative.partition('/')
+        if folder != CONFIG_FOLDER or not name:
+            raise InputError(f'{config}: the configs of mmrepvgg are named '
+                             f'mmrepvgg::{CONFIG_FOLDER}/<name>.py, e.g. mmrepvgg::'
+                             f'{CONFIG_FOLDER}/pspnet_repvgg_b1g2_cityscapes.py')
+        path = osp.join(bundled_folder('configs'), name)
+    else:
+        from mmengine.config.utils import MODULE2PACKAGE
+        from mmengine.utils import get_installed_path, is_installed
+        if package not in MODULE2PACKAGE:
+            raise InputError(f'{config}: mmengine serves pkg:: configs of '
+                             f'{", ".join(sorted(MODULE2PACKAGE))}, not {package!r}')
+        distribution = MODULE2PACKAGE[package]
+        if not is_installed(distribution):
+            raise InputError(f'{config}: {distribution} is not installed')
+        path = osp.join(get_installed_path(distribution), '.mim', 'configs', relative)
+    if not osp.isfile(path):
+        raise InputError(f'config file not found: {config} ({path})')
+    return path
 
 
 def add_runner_args(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +91,9 @@ def add_runner_args(parser: argparse.ArgumentParser) -> None:
                         help='job launcher (pytorch for torchrun)')
     parser.add_argument(
         '--mini', action='store_true',
-        help='train/test on the synthetic mini dataset of tools/make_mini_data.py at CPU '
-             'size (merges mmrepvgg/testing/configs/{cityscapes,coco}.py)')
+        help='train/test on the synthetic mini dataset at CPU size (merges '
+             'mmrepvgg/testing/configs/{cityscapes,coco}.py; the data is written to its '
+             'data_root, data/mini_cityscapes or data/mini_coco, where absent)')
     # torchrun passes the rank in the environment; older launchers as an argument.
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
 
@@ -50,9 +115,13 @@ def mpi_local_rank() -> int:
 
 def load_config(config: str, work_dir: Optional[str] = None,
                 cfg_options: Optional[dict] = None, launcher: str = 'none',
-                mini: bool = False, local_rank: int = 0) -> Config:
-    """``config`` read, with ``mini``'s data merged over it, then ``cfg_options``; the
-    launcher and work dir set (work dir: argument > config > ./work_dirs/<config name>)."""
+                mini: bool = False, local_rank: int = 0, write_mini: bool = True) -> Config:
+    """``config`` (a file, or ``pkg::folder/name.py``: :func:`resolve_config`) read, with
+    ``mini``'s data merged over it, then ``cfg_options``; the launcher and work dir set
+    (work dir: argument > config > ./work_dirs/<config name>). ``mini`` also writes the
+    synthetic dataset the config then reads where it is absent
+    (:func:`write_mini_data`), unless ``write_mini`` is False."""
+    config = resolve_config(config)
     if not osp.isfile(config):
         raise InputError(f'config file not found: {config}')
     if launcher not in LAUNCHERS:
@@ -64,6 +133,8 @@ def load_config(config: str, work_dir: Optional[str] = None,
         apply_mini(cfg)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    if mini and write_mini:
+        write_mini_data(cfg)
     cfg.launcher = launcher
     if work_dir:
         cfg.work_dir = work_dir
@@ -80,6 +151,55 @@ def apply_mini(cfg: Config) -> Config:
                          f'{scope_of(cfg)!r}')
     cfg.merge_from_dict(Config.fromfile(osp.join(MINI_DIR, name)).to_dict())
     return cfg
+
+
+def _dataset_roots(cfg: Config) -> List[str]:
+    """The ``data_root`` of the config's train, val and test datasets, once each."""
+    roots = []
+    for split in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+        dataset = (cfg.get(split) or {}).get('dataset')
+        while isinstance(dataset, dict) and 'dataset' in dataset:  # RepeatDataset etc.
+            dataset = dataset['dataset']
+        root = dataset.get('data_root') if isinstance(dataset, dict) else None
+        if root and root not in roots:
+            roots.append(root)
+    return roots
+
+
+def absent_mini_data(cfg: Config) -> List[Tuple[str, str]]:
+    """(layout, data root) of each synthetic dataset a ``--mini`` config reads that is
+    not there yet (no folder, or an empty one)."""
+    layout = MINI_DATASETS.get(scope_of(cfg))
+    if layout is None:
+        return []
+    return [(layout, root) for root in _dataset_roots(cfg)
+            if not osp.isdir(root) or not os.listdir(root)]
+
+
+def write_mini_data(cfg: Config, say: Optional[Callable[[str], None]] = None) -> List[str]:
+    """Write the synthetic dataset (mmrepvgg.testing, as ``tools/make_mini_data.py``
+    does) into each data root of a ``--mini`` config that lacks it, saying where in one
+    line each; the paths written. Safe with several processes at once (the ranks of a
+    distributed run, two tools): each writes beside the folder and renames its copy into
+    place; one that finds the folder filled meanwhile leaves it as it is."""
+    from ..testing.mini_data import (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL, OutDirNotEmpty,
+                                     make_cityscapes, make_coco)
+    if say is None:
+        from mmengine.logging import print_log
+
+        def say(message):
+            print_log(message, logger='current')
+    written = []
+    for layout, root in absent_mini_data(cfg):
+        make = make_cityscapes if layout == 'cityscapes' else make_coco
+        try:
+            path = make(root)
+        except OutDirNotEmpty:  # another process wrote it first: complete, as renamed
+            continue
+        say(f'--mini: wrote the synthetic mini {MINI_NAMES[layout]} ({DEFAULT_NUM_TRAIN} '
+            f'train + {DEFAULT_NUM_VAL} val images) to {path}')
+        written.append(path)
+    return written
 
 
 def apply_train_args(cfg: Config, amp: bool, resume: Optional[str]) -> Config:

@@ -3,12 +3,9 @@ with which ResNet row, and the published numbers a reproduction is held against.
 import os.path as osp
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+from ..apis.config import bundled_folder
 from ..errors import UsageError
 
-
-#: The repository's configs folder (the suites name files in it).
-CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))),
-                      'configs')
 
 CITYSCAPES = ('pspnet_r50_cityscapes', 'pspnet_r101_cityscapes',
               'pspnet_repvgg_b1g2_cityscapes', 'pspnet_repvgg_b1g2-fast_cityscapes',
@@ -84,10 +81,13 @@ def config_stem(config: str) -> str:
 
 
 def suite_configs(suite: str) -> List[str]:
-    """The config files of ``suite``; an unknown suite lists the known ones."""
+    """The config files of ``suite``, those the package carries (``.mim/configs`` of an
+    installed package, the repository's ``configs/`` in a checkout); an unknown suite
+    lists the known ones."""
     if suite not in SUITES:
         raise UsageError(f'unknown suite {suite!r}; valid: {", ".join(SUITES)}')
-    return [osp.join(CONFIG_DIR, stem + '.py') for stem in SUITES[suite]]
+    folder = bundled_folder('configs')
+    return [osp.join(folder, stem + '.py') for stem in SUITES[suite]]
 
 
 def reference_for(stem: str, scope: str) -> Reference:

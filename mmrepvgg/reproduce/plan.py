@@ -15,7 +15,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.config import Config, DictAction
 
-from ..apis.config import load_config, scope_of
+from ..apis.config import (absent_mini_data, bundled_folder, load_config, resolve_config,
+                           scope_of)
 from ..checkpoint.publish import publish_checkpoint
 from ..deploy.export import config_input_shape
 from ..errors import InputError, UsageError
@@ -23,11 +24,15 @@ from .experiments import config_stem
 from .preflight import CHECK_MARK, data_problems, weight_problems, weight_urls
 
 __all__ = ['Plan', 'plan_experiment', 'preflight', 'check_command', 'check_environment',
-           'parse_cfg_options']
+           'parse_cfg_options', 'tools_folder']
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-TOOLS = osp.join(REPO, 'tools')
 _TIME_KEYS = ('time', 'data_time', 'step', 'iter', 'epoch')
+
+
+def tools_folder() -> str:
+    """The tools each step runs: the package's (``.mim/tools`` of an installed package,
+    the repository's ``tools/`` in a checkout)."""
+    return bundled_folder('tools')
 
 
 def parse_cfg_options(pairs: Sequence[str]) -> Optional[dict]:
@@ -70,8 +75,9 @@ class Plan:
         self.dir = osp.join(options.work_dir, self.stem if seed is None else
                             osp.join(self.stem, f'seed{seed}'))
         self.train_dir = osp.join(self.dir, 'train')
+        # --mini's data is written by reproduce() itself, which says so in its own lines
         cfg = load_config(config, cfg_options=parse_cfg_options(options.cfg_options),
-                          mini=options.mini)
+                          mini=options.mini, write_mini=False)
         extra = _smoke_options(cfg) if options.smoke else []
         if seed is not None:
             extra.append(f'randomness.seed={seed}')
@@ -121,16 +127,18 @@ class Plan:
 
     # ------------------------------------------------------------------ commands
     def _python(self, tool: str, args: Sequence[str]) -> List[str]:
-        return [sys.executable, osp.join(TOOLS, tool), *args]
+        return [sys.executable, osp.join(tools_folder(), tool), *args]
 
     def _launch(self, tool: str, args: Sequence[str], name: str) -> List[str]:
         """``tools/<tool>.py args`` under the experiment's launcher."""
         if self.launcher == 'none':
             return self._python(tool + '.py', args)
         if self.launcher == 'pytorch':
-            return ['bash', osp.join(TOOLS, 'dist_run.sh'), str(self.procs), tool + '.py',
+            return ['bash', osp.join(tools_folder(), 'dist_run.sh'), str(self.procs),
+                    tool + '.py',
                     *args]
-        return ['bash', osp.join(TOOLS, f'slurm_{tool}.sh'), self.options.partition or '',
+        return ['bash', osp.join(tools_folder(), f'slurm_{tool}.sh'),
+                self.options.partition or '',
                 name, *args]
 
     def launch_env(self, port: int, record: Optional[str] = None) -> Dict[str, str]:
@@ -258,6 +266,8 @@ class Plan:
 
 
 def plan_experiment(config: str, seed: Optional[int], options) -> Plan:
+    """The plan of ``config`` (a file, or ``pkg::folder/name.py``) with ``seed``."""
+    config = resolve_config(config)
     if not osp.isfile(config):
         raise InputError(f'config file not found: {config}')
     return Plan(config, seed, options)
@@ -338,8 +348,11 @@ def preflight(plans: Sequence[Plan], options, say: Callable[[str], None] = print
     if any(s in options.steps for s in ('train', 'test', 'deploy')):
         seen = set()
         checked: Dict[str, Optional[str]] = {}
+        # a dry run writes no --mini data: what it would write is not missing
+        pending = {root for plan in plans for _, root in absent_mini_data(plan.cfg)} \
+            if options.mini and options.dry_run else set()
         for plan in plans:
-            for problem in data_problems(plan.cfg, options.mini):
+            for problem in data_problems(plan.cfg, options.mini, skip_roots=pending):
                 if problem not in seen:
                     seen.add(problem)
                     problems.append(f'{plan.name}: {problem}')

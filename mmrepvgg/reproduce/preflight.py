@@ -46,17 +46,22 @@ def _datasets(cfg: Config, splits: Iterable[str] = _SPLITS) -> Iterable[dict]:
 
 
 def data_problems(cfg: Config, mini: bool = False,
-                  splits: Iterable[str] = _SPLITS) -> List[str]:
+                  splits: Iterable[str] = _SPLITS, *,
+                  skip_roots: Iterable[str] = ()) -> List[str]:
     """What is missing of the files the config's datasets read (``splits``: its train,
     val and test loaders by default): the annotation file and image/label folders under
     ``data_root``, and for Cityscapes the ``*_labelTrainIds.png`` maps that mmseg's
-    converter writes. ``mini``: the data is the synthetic one, and the hint says how to
-    write it."""
+    converter writes. ``mini``: the data is the synthetic one (which ``--mini`` writes
+    where its folder is absent), and the hint says how to write it again.
+    ``skip_roots``: data roots not checked (those ``--mini`` is yet to write)."""
     problems, seen = [], set()
+    skip = set(skip_roots)
     for dataset in _datasets(cfg, splits):
         kind = dataset.get('type', '')
         kind = kind.split('.')[-1] if isinstance(kind, str) else getattr(kind, '__name__', '')
         root = dataset.get('data_root') or ''
+        if root in skip:
+            continue
         missing = []
         ann_file = dataset.get('ann_file')
         if ann_file:
@@ -76,7 +81,9 @@ def data_problems(cfg: Config, mini: bool = False,
         if missing:
             how = _PREPARE.get(kind, 'prepare it as the dataset\'s documentation says')
             if mini and kind in _MINI:
-                how = f'write it with: python tools/make_mini_data.py {_MINI[kind]} {{root}}'
+                how = ('it is not the whole synthetic dataset: remove {root} (--mini then '
+                       'writes it again) or write it again with: python '
+                       f'tools/make_mini_data.py {_MINI[kind]} {{root}} --force')
             problems.append(f'{kind or "dataset"} data missing: {", ".join(missing)}; '
                             + how.format(root=root.rstrip('/') or '.'))
     return problems

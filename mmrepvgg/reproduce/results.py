@@ -16,8 +16,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from ..apis.config import checkout_root
 from ..env import cpu_info, driver_version
 from ..fileio import write_text_atomic
+from ..version import __version__
 from .experiments import PAIRS, reference_for
 
 __all__ = ['git_commit', 'machine_facts', 'record_environment', 'read_environment',
@@ -27,16 +29,19 @@ __all__ = ['git_commit', 'machine_facts', 'record_environment', 'read_environmen
 ENVIRONMENT_FILE = 'environment.json'
 _SLURM = ('SLURM_JOB_ID', 'SLURM_JOB_NODELIST', 'SLURM_NNODES', 'SLURM_NTASKS')
 
-_REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 _TITLES = {'mmseg': 'Segmentation', 'mmdet': 'Detection'}
 
 
 def git_commit() -> Optional[str]:
-    """The checkout's commit, '+dirty' with uncommitted changes; None outside a checkout."""
+    """The commit of the repository mmrepvgg is imported from, '+dirty' with uncommitted
+    changes; None for an installed wheel (its version is in the environment facts)."""
+    root = checkout_root()
+    if root is None or not osp.exists(osp.join(root, '.git')):
+        return None
     try:
-        commit = subprocess.run(['git', '-C', _REPO, 'rev-parse', 'HEAD'],
+        commit = subprocess.run(['git', '-C', root, 'rev-parse', 'HEAD'],
                                 capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(['git', '-C', _REPO, 'status', '--porcelain', '-uno'],
+        dirty = subprocess.run(['git', '-C', root, 'status', '--porcelain', '-uno'],
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
@@ -61,14 +66,16 @@ def _mmcv_facts() -> Dict[str, Optional[str]]:
 
 def machine_facts() -> dict:
     """What decides a result on the machine running this process: its host (slurm's node
-    name inside a job), Python, torch and its CUDA, the GPUs torch can use, the NVIDIA
-    driver, mmcv and the CUDA its ops were built for, the CPU, the slurm job."""
+    name inside a job), Python, mmrepvgg's version, torch and its CUDA, the GPUs torch can
+    use, the NVIDIA driver, mmcv and the CUDA its ops were built for, the CPU, the slurm
+    job."""
     cuda = torch.cuda.is_available()
     count = torch.cuda.device_count() if cuda else 0
     names = sorted({torch.cuda.get_device_name(i) for i in range(count)})
     slurm = {k.lower(): os.environ[k] for k in _SLURM if k in os.environ}
     return dict(host=os.environ.get('SLURMD_NODENAME') or socket.gethostname(),
-                python=platform.python_version(), torch=torch.__version__,
+                python=platform.python_version(), mmrepvgg=__version__,
+                torch=torch.__version__,
                 cuda=torch.version.cuda if cuda else None, torch_cuda_build=torch.version.cuda,
                 gpu=', '.join(names) or None, gpus_visible=count,
                 driver=driver_version(), **_mmcv_facts(), cpu=cpu_info()[0],

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..apis.config import MINI_NAMES, absent_mini_data, write_mini_data
 from ..errors import MachineError, UsageError
 from ..fileio import write_text_atomic
 from .experiments import DEFAULT_TOLERANCE
@@ -242,6 +243,22 @@ class Run:
             entry['outputs'] = dict(files=speed['files'], summary=speed['summary'])
 
 
+def _write_mini_data(plans: Sequence[Plan], dry_run: bool,
+                     say: Callable[[str], None]) -> None:
+    """The synthetic data of ``--mini`` written where absent, before anything checks it
+    (the steps' own tools then find it); a dry run says what it would write."""
+    said = set()
+    for plan in plans:
+        if not dry_run:
+            write_mini_data(plan.cfg, say)
+            continue
+        for layout, root in absent_mini_data(plan.cfg):
+            if root not in said:
+                said.add(root)
+                say(f'--mini: would write the synthetic mini {MINI_NAMES[layout]} to '
+                    f'{osp.abspath(root)}')
+
+
 def reproduce(configs: Sequence[str], options: ReproduceOptions,
               say: Callable[[str], None] = print) -> int:
     """Run (or with ``dry_run`` print) every step of every experiment; write the tables
@@ -254,6 +271,8 @@ def reproduce(configs: Sequence[str], options: ReproduceOptions,
     if len(set(names)) != len(names):
         raise UsageError('two experiments share a name (the config file stem): '
                          + ', '.join(sorted({n for n in names if names.count(n) > 1})))
+    if options.mini:
+        _write_mini_data(plans, options.dry_run, shout)
     problems, machine = preflight(plans, options, shout)
     for problem in problems:
         shout(f'check failed: {problem}')

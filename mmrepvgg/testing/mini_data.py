@@ -7,6 +7,7 @@ a model can learn the data in a few hundred iterations and a falling loss means 
 A dataset is written beside its folder and renamed into place: an interrupted run leaves
 the user's folder as it was.
 """
+import errno
 import os
 import os.path as osp
 import shutil
@@ -35,6 +36,13 @@ def _check_out_dir(out_dir, force):
                                  'pass --force to replace it')
 
 
+def _raise_if_filled(out_dir, err, force):
+    """OutDirNotEmpty where ``err`` says another process filled out_dir meanwhile."""
+    if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and not force:
+        raise OutDirNotEmpty(f'{out_dir} was filled while this dataset was being '
+                             'written; pass --force to replace it') from err
+
+
 def _build_in_place(out_dir, force, writer):
     """Run ``writer(tmp_dir)`` next to out_dir, then swap the result in atomically-ish.
 
@@ -49,17 +57,31 @@ def _build_in_place(out_dir, force, writer):
     try:
         writer(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a dataset dir should be readable
-        # Re-check: something may have appeared while we were writing.
+        # Re-check: something may have appeared while we were writing (another process
+        # writing the same dataset: whichever renames first wins, the other stops here or
+        # at its own rename, and the folder holds one whole dataset).
         _check_out_dir(out_dir, force)
         if osp.isdir(out_dir) and not osp.islink(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+            try:
+                os.rmdir(out_dir)
+            except FileNotFoundError:  # another process took it away first
+                pass
+            except OSError as err:
+                _raise_if_filled(out_dir, err, force)
+                raise
         old = None
-        if osp.lexists(out_dir):  # only reachable with force
+        if osp.lexists(out_dir) and force:
             old = tempfile.mkdtemp(prefix=f'.{name}.old-', dir=parent)
             os.rmdir(old)
             os.rename(out_dir, old)
         try:
+            # refused where a folder with something in it is there by now
             os.rename(tmp, out_dir)
+        except OSError as err:
+            if old is not None:
+                os.rename(old, out_dir)
+            _raise_if_filled(out_dir, err, force)
+            raise
         except BaseException:
             if old is not None:
                 os.rename(old, out_dir)
