@@ -8,9 +8,11 @@ import os.path as osp
 import pytest
 from mmengine.config import Config
 
+from helpers import parse_options as _options
 from mmrepvgg import apis
+from mmrepvgg.apis.config import load_config, resolve_config
 from mmrepvgg.apis.deploy import export
-from test_tools import _options
+from mmrepvgg.errors import InputError
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = sorted(glob.glob(osp.join(ROOT, 'configs', '*.py')))
@@ -32,6 +34,34 @@ def test_expected_configs_are_bundled():
     names = {osp.basename(c) for c in CONFIGS}
     assert 'pspnet_repvgg_b1g2_cityscapes.py' in names
     assert len(SEG) == 5 and len(DET) == 8, names
+
+
+def test_configs_are_named_by_package_as_mmengine_names_them():
+    """``mmrepvgg::repvgg/<name>.py`` is a bundled config (from the checkout here: the
+    installed wheel is tests/test_packaging.py's), ``mmdet::``/``mmseg::`` theirs; the
+    tools take either, and say what is wrong with a name they cannot serve."""
+    name = 'pspnet_repvgg_b1g2_cityscapes.py'
+    assert osp.realpath(resolve_config(f'mmrepvgg::repvgg/{name}')) == \
+        osp.join(ROOT, 'configs', name)
+    base = '_base_/pspnet_r50-d8_paper-recipe_cityscapes.py'
+    assert osp.realpath(resolve_config(f'mmrepvgg::repvgg/{base}')) == \
+        osp.join(ROOT, 'configs', base)
+    cfg = load_config(f'mmrepvgg::repvgg/{name}')
+    assert cfg.model.backbone.arch == 'B1g2'
+    assert cfg.work_dir == osp.join('./work_dirs', 'pspnet_repvgg_b1g2_cityscapes')
+    mmdet = resolve_config('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py')
+    assert mmdet.endswith(osp.join('mmdet', '.mim', 'configs', 'retinanet',
+                                   'retinanet_r50_fpn_1x_coco.py'))
+    assert resolve_config(SEG[0]) == SEG[0]  # a file is itself
+    with pytest.raises(InputError, match=r'mmrepvgg::configs/x\.py: the configs of mmrepvgg '
+                       r'are named mmrepvgg::repvgg/<name>\.py, e\.g\. mmrepvgg::repvgg/'):
+        resolve_config('mmrepvgg::configs/x.py')
+    with pytest.raises(InputError, match=r'config file not found: mmrepvgg::repvgg/nope\.py '
+                       r'\(.*nope\.py\)'):
+        resolve_config('mmrepvgg::repvgg/nope.py')
+    with pytest.raises(InputError, match=r"mmengine serves pkg:: configs of .*mmdet.*, not "
+                       r"'mmfoo'"):
+        resolve_config('mmfoo::x/y.py')
 
 
 @pytest.mark.parametrize('config', CONFIGS, ids=osp.basename)

@@ -176,3 +176,66 @@ def test_cityscapes_classes_are_separable_by_colour(tmp_path):
     # Ignore pixels exist but stay a small fraction.
     labs = np.stack([np.asarray(Image.open(p)) for p in _label_files(root)])
     assert 0 < (labs == 255).mean() < 0.05
+
+
+# ------------------------------------------------- --mini writes its data where absent
+def _mini_cfg(root):
+    """A --mini segmentation config reading the synthetic data at ``root``."""
+    from mmengine.config import Config
+    dataset = dict(type='CityscapesDataset', data_root=str(root))
+    return Config(dict(default_scope='mmseg', train_dataloader=dict(dataset=dataset),
+                       val_dataloader=dict(dataset=dataset)))
+
+
+def _write_when_released(root, barrier, results):
+    from mmrepvgg.apis.config import write_mini_data
+    said = []
+    barrier.wait()
+    written = write_mini_data(_mini_cfg(root), say=said.append)
+    results.put((written, said))
+
+
+def test_concurrent_mini_writers_leave_one_whole_dataset(tmp_path):
+    """Three processes (as the ranks of one run) find the data absent at once: each
+    writes beside the folder, one rename wins and says so, the others leave it."""
+    import multiprocessing
+    ctx = multiprocessing.get_context('fork')  # the children only write images
+    root = tmp_path / 'data' / 'mini_cityscapes'
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_write_when_released, args=(str(root), barrier, results))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    writers = [o for o in outcomes if o[0]]
+    assert len(writers) == 1, outcomes
+    (written, said), = writers
+    assert written == [str(root)]
+    assert said == [f'--mini: wrote the synthetic mini Cityscapes (24 train + 8 val images) '
+                    f'to {root}']
+    assert len(_label_files(root)) == 32
+    assert len(list(root.glob('leftImg8bit/*/*/*_leftImg8bit.png'))) == 32
+    assert [p.name for p in root.parent.iterdir()] == ['mini_cityscapes']  # no temp dirs
+
+
+def test_load_config_mini_writes_absent_data_once(tmp_path, monkeypatch):
+    from mmrepvgg.apis.config import absent_mini_data, load_config
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / 'configs' / 'retinanet_repvgg-a2_fpn_1x_coco.py')
+    cfg = load_config(config, mini=True, write_mini=False)
+    assert absent_mini_data(cfg) == [('coco', 'data/mini_coco/')]
+    assert not (tmp_path / 'data').exists()
+    load_config(config, mini=True)
+    ann = tmp_path / 'data' / 'mini_coco' / 'annotations' / 'instances_val2017.json'
+    assert len(json.loads(ann.read_text())['images']) == 8
+    stamp = ann.stat().st_mtime_ns
+    assert absent_mini_data(load_config(config, mini=True)) == []
+    assert ann.stat().st_mtime_ns == stamp  # found, not written again
+    # an empty folder counts as absent; one holding anything is the user's
+    (tmp_path / 'data' / 'mini_cityscapes').mkdir()
+    seg = load_config(str(REPO / 'configs' / 'pspnet_repvgg_b1g2_cityscapes.py'),
+                      mini=True)
+    assert absent_mini_data(seg) == [] and len(_label_files('data/mini_cityscapes')) == 32

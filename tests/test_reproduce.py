@@ -14,13 +14,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import (DET_CONFIG, DET_MODEL, FAKE_SRUN, MAX_FLIPPED_PIXELS, ROOT, SEG_CONFIG,
+                     SEG_MODEL, TEST, TRAIN, write_executable)
 from mmrepvgg.errors import MMRepVGGError
-from mmrepvgg.reproduce.run import ReproduceOptions, reproduce
-from mmrepvgg.reproduce.plan import Plan
-from mmrepvgg.reproduce.results import write_results
 from mmrepvgg.fileio import sha256_file
-from test_tools import (DET_CONFIG, DET_MODEL, MAX_FLIPPED_PIXELS, ROOT, SEG_CONFIG,
-                        SEG_MODEL, TEST, TRAIN)
+from mmrepvgg.reproduce.experiments import SUITES, suite_configs
+from mmrepvgg.reproduce.plan import Plan, tools_folder
+from mmrepvgg.reproduce.results import write_results
+from mmrepvgg.reproduce.run import ReproduceOptions, reproduce
 
 TOOL = osp.join(ROOT, 'tools', 'reproduce.py')
 SEG = 'pspnet_repvgg_b1g2_cityscapes'
@@ -164,8 +165,48 @@ def test_missing_data_is_named_with_the_command_that_prepares_it(tmp_path):
     assert 'CocoDataset data missing: data/coco/annotations/instances_val2017.json' in out
     assert 'download_dataset.py" --dataset-name coco2017' in out
     assert not osp.exists(tmp_path / 'w')
+
+
+def test_mini_writes_its_data_where_absent_and_says_where(tmp_path):
+    """--mini in a folder without data: a dry run says what it would write and writes
+    nothing; a run writes the synthetic data (the test step then has no checkpoint), and
+    the next run finds it there; an incomplete folder is named with the way to redo it."""
+    data = tmp_path / 'data' / 'mini_cityscapes'
+    out, failed = _run([SEG_CONFIG], tmp_path, steps=['test'], mini=True, dry_run=True)
+    assert failed == 0 and 'check failed' not in out, out
+    assert f'--mini: would write the synthetic mini Cityscapes to {data}' in out
+    assert not osp.exists(tmp_path / 'data')
+
+    out, failed = _run([SEG_CONFIG], tmp_path, steps=['test'], mini=True)
+    assert (f'--mini: wrote the synthetic mini Cityscapes (24 train + 8 val images) to '
+            f'{data}') in out
+    assert 'check failed' not in out and failed == 1  # blocked: nothing trained yet
+    assert f'{SEG}: test not run: no trained checkpoint' in out
+    assert len(list(data.glob('leftImg8bit/*/*/*.png'))) == 32
+    assert [p.name for p in data.parent.iterdir()] == ['mini_cityscapes']  # no leftovers
+
     out, _ = _run([SEG_CONFIG], tmp_path, steps=['test'], mini=True)
-    assert 'make_mini_data.py cityscapes data/mini_cityscapes' in out
+    assert '--mini: wrote' not in out and 'check failed' not in out
+
+    shutil.rmtree(data / 'gtFine')
+    out, exit_ = _run([SEG_CONFIG], tmp_path, steps=['test'], mini=True)
+    assert isinstance(exit_, MMRepVGGError), out
+    assert ('CityscapesDataset data missing: data/mini_cityscapes/gtFine/val/; it is not '
+            'the whole synthetic dataset: remove data/mini_cityscapes (--mini then writes it '
+            'again) or write it again with: python tools/make_mini_data.py cityscapes '
+            'data/mini_cityscapes --force') in out
+
+
+def test_suites_and_tools_are_the_packages_own():
+    """In a checkout (this test's), the suites name the repository's configs and the
+    steps run its tools; an installed wheel's .mim folders are checked in
+    tests/test_packaging.py."""
+    # (an editable install links .mim/configs/repvgg and .mim/tools to these folders)
+    assert [osp.realpath(c) for c in suite_configs('smoke')] == [
+        osp.realpath(osp.join(ROOT, 'configs', f'{stem}.py')) for stem in SUITES['smoke']]
+    assert osp.realpath(tools_folder()) == osp.realpath(osp.join(ROOT, 'tools'))
+    with pytest.raises(MMRepVGGError, match="unknown suite 'cocoa'; valid: cityscapes"):
+        suite_configs('cocoa')
 
 
 def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
@@ -188,7 +229,7 @@ def test_dry_run_prints_every_command_and_writes_nothing(tmp_path):
     # the environment check: on one GPU of the partition, before the first experiment
     assert re.search(r'environment check: srun -p gpu --job-name=mmrepvgg-check '
                      r'--gres=gpu:1 --ntasks=1 --kill-on-bad-exit=1 \S+ -m '
-                     r'mmrepvgg\.apis\.preflight --check --device cuda --detection\n', out)
+                     r'mmrepvgg\.reproduce\.preflight --check --device cuda --detection\n', out)
     assert re.search(r'RECORD_ENV=\S+/train/environment\.json \S*bash \S+slurm_train', out)
     assert 'srun -p gpu' in out and 'slurm_test.sh gpu' in out
 
@@ -346,13 +387,13 @@ def test_check_tool_prints_verdicts_and_this_machines_facts(monkeypatch, capsys,
 
 
 def _slurm_bin(tmp_path, fail=False):
-    """A PATH folder with a fake srun (test_launchers) and scontrol (mmengine's slurm
+    """A PATH folder with a fake srun (helpers.FAKE_SRUN) and scontrol (mmengine's slurm
     launcher asks it for the first node's address)."""
-    from test_launchers import FAKE_SRUN, _executable
     folder = tmp_path / 'slurm_bin'
-    _executable(folder / 'srun', FAKE_SRUN if not fail else
-                '#!/bin/sh\necho "srun: error: invalid partition specified: gpu" >&2\nexit 1\n')
-    _executable(folder / 'scontrol', '#!/bin/sh\necho 127.0.0.1\n')
+    write_executable(folder / 'srun', FAKE_SRUN if not fail else
+                     '#!/bin/sh\necho "srun: error: invalid partition specified: gpu" >&2\n'
+                     'exit 1\n')
+    write_executable(folder / 'scontrol', '#!/bin/sh\necho 127.0.0.1\n')
     return folder
 
 
@@ -415,10 +456,11 @@ def test_slurm_training_records_the_node_that_trained(mini_root, tmp_path, monke
     from mmrepvgg.reproduce import plan as reproduce_plan
     tools = tmp_path / 'tools'
     tools.mkdir()
-    for name in ('slurm_run.sh', 'slurm_train.sh'):
-        shutil.copy(osp.join(ROOT, 'tools', name), tools / name)
+    for name in os.listdir(osp.join(ROOT, 'tools')):  # the launch scripts, as they are
+        if name.endswith('.sh'):
+            shutil.copy(osp.join(ROOT, 'tools', name), tools / name)
     (tools / 'train.py').write_text(FAKE_TRAIN)
-    monkeypatch.setattr(reproduce_plan, 'TOOLS', str(tools))
+    monkeypatch.setattr(reproduce_plan, 'tools_folder', lambda: str(tools))
     monkeypatch.setenv('PATH', f'{_slurm_bin(tmp_path)}{os.pathsep}{os.environ["PATH"]}')
     monkeypatch.setenv('FAKE_LOG', str(tmp_path / 'srun.jsonl'))
     monkeypatch.setenv('FAKE_JOB_ID', '4242')
