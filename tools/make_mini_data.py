@@ -1,5 +1,7 @@
 """Write a tiny synthetic dataset in the on-disk layout of Cityscapes or COCO, for
-``--mini`` runs of the tools (the data of the demo and the tests).
+``--mini`` runs of the tools (the data of the demo and the tests). ``--mini`` writes it
+itself where its folder (data/mini_cityscapes, data/mini_coco) is absent; this tool
+writes it elsewhere, at another size or count, or again (--force).
 
     python tools/make_mini_data.py cityscapes data/mini_cityscapes
     python tools/make_mini_data.py coco data/mini_coco --num-train 24 --num-val 8
