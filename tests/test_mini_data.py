@@ -239,3 +239,15 @@ def test_load_config_mini_writes_absent_data_once(tmp_path, monkeypatch):
     seg = load_config(str(REPO / 'configs' / 'pspnet_repvgg_b1g2_cityscapes.py'),
                       mini=True)
     assert absent_mini_data(seg) == [] and len(_label_files('data/mini_cityscapes')) == 32
+
+
+def test_mini_data_root_taken_by_a_file_is_refused(tmp_path):
+    from mmrepvgg.apis.config import write_mini_data
+    from mmrepvgg.errors import InputError
+    root = tmp_path / 'mini_cityscapes'
+    root.write_text('not a dataset')
+    with pytest.raises(InputError, match=rf'--mini writes the synthetic mini Cityscapes to '
+                       rf'{root}, but {root} is not a folder: move it away'):
+        write_mini_data(_mini_cfg(root), say=print)
+    assert root.read_text() == 'not a dataset'
+    assert [p.name for p in tmp_path.iterdir()] == ['mini_cityscapes']

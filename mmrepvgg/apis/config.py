@@ -194,8 +194,12 @@ def write_mini_data(cfg: Config, say: Optional[Callable[[str], None]] = None) ->
         make = make_cityscapes if layout == 'cityscapes' else make_coco
         try:
             path = make(root)
-        except OutDirNotEmpty:  # another process wrote it first: complete, as renamed
-            continue
+        except OutDirNotEmpty as err:
+            if osp.isdir(root) and os.listdir(root):
+                continue  # another process wrote it first: complete, as it was renamed
+            raise InputError(f'--mini writes the synthetic mini {MINI_NAMES[layout]} to '
+                             f'{root}, but {root} is not a folder: move it away, or give '
+                             'the config another data_root') from err
         say(f'--mini: wrote the synthetic mini {MINI_NAMES[layout]} ({DEFAULT_NUM_TRAIN} '
             f'train + {DEFAULT_NUM_VAL} val images) to {path}')
         written.append(path)
