@@ -43,6 +43,10 @@ class BuildWithMim(build_py):
     by a wheel build."""
 
     def run(self):
+        if not self.editable_mode:
+            # from scratch: a module moved or deleted since the last build in this tree's
+            # build/ must not ship again
+            _remove(osp.join(self.build_lib, PACKAGE))
         super().run()
         if self.editable_mode:
             self._link_in_checkout()

@@ -104,7 +104,7 @@ def _files(folder):
 def builds(tmp_path_factory):
     """A copy of the checkout installed editable (its .mim links made), then its sdist
     (made with those links there, as a developer would), and the wheel built from the
-    unpacked sdist (as pip and ``python -m build`` do)."""
+    unpacked sdist (as pip and ``python -m build`` do) over an earlier build's leftovers."""
     tmp = tmp_path_factory.mktemp('packaging')
     source = _copy_checkout(str(tmp / 'checkout'))
     editable = _build('build_editable', source, str(tmp / 'editable'))
@@ -113,6 +113,11 @@ def builds(tmp_path_factory):
         members = [m.name.split('/', 1)[1] for m in tar.getmembers() if '/' in m.name]
         tar.extractall(str(tmp / 'unpacked'), filter='data')
     unpacked = osp.join(str(tmp / 'unpacked'), os.listdir(str(tmp / 'unpacked'))[0])
+    # what an earlier build left in build/: a module since moved away
+    stale = osp.join(unpacked, 'build', 'lib', 'mmrepvgg', 'apis', 'moved_away.py')
+    os.makedirs(osp.dirname(stale))
+    with open(stale, 'w') as f:
+        f.write('STALE = True\n')
     wheel = _build('build_wheel', unpacked, str(tmp / 'wheel'))
     elsewhere = tmp / 'elsewhere'
     elsewhere.mkdir()
@@ -129,8 +134,11 @@ def test_sdist_and_wheel_carry_the_configs_and_tools(builds):
     assert {f'configs/{c}' for c in configs} | {f'tools/{t}' for t in tools} <= members
     assert not any('.mim' in m for m in members), 'the sdist carries the editable links'
     with zipfile.ZipFile(builds['wheel']) as wheel:
-        mim = sorted(n.split('mmrepvgg/.mim/', 1)[1] for n in wheel.namelist()
-                     if n.startswith('mmrepvgg/.mim/'))
+        names = wheel.namelist()
+    mim = sorted(n.split('mmrepvgg/.mim/', 1)[1] for n in names
+                 if n.startswith('mmrepvgg/.mim/'))
+    assert 'mmrepvgg/apis/config.py' in names
+    assert 'mmrepvgg/apis/moved_away.py' not in names, 'a stale build/ module shipped'
     assert mim == sorted([f'configs/repvgg/{c}' for c in configs]
                          + [f'tools/{t}' for t in tools] + ['model-index.yml'])
     # a wheel build copies into its build folder, never into the tree it builds from
