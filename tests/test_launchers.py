@@ -31,9 +31,6 @@ with open(os.environ['FAKE_LOG'], 'a') as f:
                                             'RECORD_ENV')}})) + '\\n')
 """
 
-# The names another test module imported from this one before tests/helpers.py held them.
-_executable = write_executable
-
 
 @pytest.fixture
 def repo(tmp_path):

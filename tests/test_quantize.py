@@ -170,9 +170,13 @@ def test_bad_input_is_refused_and_writes_nothing(qa_seg, tmp_path):
     # a calibration set larger than the data
     msg = refused(qa_seg.onnx, calib=3)
     assert 'asked for 3 calibration images' in msg and 'holds only 2' in msg
-    # data the config cannot load
+    # data the config cannot load: a data root that holds no dataset (--mini writes the
+    # synthetic one only where the folder is absent or empty)
+    stray = tmp_path / 'nowhere' / 'mini_cityscapes' / 'README'
+    stray.parent.mkdir(parents=True)
+    stray.write_text('not a dataset')
     msg = refused(qa_seg.onnx, calib=1, model_args=QA_MODEL + [
-        'test_dataloader.dataset.data_root=nowhere/mini_cityscapes'])
+        f'test_dataloader.dataset.data_root={stray.parent}'])
     assert 'cannot load the calibration data from test_dataloader' in msg and 'nowhere' in msg
     # an already quantized file
     int8 = tmp_path / 'done' / 'int8.onnx'

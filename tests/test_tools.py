@@ -34,13 +34,6 @@ from mmrepvgg.reparam import (assert_fusion_exact, format_report, fusion_errors,
 
 R50_CONFIG = osp.join(ROOT, 'configs', 'pspnet_r50_cityscapes.py')
 
-# The names other test modules imported from this one before tests/helpers.py held them.
-from helpers import MAX_FLIPPED_PIXELS, train_det, train_seg  # noqa: E402,F401
-_cwd, _options, _run, _convert, _convert_release = (
-    working_dir, parse_options, run_entry, run_convert, run_convert_release)
-_log_text, _fingerprint, _state, _seg_maps, _test_tool, _det_results = (
-    log_text, fingerprint, load_state, seg_maps, run_test, det_results)
-
 
 # ---------------------------------------------------------------- --deploy: same scores
 def test_segmentor_deploy_metrics_and_maps_equal_training_form(seg, tmp_path):
@@ -402,7 +395,7 @@ def test_deploy_checkpoint_without_deploy_flag_is_refused(seg, tmp_path):
     with pytest.raises(MMRepVGGError) as err:
         run_entry(apis.test, seg.root, SEG_CONFIG, seg.fused, mini=True, work_dir=work,
                   options=TEST + SEG_MODEL)
-    assert '--deploy' in str(err.value.code)
+    assert '--deploy' in str(err.value)
     _assert_untouched(work)
     assert fingerprint(seg.fused) == before
 

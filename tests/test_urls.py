@@ -267,7 +267,7 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
         with pytest.raises(MMRepVGGError) as err:
             run_entry(apis.test, seg.root, SEG_CONFIG, missing, mini=True, work_dir=work,
                       deploy=deploy, options=SEG_MODEL)
-        message = str(err.value.code)
+        message = str(err.value)
         assert missing in message and 'HTTP 404' in message, message
         assert 'Traceback' not in message
     # what tools/convert.py exits with
@@ -292,7 +292,7 @@ def test_missing_url_and_bad_scheme_are_clear_errors(seg, server, tmp_path):
         with pytest.raises(MMRepVGGError, match=expected) as err:
             run_entry(apis.test, seg.root, SEG_CONFIG, bad, mini=True, work_dir=work,
                       options=SEG_MODEL)
-        assert bad in str(err.value.code)
+        assert bad in str(err.value)
 
     assert len(server.gets) == 6 and set(server.gets) == {'/missing/iter_4.pth'}
     assert not work.exists() and not (tmp_path / 'out.pth').exists()
