@@ -3,7 +3,9 @@ untrained, trained (3-branch) and trained-fused (--deploy) models.
 
     python tools/demo.py [--iters 60] [--seed 0] [--work-dir work_dirs/demo]
 
-The console gets one line per phase, then the table. Everything else goes to the work
+The console gets one line per phase, then the table, then the path of one picture: a
+val image and the trained model's predictions on it in 3-branch and fused form, drawn as
+tools/infer.py draws them (WORK_DIR/prediction.png). Everything else goes to the work
 dir: mmengine's log of each training or test run (config, losses, per-class IoU) to
 WORK_DIR/<timestamp>/<timestamp>.log, the demo's own log and Python warnings to
 WORK_DIR/demo.log. Errors still reach the console, with the path of the log to read.
@@ -112,6 +114,26 @@ def evaluate(name: str, checkpoint: str, work_dir: str, seed: int,
     return metrics
 
 
+def draw_predictions(checkpoint: str, work_dir: str) -> str:
+    """The first val image, the label maps of ``checkpoint`` as trained (3-branch) and
+    fused after loading, drawn by the config's MMSegInferencer side by side into
+    WORK_DIR/prediction.png; returns its path."""
+    import glob
+
+    import mmcv
+
+    from mmrepvgg.apis.inference import (init_inferencer, predict_image, side_by_side,
+                                         write_picture)
+    image = mmcv.imread(sorted(glob.glob(osp.join(DATA, 'leftImg8bit', 'val', '*',
+                                                  '*.png')))[0])
+    pictures = [image[..., ::-1]]
+    for deploy in (False, True):
+        inferencer, _ = init_inferencer(CONFIG, checkpoint, deploy=deploy, mini=True)
+        pictures.append(predict_image(inferencer, image)[2])
+    row = side_by_side(pictures, ['input', '3-branch (trained)', 'fused (--deploy)'])
+    return write_picture(row, osp.join(work_dir, 'prediction.png'))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +222,12 @@ def main(argv=None):
     for name, m in rows:
         print(f'| {name:<27} | {m["mIoU"]:6.2f} | {m["aAcc"]:6.2f} | '
               f'{m["ms_per_image"]:10.1f} |')
+
+    # One val image as tools/infer.py draws it, from the trained checkpoint in both forms.
+    print()
+    with phase('drawing the 3-branch and fused predictions on a val image', demo_log):
+        picture = draw_predictions(trained, args.work_dir)
+    print(f'[demo] picture (input | 3-branch | fused): {picture}')
 
 
 if __name__ == '__main__':
