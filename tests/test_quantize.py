@@ -3,7 +3,7 @@ INT8 files calibrated on the config's data and scored by tools/test.py --backend
 (apis.test).
 
 RepVGG-A0 PSPNets after one training iteration on the mini data, in-process, with the
-fixtures and helpers of tests/test_tools.py and tests/test_deploy.py.
+fixtures of tests/conftest.py and the helpers of tests/helpers.py.
 """
 import json
 import os.path as osp
