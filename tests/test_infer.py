@@ -312,6 +312,14 @@ def test_bad_inputs_and_models_fail_clearly_before_writing(seg, seg_onnx, tmp_pa
         run(seg_onnx, one, DET_MODEL, config=DET_CONFIG)
     with pytest.raises(InputError, match='not a valid PyTorch checkpoint'):
         run(notes, one)
+    # an image the static file cannot take: the pipeline keeps its aspect ratio
+    wide = tmp_path / 'wide.png'
+    cv2.imwrite(str(wide), np.zeros((100, 300, 3), np.uint8))
+    with pytest.raises(InputError, match=r'wide.png: pspnet.onnx takes inputs of shape '
+                                         r'1x3x128x256, got 1x3x85x256: export again with '
+                                         r'--dynamic'):
+        run(seg_onnx, wide)
+    wide.unlink()
     # requests that do not fit the model
     with pytest.raises(UsageError, match='--backend openvino runs an exported file'):
         run(seg.ckpt, one, backend='openvino')

@@ -87,18 +87,46 @@ def _checkpoint_mismatch(model, checkpoint: dict) -> Optional[str]:
             f'have, {len(shapes)} of another shape (e.g. {shown})')
 
 
-def _config_dataset_meta(cfg, scope: str) -> Dict:
+def _config_dataset_meta(cfg, scope: str, log: Callable[[str], None]) -> Dict:
     """Classes and palette of the config's test dataset (read without its files), for a
-    model whose file carries none (an exported network)."""
+    model whose file carries none (an exported network); the inferencer's default ones
+    (Cityscapes, COCO) when the dataset cannot say."""
     import copy
     if scope == 'mmdet':
+        from mmdet.evaluation import get_classes
         from mmdet.registry import DATASETS
+        default = {'classes': get_classes('coco'), 'palette': 'random'}
     else:
         from mmseg.registry import DATASETS
+        from mmseg.utils import get_classes, get_palette
+        default = {'classes': get_classes('cityscapes'), 'palette': get_palette('cityscapes')}
     dataset = copy.deepcopy(cfg.test_dataloader.dataset)
     dataset['lazy_init'] = True
-    meta = DATASETS.build(dataset).metainfo
-    return {'classes': meta.get('classes'), 'palette': meta.get('palette')}
+    try:
+        meta = DATASETS.build(dataset).metainfo
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as err:
+        log(f'the config\'s test dataset gives no class names ({err}); drawing with '
+            f'{"COCO" if scope == "mmdet" else "Cityscapes"} names')
+        return default
+    return {'classes': meta.get('classes') or default['classes'],
+            'palette': meta.get('palette') or default['palette']}
+
+
+def _refuse_inputs_as_input_errors(runner) -> None:
+    """An exported file takes one input size (a static ONNX file, a package): an image
+    the test pipeline brings to another size is the user's input that does not fit, said
+    as such (the runner's ValueError becomes an InputError) rather than a traceback out
+    of the model's forward."""
+    check = runner.check_input
+
+    def check_input(x):
+        try:
+            check(x)
+        except ValueError as err:
+            raise InputError(f'{err} (the size the config\'s test pipeline gives this '
+                             'input)') from err
+
+    runner.check_input = check_input
 
 
 def init_inferencer(config: str, model: str, backend: Optional[str] = None,
@@ -187,7 +215,7 @@ def init_inferencer(config: str, model: str, backend: Optional[str] = None,
     if checkpoint is not None:
         mismatch = _checkpoint_mismatch(net, checkpoint)
         if mismatch:
-            raise InputError(f'error: {model} does not hold the weights of the config\'s '
+            raise InputError(f'{model} does not hold the weights of the config\'s '
                              f'model ({mismatch}): give the config it was trained with, '
                              'with the same --cfg-options')
         # the inferencer's own loading: the weights, and classes and palette from the
@@ -203,7 +231,8 @@ def init_inferencer(config: str, model: str, backend: Optional[str] = None,
             runner = use_backend(net, model, backend, precision)
         except (OSError, ValueError, RuntimeError) as err:
             raise InputError(f'error: {err}') from err
-        net.dataset_meta = _config_dataset_meta(inferencer.cfg, scope)
+        _refuse_inputs_as_input_errors(runner)
+        net.dataset_meta = _config_dataset_meta(inferencer.cfg, scope, log)
         if runner.quantized:
             form = f'INT8 ONNX in {backend} (ops left in float run {runner.precision_used})'
         elif backend == 'aoti':
@@ -389,7 +418,10 @@ def _infer_video(inferencer, path: str, writer: _Writer, score_thr: float,
             for frame in video:
                 if frame is None:
                     break
-                _, prediction, picture = predict_image(inferencer, frame, score_thr)
+                try:
+                    _, prediction, picture = predict_image(inferencer, frame, score_thr)
+                except InputError as err:  # an exported file made for another size
+                    raise InputError(f'{path}, frame {count}: {err}') from err
                 writer.frame(frames_dir, count, prediction)
                 sink.write(np.ascontiguousarray(picture[..., ::-1]))
                 count += 1
@@ -453,7 +485,11 @@ def write_predictions(inferencer, inputs, out_dir: str, score_thr: float = 0.3,
         if kind == 'video':
             frames += _infer_video(inferencer, path, writer, score_thr, progress)
             continue
-        _, prediction, picture = predict_image(inferencer, _read_image(path), score_thr)
+        image = _read_image(path)
+        try:
+            _, prediction, picture = predict_image(inferencer, image, score_thr)
+        except InputError as err:  # an exported file made for another input size
+            raise InputError(f'{path}: {err}') from err
         writer.image(osp.basename(path), prediction, picture)
         if bar:
             bar.update()
