@@ -23,9 +23,11 @@ NUMERIC_TESTS := tests/test_numerics.py tests/test_repvgg.py tests/test_gemm_con
 	tests/test_checkpoint_kinds.py tests/test_hook.py tests/test_quantize.py \
 	tests/test_recommend.py
 test-isa: setup
+	status=0; \
 	DNNL_MAX_CPU_ISA=$(ISA) ONEDNN_MAX_CPU_ISA=$(ISA) \
 	ATEN_CPU_CAPABILITY=$(shell echo $(ISA) | tr A-Z a-z | sed 's/_.*//') \
 	MMREPVGG_WINOGRAD_VECTOR_WIDTH=8 \
-	$(PY) -m pytest -q -n 2 --dist loadfile $(NUMERIC_TESTS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(NUMERIC_TESTS) || status=1; \
 	MMREPVGG_TEST_THREADS=2 OMP_NUM_THREADS=1 \
-	$(PY) -m pytest -q -n 2 --dist loadfile $(NUMERIC_TESTS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(NUMERIC_TESTS) || status=1; \
+	exit $$status

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..deploy import export_module, load_backend, package_module, quantize_onnx
+from ..deploy.backends import openvino_bf16_problem
 from ..errors import UsageError
 from ..numerics import output_error
 from ..ops.inference import optimize_for_inference, resolve_device
@@ -274,17 +275,11 @@ def backend_versions(modes: Sequence[str]) -> Dict[str, str]:
 
 
 def openvino_bf16_note() -> Optional[str]:
-    """What to say when OpenVINO cannot compute in bf16 on this CPU (it falls back to
-    fp32 then), or None."""
-    try:
-        import openvino
-        capabilities = openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
-    except Exception:  # noqa: BLE001  (not installed: the rows say so)
-        return None
-    if 'BF16' in capabilities:
-        return None
-    return (f'openvino-bf16: OpenVINO lists no BF16 among this CPU\'s capabilities '
-            f'({", ".join(capabilities)}), so these rows computed in fp32')
+    """What to say when OpenVINO cannot compute in bf16 here (it falls back to fp32 then),
+    or None."""
+    problem = openvino_bf16_problem()
+    return None if problem is None else (f'openvino-bf16: {problem}, so these rows '
+                                         'computed in fp32')
 
 
 def find_baseline(candidates: Sequence[Candidate], name: Optional[str]) -> Candidate:

@@ -45,6 +45,38 @@ def read_onnx(path: str, load_weights: bool = False):
     return model
 
 
+def onednn_isa_without_bf16() -> Optional[str]:
+    """The instruction set oneDNN is held to (``ONEDNN_MAX_CPU_ISA`` or its older name
+    ``DNNL_MAX_CPU_ISA``) when it has no bf16 arithmetic, else None. OpenVINO's CPU plugin
+    reads bf16 support from the CPU's flags, not from that cap, and then finds no bf16
+    kernel to run: a bf16 request must ask for f32, as on a CPU of that ISA."""
+    cap = os.environ.get('ONEDNN_MAX_CPU_ISA') or os.environ.get('DNNL_MAX_CPU_ISA')
+    if not cap:
+        return None
+    name = cap.upper()
+    if name == 'ALL' or 'BF16' in name or 'AMX' in name or name.startswith('AVX10'):
+        return None
+    return cap
+
+
+def openvino_bf16_problem() -> Optional[str]:
+    """Why OpenVINO computes a bf16 request in fp32 on this machine, or None (it can
+    compute in bf16, or OpenVINO is not installed)."""
+    cap = onednn_isa_without_bf16()
+    if cap:
+        return (f'oneDNN is held to {cap} (ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA), which '
+                'has no bf16 arithmetic')
+    try:
+        import openvino
+        capabilities = openvino.Core().get_property('CPU', 'OPTIMIZATION_CAPABILITIES')
+    except Exception:  # noqa: BLE001  (not installed: loading a file says so)
+        return None
+    if 'BF16' in capabilities:
+        return None
+    return (f'OpenVINO lists no BF16 among this CPU\'s capabilities '
+            f'({", ".join(capabilities)})')
+
+
 class BackendRunner:
     """A compiled ONNX model: ``runner(x)`` -> list of output tensors.
 
@@ -102,6 +134,8 @@ class BackendRunner:
 
     def _load_openvino(self, path, precision, threads):
         import openvino as ov
+        if precision == 'bf16' and onednn_isa_without_bf16():
+            precision = 'fp32'  # what OpenVINO would pick on a CPU with that ISA
         config = {'INFERENCE_PRECISION_HINT': _OPENVINO_PRECISION[precision]}
         if threads:
             config['INFERENCE_NUM_THREADS'] = threads
