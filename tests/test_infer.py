@@ -367,3 +367,36 @@ def test_a_failure_leaves_whole_files_only(seg, tmp_path, monkeypatch):
                                                           '000000_sem_seg.png']
     for sub in (out / 'vis', out / 'preds', out / 'preds' / 'clip'):
         assert_no_temporary_files(sub)
+
+
+def test_backend_outputs_in_channels_last_predict_as_the_model():
+    """An AOTInductor package computes in NHWC and hands its feature maps back in that
+    memory layout; mmcv's RoIAlign reads NCHW memory. The detector with such a backend
+    plugged in (what tools/infer.py and tools/test.py --backend aoti do) must predict
+    exactly as the model itself."""
+    from mmdet.structures import DetDataSample
+
+    from mmrepvgg.convert import build_model_from_config
+    from mmrepvgg.deploy.parts import attach_backend
+    from mmrepvgg.reparam import randomize_norm_stats
+    _, model = build_model_from_config(DET_CONFIG, {
+        **parse_options(DET_MODEL), 'model.backbone.init_cfg': None})
+    torch.manual_seed(0)
+    model = randomize_norm_stats(model).eval()
+    x = torch.randn(1, 3, 96, 128)
+    meta = dict(img_shape=(96, 128), ori_shape=(96, 128), pad_shape=(96, 128),
+                scale_factor=(1.0, 1.0), batch_input_shape=(96, 128))
+    with torch.no_grad():
+        expected = model.predict(x, [DetDataSample(metainfo=meta)])[0].pred_instances
+        part = ExportedPart(copy.deepcopy(model))
+        part(x)  # sets the groups
+
+        def run(inputs):
+            return [t.contiguous(memory_format=torch.channels_last) for t in part(inputs)]
+
+        assert not run(x)[0].is_contiguous()
+        attach_backend(model, run, part.kind, part.groups)
+        got = model.predict(x, [DetDataSample(metainfo=meta)])[0].pred_instances
+    assert len(expected) > 0
+    for key in ('bboxes', 'scores', 'labels'):
+        assert torch.equal(got[key], expected[key]), key

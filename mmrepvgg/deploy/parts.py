@@ -149,7 +149,9 @@ def attach_backend(model: nn.Module, run: Callable[[Tensor], List[Tensor]],
     outputs: Dict[str, list] = {}
 
     def extract_feat(inputs: Tensor):
-        nested = [[t.to(inputs.device) for t in group]
+        # NCHW memory, as the model's own layers give it: an AOTInductor package computes
+        # in NHWC and returns that layout, which mmcv's ops (RoIAlign) would misread
+        nested = [[t.to(inputs.device).contiguous() for t in group]
                   for group in unflatten(run(inputs), groups)]
         if kind == 'two_stage':
             feats, outputs['head'] = tuple(nested[0]), tuple(nested[1:])
