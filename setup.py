@@ -74,7 +74,8 @@ class BuildWithMim(build_py):
             f.write(MODEL_INDEX)
 
 
-DEPLOY = ['onnx>=1.16', 'onnxscript>=0.3', 'onnxruntime>=1.20', 'openvino>=2024.4']
+DEPLOY = ['onnx>=1.16', 'onnxscript>=0.3', 'onnxruntime>=1.20', 'openvino>=2024.4',
+          'nncf>=3.4,<3.5']
 
 setup(
     name=PACKAGE,
@@ -104,8 +105,9 @@ setup(
         # Only needed to read mmpretrain checkpoints' model zoo or use its classifiers;
         # the loader maps mmpretrain key layouts without importing it.
         'pretrain': ['mmpretrain>=1.0,<1.3'],
-        # ONNX export (torch's torch.export-based exporter needs onnxscript) and the CPU
-        # backends tools/test.py --backend and tools/benchmark.py run.
+        # ONNX export (torch's torch.export-based exporter needs onnxscript), the CPU
+        # backends tools/test.py --backend and tools/benchmark.py run, and NNCF for
+        # quantization-aware fine-tuning (tools/train.py --qat).
         'deploy': DEPLOY,
         'all': ['mmdet>=3.0,<3.4', 'mmsegmentation>=1.0,<1.3', 'mmpretrain>=1.0,<1.3']
                + DEPLOY,

@@ -1,9 +1,10 @@
 """mmrepvgg: RepVGG backbones with structural re-parameterization for OpenMMLab.
 
-Importing it registers the backbone, the blocks, ReparamHook and the CPU AMP optim
-wrapper in the ``mmrepvgg`` scope. The public names below (and ``mmrepvgg.deploy``'s
-``export_model`` / ``load_backend``, ``mmrepvgg.apis``'s ``train`` / ``test``) keep their
-names across releases; docs/architecture.md says where everything else lives.
+Importing it registers the backbone, the blocks, ReparamHook, the CPU AMP optim wrapper
+and the quantization-aware model (QATModel) in the ``mmrepvgg`` scope. The public names
+below (and ``mmrepvgg.deploy``'s ``export_model`` / ``load_backend``, ``mmrepvgg.apis``'s
+``train`` / ``test``) keep their names across releases; docs/architecture.md says where
+everything else lives.
 """
 import torch
 
@@ -20,6 +21,7 @@ from .registry import HOOKS, MODELS  # noqa: E402  registries before the modules
 from .models import QARepVGGBlock, RepVGG, RepVGGBlock  # noqa: E402
 from .reparam import reparameterize  # noqa: E402
 from .engine import ReparamHook  # noqa: E402
+from .qat import QATModel  # noqa: E402
 
 # Runner checkpoints (message hub: HistoryBuffer, numpy scalars) must load under
 # torch's weights_only default in test and resume; allow exactly their types.

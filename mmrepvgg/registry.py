@@ -9,7 +9,7 @@ from mmengine.registry import OPTIM_WRAPPERS as MMENGINE_OPTIM_WRAPPERS
 from mmengine.registry import Registry
 
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope='mmrepvgg',
-                  locations=['mmrepvgg.models'])
+                  locations=['mmrepvgg.models', 'mmrepvgg.qat'])
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope='mmrepvgg',
                  locations=['mmrepvgg.engine'])
 OPTIM_WRAPPERS = Registry('optim_wrapper', parent=MMENGINE_OPTIM_WRAPPERS,

@@ -21,6 +21,30 @@ CPU_CLASS_VARIABLES = ('DNNL_MAX_CPU_ISA', 'ONEDNN_MAX_CPU_ISA', 'ATEN_CPU_CAPAB
                        'MMREPVGG_WINOGRAD_VECTOR_WIDTH', 'OMP_NUM_THREADS')
 
 
+#: Files a test wrote that are larger than this are deleted when it ends.
+LARGE_OUTPUT_BYTES = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def drop_large_outputs(request):
+    """Delete the checkpoints and exported models a test wrote into its ``tmp_path`` once
+    it ends. Full-size models make files of hundreds of MB, and a session that kept them
+    all would fill a small disk (18 GB at the last count); the small files (configs,
+    logs) stay, as mmengine's global visualizer and logger may still refer to them."""
+    yield
+    path = request.node.funcargs.get('tmp_path')
+    if path is None:
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            file = os.path.join(root, name)
+            try:
+                if not os.path.islink(file) and os.path.getsize(file) > LARGE_OUTPUT_BYTES:
+                    os.remove(file)
+            except OSError:  # already gone, or held open: leave it
+                pass
+
+
 @pytest.fixture
 def cpu_class_env():
     """The variables of CPU_CLASS_VARIABLES this process runs under."""

@@ -16,7 +16,7 @@ FLOORS = [
     ['benchmark'],
     ['reproduce'],
     ['apis'],
-    ['engine'],
+    ['engine', 'qat'],
     ['deploy'],
     ['convert'],
     ['ops'],

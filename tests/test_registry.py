@@ -62,7 +62,8 @@ def test_importing_the_plugin_registers_its_modules_for_the_stack(how, tmp_path)
         assert out['config_imports_plugin'] is True
     # importing mmrepvgg registered all of its modules (not only the one asked for)
     assert out['registered'] == {
-        'model': ['RepVGG'], 'hook': ['LoadReadCheckpoint', 'ReparamHook', 'UseRecipe'],
+        'model': ['QATModel', 'RepVGG'],
+        'hook': ['LoadReadCheckpoint', 'ReparamHook', 'UseRecipe'],
         'optim_wrapper': ['CPUAmpOptimWrapper']}
     assert out['built'] == ['mmrepvgg.models.repvgg', 'RepVGG', [256, 1280]]
     assert len(out['resolved']) == 3 * 5 and all(out['resolved'].values()), out['resolved']

@@ -31,8 +31,8 @@ MMCV_VERSION="2.1.0"
 MM_PINS="mmdet==3.3.0 mmsegmentation==1.2.2 mmpretrain==1.2.0"
 # Runtime deps that mmseg/mmpretrain import lazily but their metadata does not declare.
 EXTRA_PINS="ftfy regex pytest"
-# The [deploy] extra: ONNX export and the CPU backends.
-DEPLOY_PINS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 openvino==2026.4.1"
+# The [deploy] extra: ONNX export, the CPU backends and NNCF (quantization-aware training).
+DEPLOY_PINS="onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.31.1 openvino==2026.4.1 nncf==3.4.0"
 # What the test suite runs with: two worker processes share the cores (see Makefile).
 TEST_PINS="pytest-xdist==3.8.0"
 # The deploy and test pins are not part of the stack id: adding them must not rebuild the rest.
@@ -183,12 +183,13 @@ main() {
   step "check the stack imports"
   "$VENV/bin/python" - <<'PY'
 import torch, torchvision, mmengine, mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmrepvgg
-import onnx, onnxscript, onnxruntime, openvino
+import onnx, onnxscript, onnxruntime, openvino, nncf
 from torchvision.ops import nms  # torchvision's compiled ops must load
 print(f"[bootstrap] ok: torch {torch.__version__}, torchvision {torchvision.__version__}, "
       f"mmengine {mmengine.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, "
       f"mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmrepvgg {mmrepvgg.__version__}, "
-      f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}")
+      f"onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}, "
+      f"nncf {nncf.__version__}")
 PY
 
   step "check mmcv's ops (on the GPU too, where this machine has one)"

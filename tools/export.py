@@ -96,7 +96,16 @@ def main(argv=None):
                   f'{report["winograd_vs_direct"]:.3g}')
         runner = 'the package'
     parity = report['parity']
-    if parity is not None:
+    if report.get('quantizers'):
+        counts = report['quantizers']
+        print(f'[export] INT8 (QDQ) from the QAT checkpoint: {counts["weights"]} weight and '
+              f'{counts["activations"]} activation quantizers; quantized ops: '
+              + ', '.join(f'{k} {v}' for k, v in report['quantized_ops'].items()))
+    if parity is not None and 'file_sqnr_db' in parity:
+        print(f'[export] {runner} vs the fake-quantized torch model on a {args.batch}x3x'
+              f'{shape[0]}x{shape[1]} probe: SQNR {parity["file_sqnr_db"]:.1f} dB (the torch '
+              f'model vs its float network: {parity["quantization_sqnr_db"]:.1f} dB)')
+    elif parity is not None:
         print(f'[export] {runner} vs torch on a {args.batch}x3x{shape[0]}x{shape[1]} '
               f'probe: max abs {parity["max_abs"]:.3g}, max rel {parity["max_rel"]:.3g} '
               f'(vs float64: {runner} {parity["candidate_abs"]:.3g}, torch fp32 '

@@ -218,6 +218,33 @@ def apply_train_args(cfg: Config, amp: bool, resume: Optional[str]) -> Config:
     return cfg
 
 
+#: Calibration images a quantization-aware fine-tune takes by default.
+DEFAULT_QAT_CALIB = 32
+
+
+def apply_qat(cfg: Config, checkpoint: Optional[str] = None, calib: int = DEFAULT_QAT_CALIB,
+              split: str = 'train') -> Config:
+    """The config's model as a :class:`mmrepvgg.QATModel`: with ``checkpoint`` (a local
+    file), fine-tuned from those weights, its quantizers' ranges set on the first
+    ``calib`` images of ``split`` read through the test pipeline; without, the quantizers
+    come from the QAT checkpoint the runner loads (testing). The schedule and learning
+    rate stay the config's (``--cfg-options`` sets a fine-tune's)."""
+    from ..deploy.quantize import calibration_loader
+    if cfg.model.get('type') in ('QATModel', 'mmrepvgg.QATModel'):
+        return cfg  # a config a QAT run dumped: quantized already
+    model = dict(type='mmrepvgg.QATModel', model=cfg.model)
+    if checkpoint is not None:
+        try:
+            loader = calibration_loader(cfg, split)
+        except ValueError as err:
+            raise UsageError(f'error: {err}') from err
+        model.update(checkpoint=checkpoint,
+                     calibration=dict(dataloader=loader, num=calib, split=split))
+        cfg.load_from = None  # QATModel loads it, before the quantizers go in
+    cfg.model = model
+    return cfg
+
+
 # Devices whose autocast mmengine's AmpOptimWrapper supports (it asserts one in __init__).
 AMP_DEVICES = ('cuda', 'npu', 'mlu', 'musa')
 

@@ -14,6 +14,7 @@ from ..deploy.onnx_export import DEFAULT_OPSET, ExportFailure
 from ..deploy.parts import PARTS
 from ..deploy.quantize import calibration_inputs, quantize_onnx
 from ..errors import InputError, UsageError
+from ..qat import export_qat, is_qat_state
 from ..ops.winograd import TILES
 from .config import load_config, scope_of
 
@@ -72,12 +73,30 @@ def export(config: str, checkpoint: str, output: str, format: str = 'onnx',
     tile = winograd_tile(winograd)
     shape = _input_shape(load_config(config, cfg_options=cfg_options, mini=mini), shape)
     try:
-        report = export_model(config, checkpoint, output, shape, batch, dynamic, opset, part,
-                              cfg_options, check=check, format=format, winograd=tile)
+        state = _qat_state(checkpoint)
+        if state is not None:
+            if format != 'onnx' or tile is not None or part != 'model':
+                raise UsageError('a QAT checkpoint exports as an INT8 ONNX file of the '
+                                 'whole model: drop --format, --winograd and --part')
+            report = export_qat(config, state, output, shape, batch, dynamic, opset,
+                                cfg_options, check, source=osp.basename(checkpoint))
+        else:
+            report = export_model(config, checkpoint, output, shape, batch, dynamic, opset,
+                                  part, cfg_options, check=check, format=format,
+                                  winograd=tile)
     except (OSError, ValueError, KeyError, ExportFailure) as err:
         raise InputError(f'error: {err}') from err
     report['shape'] = list(shape)
     return report
+
+
+def _qat_state(checkpoint: str) -> Optional[dict]:
+    """The checkpoint's contents where it is a QAT checkpoint, else None."""
+    from ..checkpoint.fetch import fetch_and_load
+    if checkpoint.endswith(tuple(FORMATS.values())):
+        return None  # an exported file: export_model says what is wrong with it
+    state = fetch_and_load(checkpoint)[1]
+    return state if is_qat_state(state) else None
 
 
 def quantize(config: str, model: str, output: str, calib: int = DEFAULT_CALIB,

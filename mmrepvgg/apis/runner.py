@@ -11,19 +11,27 @@ from ..checkpoint.layouts import describe_checkpoint
 from ..engine.hooks import LoadReadCheckpoint, UseRecipe
 from ..env import cuda_unusable_reason
 from ..errors import InputError, MachineError, UsageError
-from .config import apply_deploy, apply_test_args, apply_train_args, load_config
+from ..qat import is_qat_state
+from .config import (DEFAULT_QAT_CALIB, apply_deploy, apply_qat, apply_test_args,
+                     apply_train_args, load_config)
 
 __all__ = ['train', 'test', 'build_runner', 'resolve_checkpoint', 'finish_distributed']
 
 
 def train(config: str, work_dir: Optional[str] = None, cfg_options: Optional[dict] = None,
           launcher: str = 'none', mini: bool = False, amp: bool = False,
-          resume: Optional[str] = None, local_rank: int = 0):
+          resume: Optional[str] = None, local_rank: int = 0, qat: Optional[str] = None,
+          calib: int = DEFAULT_QAT_CALIB, calib_split: str = 'train'):
     """Train ``config`` as ``tools/train.py`` does; ``resume``: 'auto' (the work dir's
-    latest checkpoint), or a checkpoint file or URL. Returns the runner."""
+    latest checkpoint), or a checkpoint file or URL. ``qat``: fine-tune the model of this
+    trained checkpoint (file or URL) with INT8 fake quantization, ranges calibrated on
+    ``calib`` images of ``calib_split`` (:func:`mmrepvgg.apis.config.apply_qat`).
+    Returns the runner."""
     cfg = load_config(config, work_dir, cfg_options, launcher, mini, local_rank)
     if resume and resume != 'auto':
         resume = resolve_checkpoint(resume)
+    if qat:
+        cfg = apply_qat(cfg, resolve_checkpoint(qat), calib, calib_split)
     cfg = apply_train_args(cfg, amp, resume)
     runner = build_runner(cfg)
     runner.train()
@@ -57,10 +65,12 @@ def test(config: str, checkpoint: str, deploy: bool = False, backend: Optional[s
     else:
         try:
             source, state = fetch_and_load(checkpoint)
-            info = describe_checkpoint(state)
+            qat = is_qat_state(state)
+            info = None if qat else describe_checkpoint(state)
         except (OSError, ValueError, TypeError) as err:  # missing, failed download,
             raise InputError(f'error: {err}') from err  # corrupt, not ours
-        cfg = apply_deploy(cfg, source, info, deploy)
+        # a QAT checkpoint holds the fused network already: --deploy changes nothing
+        cfg = apply_qat(cfg) if qat else apply_deploy(cfg, source, info, deploy)
     cfg = apply_test_args(cfg, out, show, show_dir, wait_time)
     runner = build_runner(cfg)
     if backend:

@@ -13,7 +13,7 @@ names beside it and renamed once they passed the check.
 import json
 import os.path as osp
 from collections import Counter
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -29,7 +29,8 @@ from .backends import load_backend
 from .parity import runner_parity
 from .parts import ExportedPart
 
-__all__ = ['FORMATS', 'export_model', 'torch_part_path', 'config_input_shape']
+__all__ = ['FORMATS', 'export_model', 'export_part', 'torch_part_path',
+           'config_input_shape']
 
 #: What ``tools/export.py --format`` writes, and the suffix its output must have.
 FORMATS = {'onnx': '.onnx', 'aoti': PACKAGE_SUFFIX}
@@ -117,7 +118,22 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     _check_request(output, shape, format, dynamic, winograd)
     cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output,
                                           part=part)
-    exported = ExportedPart(model.eval(), part)
+    return export_part(ExportedPart(model.eval(), part), config, output, shape, batch,
+                       dynamic, opset, check, seed, format, winograd, dict(fusion=fusion))
+
+
+def export_part(exported: ExportedPart, config: str, output: str, shape: Sequence[int],
+                batch: int = 1, dynamic: bool = False,
+                opset: int = onnx_export.DEFAULT_OPSET, check: bool = True, seed: int = 0,
+                format: str = 'onnx', winograd: Optional[TileChoice] = None,
+                report: Optional[dict] = None, parity: Callable = runner_parity,
+                translations: Optional[dict] = None,
+                metadata: Optional[Dict[str, str]] = None) -> dict:
+    """Write the network ``exported`` (see :func:`export_model`, whose report it returns,
+    updating ``report``). ``parity(exported, runner, probe)`` judges the written file
+    (a dict with ``within`` and, where it fails, ``reason``); ``translations`` go to the
+    ONNX exporter; ``metadata`` joins the file's own."""
+    _check_request(output, shape, format, dynamic, winograd)
     torch.manual_seed(seed)
     probe = torch.randn(batch, 3, *shape)
     try:
@@ -127,11 +143,11 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         raise ValueError(f'the network cannot take a {batch}x3x{shape[0]}x{shape[1]} input '
                          f'({type(err).__name__}: {str(err)[:200]}); '
                          f'{_shape_hint(shape)}') from err
-    metadata = dict(exported.describe(), **{
+    metadata = dict(exported.describe(), **(metadata or {}), **{
         'mmrepvgg.config': osp.basename(config),
         'mmrepvgg.input_shape': json.dumps([None if dynamic else batch, 3]
                                            + ([None, None] if dynamic else list(shape)))})
-    report = dict(kind=exported.kind, output_names=exported.output_names(), fusion=fusion,
+    report = dict(report or {}, kind=exported.kind, output_names=exported.output_names(),
                   input_shape=json.loads(metadata['mmrepvgg.input_shape']))
     if winograd is not None:
         convert_to_winograd(exported, winograd, probe)
@@ -152,7 +168,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
         tmp = stage(output, FORMATS[format])
         if format == 'onnx':
             onnx_export.export_module(exported, probe, tmp, dynamic, opset,
-                                      exported.output_names(), metadata)
+                                      exported.output_names(), metadata, translations)
             runner = load_backend(tmp, 'onnxruntime') if check else None
         else:
             metadata['mmrepvgg.output_names'] = json.dumps(exported.output_names())
@@ -163,20 +179,24 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
                 report['winograd_vs_direct'] = output_error(runner(probe), direct_out).relative
         report['parity'] = None
         if check:
-            parity = report['parity'] = runner_parity(exported, runner, probe)
-            if not parity['within']:
-                raise ValueError(
-                    f'the exported network disagrees with the torch model: max abs '
-                    f'difference {parity["max_abs"]:.3g} (relative {parity["max_rel"]:.3g}); '
-                    f'its error against float64 {parity["candidate_abs"]:.3g} exceeds '
-                    f'{parity["bound"]:.3g} ({FUSION_MARGIN:g}x torch fp32\'s own '
-                    f'{parity["baseline_abs"]:.3g}). Nothing was written.')
+            verdict = report['parity'] = parity(exported, runner, probe)
+            if not verdict['within']:
+                raise ValueError(f'the exported network disagrees with the torch model: '
+                                 f'{verdict.get("reason") or _parity_reason(verdict)}. '
+                                 'Nothing was written.')
         del runner
         if format == 'onnx':
             report.update(_onnx_summary(tmp))
         publish(*([side] if side else []), output)
     report['torch_part'] = side
     return report
+
+
+def _parity_reason(parity: dict) -> str:
+    return (f'max abs difference {parity["max_abs"]:.3g} (relative {parity["max_rel"]:.3g}); '
+            f'its error against float64 {parity["candidate_abs"]:.3g} exceeds '
+            f'{parity["bound"]:.3g} ({FUSION_MARGIN:g}x torch fp32\'s own '
+            f'{parity["baseline_abs"]:.3g})')
 
 
 def _onnx_summary(path: str) -> dict:

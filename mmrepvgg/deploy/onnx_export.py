@@ -69,11 +69,14 @@ def _op_owners(module: nn.Module, x: Tensor, message: str) -> List[str]:
 
 def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: bool = False,
                   opset: int = DEFAULT_OPSET, output_names: Optional[Sequence[str]] = None,
-                  metadata: Optional[Dict[str, str]] = None) -> None:
+                  metadata: Optional[Dict[str, str]] = None,
+                  translations: Optional[dict] = None) -> None:
     """Write ``module`` (eval mode, one NCHW input, tensors out) as ONNX to ``path``.
 
     ``dynamic`` makes batch, height and width dynamic axes; otherwise the file takes
     ``example_input``'s shape only. ``metadata`` goes into the file's metadata properties.
+    ``translations``: ONNX functions for custom ops (the exporter's
+    ``custom_translation_table``).
     Writes a temporary file and renames it, so ``path`` is either the full file or
     untouched.
 
@@ -88,6 +91,8 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
     if dynamic:
         dim = torch.export.Dim.DYNAMIC
         kwargs['dynamic_shapes'] = ({0: dim, 2: dim, 3: dim},)
+    if translations:
+        kwargs['custom_translation_table'] = translations
     log = io.StringIO()
     try:
         try:

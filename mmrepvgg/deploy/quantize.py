@@ -28,7 +28,7 @@ from .backends import QUANTIZATION_KEY, load_backend, read_onnx
 from .export import torch_part_path
 
 __all__ = ['METHODS', 'QUANTIZED_OPS', 'quantized_ops', 'calibration_inputs',
-           'quantize_onnx', 'sqnr_db']
+           'calibration_loader', 'read_images', 'quantize_onnx', 'sqnr_db']
 
 #: Calibration methods: how the range of each activation tensor is chosen.
 #: minmax: the observed extremes; percentile: the 99.999th percentile of |x| (clips rare
@@ -67,7 +67,7 @@ def _split_images(inputs: Tensor) -> List[Tensor]:
     return [inputs[i:i + 1] for i in range(inputs.shape[0])]
 
 
-def _calibration_loader(cfg, split: str):
+def calibration_loader(cfg, split: str):
     """The ``{split}_dataloader`` config, its images read through the test pipeline in
     dataset order: the inputs the exported file sees in tools/test.py."""
     import copy
@@ -99,11 +99,18 @@ def calibration_inputs(cfg, num: int, split: str = 'test') -> List[Tensor]:
             fewer than ``num`` images.
     """
     from mmengine.registry import MODELS, init_default_scope
+    init_default_scope(cfg.get('default_scope') or 'mmengine')
+    preprocessor = MODELS.build(cfg.model.data_preprocessor)
+    return read_images(calibration_loader(cfg, split), preprocessor, num, split)
+
+
+def read_images(loader_cfg, preprocessor, num: int, split: str = 'test') -> List[Tensor]:
+    """The first ``num`` images of the dataloader config ``loader_cfg`` (see
+    :func:`calibration_loader`), through ``preprocessor`` in test mode, 1x3xHxW each.
+    ``split`` names the loader in errors."""
     from mmengine.runner import Runner
     if num < 1:
         raise ValueError(f'the calibration set needs at least 1 image, asked {num}')
-    init_default_scope(cfg.get('default_scope') or 'mmengine')
-    loader_cfg = _calibration_loader(cfg, split)
     dataset = loader_cfg.get('dataset', {})
     where = (f'{split}_dataloader.dataset (type {dataset.get("type")}, data_root '
              f'{dataset.get("data_root")!r})')
@@ -116,8 +123,9 @@ def calibration_inputs(cfg, num: int, split: str = 'test') -> List[Tensor]:
     if size < num:
         raise ValueError(f'asked for {num} calibration images, but {where} holds only '
                          f'{size}: pass --calib {size} or fewer, or another split')
-    preprocessor = MODELS.build(cfg.model.data_preprocessor).eval()
     images: List[Tensor] = []
+    was_training = preprocessor.training
+    preprocessor.eval()
     try:
         with torch.no_grad():
             for batch in loader:
@@ -127,6 +135,8 @@ def calibration_inputs(cfg, num: int, split: str = 'test') -> List[Tensor]:
     except Exception as err:  # noqa: BLE001
         raise ValueError(f'cannot load the calibration data from {where}: '
                          f'{type(err).__name__}: {str(err)[:300]}') from err
+    finally:
+        preprocessor.train(was_training)
     return images[:num]
 
 
