@@ -45,5 +45,5 @@ def _serve_bundled_configs() -> None:
 
 _serve_bundled_configs()
 
-__all__ = ['__version__', 'HOOKS', 'MODELS', 'QARepVGGBlock', 'RepVGG', 'RepVGGBlock',
+__all__ = ['__version__', 'HOOKS', 'MODELS', 'QARepVGGBlock', 'QATModel', 'RepVGG', 'RepVGGBlock',
            'ReparamHook', 'load_file', 'reparameterize', 'allow_mmengine_checkpoint_types']

@@ -180,6 +180,12 @@ main() {
   "$VENV/bin/python" -c 'import sys; from mmrepvgg.ops.winograd_kernel import main; sys.exit(main())' \
     || echo "[bootstrap] warning: the Winograd kernel did not build; Winograd convs will use torch ops" >&2
 
+  # NNCF compiles its fake-quantization kernels on first use (torch's extension cache,
+  # once per torch build): here, so that the first --qat run does not wait for it.
+  step "build NNCF's CPU fake-quantization kernels"
+  "$VENV/bin/python" -c 'import nncf.torch; nncf.torch.force_build_cpu_extensions()' >/dev/null 2>&1 \
+    || echo "[bootstrap] warning: NNCF's CPU kernels did not build; quantization-aware training will use its torch ops" >&2
+
   step "check the stack imports"
   "$VENV/bin/python" - <<'PY'
 import torch, torchvision, mmengine, mmcv, mmcv.ops, mmdet, mmseg, mmpretrain, mmrepvgg

@@ -44,6 +44,11 @@ def parse_args(argv=None):
     parser.add_argument('--mini', action='store_true')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='key=value overrides, as in tools/test.py')
+    parser.add_argument('--qat', metavar='QAT_CHECKPOINT',
+                        help='a quantization-aware fine-tune of CHECKPOINT (tools/train.py '
+                             '--qat): its metric in torch and as an INT8 file, side by side')
+    parser.add_argument('--repeats', type=int, default=20,
+                        help='timed calls of each file in each backend (interleaved)')
     parser.add_argument('--json', help='write the results here as well')
     return parser.parse_args(argv)
 
@@ -52,7 +57,7 @@ def main(argv=None):
     args = parse_args(argv)
     results = quantization_study(args.config, args.checkpoint, args.work_dir, args.calib,
                                  args.split, args.methods, args.backends, args.sqnr_images,
-                                 args.mini, args.cfg_options)
+                                 args.mini, args.cfg_options, args.qat, args.repeats)
     print_report(results)
     if args.json:
         write_text_atomic(args.json, json.dumps(results, indent=1))
@@ -65,6 +70,10 @@ def print_report(results: dict) -> None:
     print(f'| form | {" | ".join(keys)} |\n|---|' + '---|' * len(keys))
     for form, values in metrics.items():
         print(f'| {form} | ' + ' | '.join(f'{values[k]:.2f}' for k in keys) + ' |')
+    if results.get('timing'):
+        print('\nms per test image (median, one interleaved run): ' + ', '.join(
+            f'{name} {ms:.1f}' if ms is not None else f'{name} failed'
+            for name, ms in results['timing'].items()))
     print(f'\nINT8 backbone outputs vs fp32, SQNR (dB), calibrated on {results["calib"]} '
           f'{results["split"]} images:')
     stages = list(next(iter(results['sqnr_db'].values()))) if results['sqnr_db'] else []

@@ -2,6 +2,7 @@
 checkpoint fetched and loaded once, and the training and test entry points the tools
 call. ``train`` and ``test`` take explicit arguments, so scripts call them as the tools do."""
 import logging
+import os.path as osp
 from typing import Optional
 
 from mmengine.config import Config
@@ -31,7 +32,10 @@ def train(config: str, work_dir: Optional[str] = None, cfg_options: Optional[dic
     if resume and resume != 'auto':
         resume = resolve_checkpoint(resume)
     if qat:
-        cfg = apply_qat(cfg, resolve_checkpoint(qat), calib, calib_split)
+        local = resolve_checkpoint(qat)
+        if not osp.isfile(local):
+            raise InputError(f'error: the --qat checkpoint {qat} does not exist')
+        cfg = apply_qat(cfg, local, calib, calib_split)
     cfg = apply_train_args(cfg, amp, resume)
     runner = build_runner(cfg)
     runner.train()

@@ -93,15 +93,19 @@ class QATModel(BaseModel):
         from mmengine.registry import MODELS as ROOT
         from mmengine.runner import load_state_dict
 
-        from ..convert import read_model_checkpoint
+        from ..checkpoint.fetch import fetch_and_load
+        from ..checkpoint.layouts import describe_checkpoint, whole_model_needed
         model = copy.deepcopy(model)
         source = None
         if checkpoint is not None:
-            source, info = read_model_checkpoint(checkpoint, 'model',
-                                                 'quantization-aware training')
+            source = fetch_and_load(checkpoint)[1]
             if is_qat_state(source):
                 raise ValueError(f'{checkpoint} is a QAT checkpoint already; start from '
                                  'the float model it was fine-tuned from, or resume it')
+            info = describe_checkpoint(source)
+            if info.holds == 'backbone':
+                raise ValueError(whole_model_needed(checkpoint, info,
+                                                    'quantization-aware training'))
             fused = bool(info.deploy)
         else:
             fused = True  # a QAT checkpoint holds the fused layout

@@ -1,0 +1,184 @@
+"""Quantization-aware fine-tuning: tools/train.py --qat through mmengine's runner, the QAT
+checkpoint tested in torch and exported to an INT8 QDQ ONNX file that ONNX Runtime and
+OpenVINO run, judged against the fake-quantized model it came from."""
+import pytest
+import torch
+from helpers import SEG_CONFIG, SEG_MODEL, TEST, load_state, run_entry
+from mmengine.registry import init_default_scope
+
+from mmrepvgg import apis
+from mmrepvgg.apis.config import load_config
+from mmrepvgg.apis.deploy import export
+from mmrepvgg.deploy import load_backend
+from mmrepvgg.deploy.quantize import calibration_inputs
+from mmrepvgg.errors import InputError
+from mmrepvgg.qat import (FixedQuantizer, QATModel, QuantizedPart, freeze_quantizers,
+                          is_qat_state, use_reference_kernels)
+from mmrepvgg.qat.export import load_qat_model
+
+pytest.importorskip('nncf')
+
+# Two iterations with a validation after each: the fine-tune logs and evaluates as a
+# training does.
+QAT_TRAIN = ['train_cfg.max_iters=2', 'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
+             'optim_wrapper.optimizer.lr=0.001', 'param_scheduler.0.end=2', 'randomness.seed=0',
+             'val_dataloader.dataset.indices=2', 'default_hooks.checkpoint.interval=2']
+
+
+@pytest.fixture(scope='module')
+def qat(seg, tmp_path_factory):
+    """A QAT fine-tune of the session's PSPNet A0 checkpoint, and its INT8 ONNX file."""
+    work = tmp_path_factory.mktemp('qat_train')
+    runner = run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work,
+                       qat=str(seg.ckpt), calib=2, options=QAT_TRAIN + SEG_MODEL)
+    onnx_file = work / 'qat.onnx'
+    report = run_entry(export, seg.root, SEG_CONFIG, work / 'iter_2.pth', onnx_file,
+                       mini=True, options=SEG_MODEL)
+    return dict(work=work, ckpt=work / 'iter_2.pth', onnx=onnx_file, report=report,
+                log=runner.logger)
+
+
+def _convs(module):
+    return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
+
+
+def test_finetune_runs_in_the_runner_and_its_checkpoint_holds_the_quantizers(qat, seg):
+    log = (next(qat['work'].glob('*/*.log'))).read_text()
+    assert 'QAT: ' in log and 'ranges from 2 calibration images' in log
+    assert log.count('Iter(val)') == 2 and 'mIoU' in log  # evaluated after each iteration
+    state = load_state(qat['ckpt'])
+    assert is_qat_state(state) and not is_qat_state(load_state(seg.ckpt))
+    model = load_qat_model(SEG_CONFIG, state, _options())
+    # one int8 per-channel quantizer per conv of the exported network: the fused backbone
+    # (22 blocks) and the heads' convs, their BN folded in
+    counts = model.quantizer_counts()
+    exported = QuantizedPart(model.model)
+    assert counts['weights'] == _convs(exported) - _convs(model.model.auxiliary_head)
+    assert counts['activations'] > 0
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in exported.modules())
+
+
+def _options():
+    from helpers import parse_options
+    return parse_options(SEG_MODEL)
+
+
+def test_qat_checkpoint_tests_as_it_validated(qat, seg):
+    """tools/test.py recognises a QAT checkpoint and builds the quantized model for it:
+    the metric is the one the run's last validation logged."""
+    metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat['ckpt']), mini=True,
+                        work_dir=qat['work'] / 'test', options=SEG_MODEL
+                        + ['test_dataloader.dataset.indices=2'])
+    log = next(qat['work'].glob('2*/*.log')).read_text()
+    last_val = log[log.rindex('Iter(val)'):].split('\n')[0]
+    assert f'mIoU: {metrics["mIoU"]:.4f}' in last_val
+
+
+def test_exported_file_is_int8_and_predicts_as_the_fake_quantized_model(qat, seg):
+    report = qat['report']
+    assert report['quantized_ops']['QuantizeLinear'] >= report['quantizers']['weights']
+    assert report['quantized_ops']['DequantizeLinear'] >= report['quantizers']['weights']
+    assert report['parity']['within']
+    assert not (qat['work'] / 'qat.torch.pth').exists()  # no weights run outside the file
+    model = load_qat_model(SEG_CONFIG, load_state(qat['ckpt']), _options())
+    freeze_quantizers(model.model)
+    network = QuantizedPart(model.model).eval()
+    cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
+    with _cwd(seg.root):
+        images = calibration_inputs(cfg, 2, 'test')
+    # On the test images, every backend's class map may differ from the fake-quantized
+    # model's in fewer pixels than that model's differs from its own float network (the
+    # integer kernels may round a tie the other way, no more).
+    with torch.no_grad():
+        fake = [network(x)[0].argmax(1) for x in images]
+        floats = [QuantizedPart.__mro__[1].forward(network, x)[0].argmax(1) for x in images]
+    quantization_flips = sum(int((f != q).sum()) for f, q in zip(floats, fake))
+    for backend in ('onnxruntime', 'openvino'):
+        runner = load_backend(str(qat['onnx']), backend)
+        assert runner.quantized
+        flips = sum(int((runner(x)[0].argmax(1) != q).sum()) for x, q in zip(images, fake))
+        assert flips <= max(quantization_flips, 1), backend
+
+
+def test_backends_score_the_file_with_the_configs_metric(qat, seg):
+    for backend in ('onnxruntime', 'openvino'):
+        metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat['onnx']), mini=True,
+                            backend=backend, work_dir=qat['work'] / backend,
+                            options=SEG_MODEL + TEST)
+        assert 0 <= metrics['mIoU'] <= 100
+
+
+def test_fixed_quantizers_compute_what_nncf_trained(qat):
+    """The export's quantizers give NNCF's values, up to a rounding tie (one step)."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer
+    model = load_qat_model(SEG_CONFIG, load_state(qat['ckpt']), _options())
+    torch.manual_seed(0)
+    checked = 0
+    for _, quantizer in get_hook_storage(model.model).named_hooks():
+        if not isinstance(quantizer, BaseQuantizer):
+            continue
+        fixed = FixedQuantizer(quantizer)
+        shape = list(quantizer.scale_shape)
+        x = torch.randn([max(s, 2) for s in shape[:1]] + [8] * (len(shape) - 1)
+                        if quantizer.per_channel else [1, 4, 8, 8]) * 3 * fixed.scale.max()
+        with torch.no_grad():
+            want, got = quantizer(x), fixed(x)
+        step = fixed.scale.reshape([-1] + [1] * (x.dim() - 1)) if fixed.scale.dim() \
+            else fixed.scale
+        diff = (want - got).abs()
+        # the same grid point, up to float rounding of its value; another one (a tie
+        # rounded the other way) for a few inputs at most, and never further than a step
+        assert (diff <= step * 1.001).all()
+        assert (diff > step * 1e-3).float().mean() < 0.01
+        checked += 1
+    assert checked == sum(model.quantizer_counts().values())
+
+
+def test_bad_requests_say_what_is_wrong(qat, seg, tmp_path):
+    init_default_scope('mmseg')
+    cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
+    with pytest.raises(ValueError, match='QAT checkpoint already'):
+        with _cwd(seg.root):
+            QATModel(cfg.model, checkpoint=str(qat['ckpt']))
+    with pytest.raises(ValueError, match='needs calibration'):
+        with _cwd(seg.root):
+            QATModel(cfg.model, checkpoint=str(seg.ckpt))
+    with pytest.raises(InputError):
+        run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=tmp_path,
+                  qat=str(tmp_path / 'missing.pth'), options=QAT_TRAIN + SEG_MODEL)
+    with pytest.raises(InputError, match='drop --format'):
+        run_entry(export, seg.root, SEG_CONFIG, qat['ckpt'], tmp_path / 'x.pt2',
+                  format='aoti', mini=True, options=SEG_MODEL)
+    # quantizers placed for another network: the checkpoint says so instead of loading
+    state = dict(load_state(qat['ckpt'])['state_dict'])
+    unquantized = QATModel(cfg.model)
+    unquantized.set_extra_state(state['_extra_state'])
+    assert unquantized.quantized
+    with pytest.raises(ValueError, match='quantizers sit elsewhere'):
+        unquantized.set_extra_state(state['_extra_state'].replace('conv2d/0', 'conv2d/9'))
+    assert not list(tmp_path.glob('*.pth')) and not (tmp_path / 'x.pt2').exists()
+
+
+def test_cuda_without_nvcc_uses_nncfs_torch_kernels(monkeypatch):
+    """pip's CUDA torch brings no nvcc, and NNCF would stop compiling its CUDA kernels:
+    on such a machine (simulated: CUDA loader present, no toolkit) it gets its reference
+    kernels instead, before anything compiles."""
+    from nncf.torch.quantization import extensions, quantize_functions
+    from nncf.torch.quantization.reference import ReferenceQuantizedFunctions
+    import mmrepvgg.env as env
+    namespace = extensions.ExtensionNamespace(extensions.QuantizedFunctionsCUDALoader())
+    monkeypatch.setattr(extensions, 'QuantizedFunctionsCUDA', namespace)
+    monkeypatch.setattr(quantize_functions, 'QuantizedFunctionsCUDA', namespace)
+    monkeypatch.setattr(env, 'find_cuda_toolkit', lambda: ('/usr/local/cuda', '12.8', 'PATH'))
+    assert use_reference_kernels('cuda:0') is None  # a toolkit: NNCF compiles
+    assert use_reference_kernels('cpu') is None
+    monkeypatch.setattr(env, 'find_cuda_toolkit', lambda: (None, None, ''))
+    reason = use_reference_kernels('cuda')
+    assert 'nvcc' in reason
+    assert namespace.get('Quantize_forward') is ReferenceQuantizedFunctions.Quantize_forward
+
+
+def _cwd(path):
+    from helpers import working_dir
+    return working_dir(path)
