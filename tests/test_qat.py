@@ -56,6 +56,14 @@ def test_finetune_runs_in_the_runner_and_its_checkpoint_holds_the_quantizers(qat
     assert counts['weights'] == _convs(exported) - _convs(model.model.auxiliary_head)
     assert counts['activations'] > 0
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in exported.modules())
+    # what is exported is what was trained: the wrapped model's own forward (input
+    # quantizer included), then the segmentor's resize to the input size
+    x = torch.randn(1, 3, 128, 256)
+    with torch.no_grad():
+        trained = torch.nn.functional.interpolate(
+            model.model(x), size=x.shape[2:], mode='bilinear',
+            align_corners=model.model.decode_head.align_corners)
+        assert torch.equal(exported(x)[0], trained)
 
 
 def _options():
@@ -182,3 +190,47 @@ def test_cuda_without_nvcc_uses_nncfs_torch_kernels(monkeypatch):
 def _cwd(path):
     from helpers import working_dir
     return working_dir(path)
+
+
+def _qdq_concat_graph(second_scale):
+    """input -> two quantized branches (scales 0.05 and ``second_scale``) -> Concat ->
+    1x1 Conv: the shape NNCF's shared concat quantizer exports to."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+    inits = [numpy_helper.from_array(np.array(v, dtype=np.float32), n)
+             for n, v in (('s1', 0.05), ('s2', second_scale))]
+    inits += [numpy_helper.from_array(np.array(3, dtype=np.uint8), 'z'),
+              numpy_helper.from_array(np.ones((2, 4, 1, 1), np.float32), 'w')]
+    nodes = []
+    for i, scale in ((1, 's1'), (2, 's2')):
+        nodes += [helper.make_node('Relu' if i == 1 else 'Neg', ['x'], [f'a{i}']),
+                  helper.make_node('QuantizeLinear', [f'a{i}', scale, 'z'], [f'q{i}']),
+                  helper.make_node('DequantizeLinear', [f'q{i}', scale, 'z'], [f'd{i}'])]
+    nodes += [helper.make_node('Concat', ['d1', 'd2'], ['cat'], axis=1),
+              helper.make_node('Conv', ['cat', 'w'], ['y'])]
+    graph = helper.make_graph(
+        nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 2, 4, 4])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 2, 4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)], ir_version=9)
+
+
+def test_concats_on_one_grid_are_requantized_without_changing_a_value():
+    import numpy as np
+    import onnx
+    import onnxruntime
+    from mmrepvgg.qat import requantize_concats
+
+    def run(proto):
+        session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                               providers=['CPUExecutionProvider'])
+        return session.run(None, {'x': x})[0]
+    x = np.random.default_rng(0).normal(size=(1, 2, 4, 4)).astype(np.float32)
+    proto = _qdq_concat_graph(0.05)
+    before = run(proto)
+    assert requantize_concats(proto) == 1
+    onnx.checker.check_model(proto)
+    conv = next(n for n in proto.graph.node if n.op_type == 'Conv')
+    reader = next(n for n in proto.graph.node if conv.input[0] in n.output)
+    assert reader.op_type == 'DequantizeLinear'  # ONNX Runtime's int8 conv pattern
+    assert np.array_equal(run(proto), before)
+    assert requantize_concats(_qdq_concat_graph(0.07)) == 0  # two grids: left alone

@@ -128,11 +128,13 @@ def export_part(exported: ExportedPart, config: str, output: str, shape: Sequenc
                 format: str = 'onnx', winograd: Optional[TileChoice] = None,
                 report: Optional[dict] = None, parity: Callable = runner_parity,
                 translations: Optional[dict] = None,
-                metadata: Optional[Dict[str, str]] = None) -> dict:
+                metadata: Optional[Dict[str, str]] = None,
+                rewrite: Optional[Callable] = None) -> dict:
     """Write the network ``exported`` (see :func:`export_model`, whose report it returns,
     updating ``report``). ``parity(exported, runner, probe)`` judges the written file
     (a dict with ``within`` and, where it fails, ``reason``); ``translations`` go to the
-    ONNX exporter; ``metadata`` joins the file's own."""
+    ONNX exporter; ``metadata`` joins the file's own; ``rewrite(proto)`` changes the
+    ONNX graph in place before the file is judged."""
     _check_request(output, shape, format, dynamic, winograd)
     torch.manual_seed(seed)
     probe = torch.randn(batch, 3, *shape)
@@ -169,6 +171,11 @@ def export_part(exported: ExportedPart, config: str, output: str, shape: Sequenc
         if format == 'onnx':
             onnx_export.export_module(exported, probe, tmp, dynamic, opset,
                                       exported.output_names(), metadata, translations)
+            if rewrite is not None:
+                import onnx
+                proto = onnx.load(tmp)
+                rewrite(proto)
+                onnx.save(proto, tmp)
             runner = load_backend(tmp, 'onnxruntime') if check else None
         else:
             metadata['mmrepvgg.output_names'] = json.dumps(exported.output_names())

@@ -12,7 +12,8 @@ from ..deploy.onnx_export import DEFAULT_OPSET
 from ..deploy.parts import ExportedPart
 from ..deploy.quantize import quantized_ops, sqnr_db
 from ..numerics import flatten_outputs
-from .fake_quant import ONNX_TRANSLATIONS, QuantizedPart, freeze_quantizers
+from .fake_quant import (ONNX_TRANSLATIONS, QuantizedPart, freeze_quantizers,
+                         requantize_concats)
 from .model import QATModel, is_qat_state
 
 __all__ = ['load_qat_model', 'quantized_parity', 'export_qat']
@@ -74,7 +75,8 @@ def export_qat(config: str, state: dict, output: str, shape: Sequence[int], batc
                          opset, check, parity=quantized_parity,
                          translations=ONNX_TRANSLATIONS,
                          metadata={QUANTIZATION_KEY: json.dumps(settings)},
-                         report=dict(fusion=None, quantizers=counts))
+                         report=dict(fusion=None, quantizers=counts),
+                         rewrite=requantize_concats)
     import onnx
     report['quantized_ops'] = quantized_ops(onnx.load(output))
     return report

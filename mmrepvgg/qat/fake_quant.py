@@ -9,6 +9,7 @@ point, as buffers) in each quantizer's place; it calls the op ``mmrepvgg::fake_q
 which :data:`ONNX_TRANSLATIONS` turns into a QDQ pair, the format ``tools/quantize.py``
 writes, so ONNX Runtime and OpenVINO run the file in int8 like a post-training one.
 """
+import inspect
 from typing import Dict
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor, nn
 from ..deploy.parts import ExportedPart
 
 __all__ = ['fake_quantize', 'FixedQuantizer', 'freeze_quantizers', 'QuantizedPart',
-           'ONNX_TRANSLATIONS']
+           'ONNX_TRANSLATIONS', 'requantize_concats']
 
 
 @torch.library.custom_op('mmrepvgg::fake_quantize', mutates_args=())
@@ -111,8 +112,8 @@ def freeze_quantizers(model: nn.Module) -> Dict[str, int]:
 
 class QuantizedPart(ExportedPart):
     """:class:`ExportedPart` of an NNCF-wrapped model, its quantizers applied: the
-    forward runs under NNCF's hook mode, as the wrapped model's own forward does, so
-    the hooks meet the same ops under the same names."""
+    forward runs under NNCF's hook mode and quantizes the image as the wrapped model's
+    own forward does, so the hooks meet the same ops under the same names."""
 
     def torch_state(self) -> Dict[str, Tensor]:
         from nncf.torch.function_hook.wrapper import ATR_HOOK_STORAGE
@@ -122,5 +123,68 @@ class QuantizedPart(ExportedPart):
     def forward(self, x: Tensor):
         from nncf.torch.function_hook.hook_executor_mode import FunctionHookMode
         from nncf.torch.function_hook.wrapper import get_hook_storage
-        with FunctionHookMode(model=self.model, hook_storage=get_hook_storage(self.model)):
-            return super().forward(x)
+        wrapped = self.model.forward  # NNCF's ForwardWithHooks: it names the image input
+        image = next(iter(inspect.signature(wrapped.orig_forward).parameters))
+        with FunctionHookMode(model=self.model,
+                              hook_storage=get_hook_storage(self.model)) as mode:
+            # the model's input quantizer, which the wrapped forward would apply
+            return super().forward(mode.execute_hooks_for_model_input(image, x))
+
+
+def _constant(graph, name: str):
+    """The value of ``name`` where it is an initializer or a Constant node's output."""
+    from onnx import numpy_helper
+    for init in graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init)
+    for node in graph.node:
+        if node.op_type == 'Constant' and node.output[0] == name:
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def requantize_concats(proto) -> int:
+    """Quantize the output of each Concat whose inputs all come dequantized on one grid
+    (NNCF gives a concat's inputs one shared quantizer), in place: a QDQ pair on that
+    grid, which leaves every value as it is. ONNX Runtime runs a conv in int8 only where
+    its input comes out of a DequantizeLinear; PSPNet's bottleneck conv reads the
+    pyramid's concat. Returns how many concats were requantized."""
+    from onnx import helper
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    grids = {}
+    for node in graph.node:
+        if node.op_type != 'Concat':
+            continue
+        sources = [producer.get(name) for name in node.input]
+        if not sources or any(s is None or s.op_type != 'DequantizeLinear' or len(s.input) < 3
+                              for s in sources):
+            continue
+        values = [(_constant(graph, s.input[1]), _constant(graph, s.input[2])) for s in sources]
+        first = values[0]
+        if any(v is None for pair in values for v in pair) or first[0].size != 1 or any(
+                (v[0] != first[0]).any() or (v[1] != first[1]).any() for v in values):
+            continue
+        grids[node.output[0]] = sources[0].input[1:3]
+    outputs = {out.name for out in graph.output}
+    grids = {name: grid for name, grid in grids.items() if name not in outputs}
+    if not grids:
+        return 0
+    nodes, inserted = [], set()
+    for node in graph.node:
+        nodes.append(node)
+        for out in node.output:
+            if out in grids:
+                scale, zero = grids[out]
+                quantize = helper.make_node('QuantizeLinear', [out, scale, zero], [out + '_q'])
+                inserted.add(id(quantize))
+                nodes += [quantize, helper.make_node('DequantizeLinear',
+                                                     [out + '_q', scale, zero], [out + '_dq'])]
+    for node in nodes:  # the concat's readers read the requantized values
+        if id(node) not in inserted:
+            for i, name in enumerate(node.input):
+                if name in grids:
+                    node.input[i] = name + '_dq'
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return len(grids)
