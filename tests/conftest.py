@@ -82,3 +82,11 @@ def det(mini_root, tmp_path_factory):
     """Faster R-CNN RepVGG-A0 after one training iteration."""
     from helpers import train_det
     return train_det(mini_root, tmp_path_factory)
+
+
+@pytest.fixture(scope='session')
+def qat(seg, tmp_path_factory):
+    """A two-iteration QAT fine-tune of ``seg``'s checkpoint, and its INT8 ONNX file."""
+    pytest.importorskip('nncf')
+    from helpers import train_qat
+    return train_qat(seg, tmp_path_factory)

@@ -190,6 +190,25 @@ def train_seg(mini_root, tmp_path_factory):
                            out_dir=out_dir, report=report)
 
 
+# A QAT fine-tune: two iterations with a validation after each (it logs and evaluates
+# as a training does).
+QAT_TRAIN = ['train_cfg.max_iters=2', 'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
+             'optim_wrapper.optimizer.lr=0.001', 'param_scheduler.0.end=2', 'randomness.seed=0',
+             'val_dataloader.dataset.indices=2', 'default_hooks.checkpoint.interval=2']
+
+
+def train_qat(seg, tmp_path_factory):
+    """A QAT fine-tune of the ``seg`` checkpoint (calibrated on 2 images), and its INT8
+    ONNX file with the export report (the session's ``qat``)."""
+    work = tmp_path_factory.mktemp('qat_train')
+    run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work, qat=str(seg.ckpt),
+              calib=2, options=QAT_TRAIN + SEG_MODEL)
+    onnx_file = work / 'qat.onnx'
+    report = run_entry(export, seg.root, SEG_CONFIG, work / 'iter_2.pth', onnx_file,
+                       mini=True, options=SEG_MODEL)
+    return SimpleNamespace(work=work, ckpt=work / 'iter_2.pth', onnx=onnx_file, report=report)
+
+
 def train_det(mini_root, tmp_path_factory):
     """Faster R-CNN RepVGG-A0 after one training iteration (the session's ``det``)."""
     work = tmp_path_factory.mktemp('det_train')

@@ -3,7 +3,7 @@ checkpoint tested in torch and exported to an INT8 QDQ ONNX file that ONNX Runti
 OpenVINO run, judged against the fake-quantized model it came from."""
 import pytest
 import torch
-from helpers import SEG_CONFIG, SEG_MODEL, TEST, load_state, run_entry
+from helpers import QAT_TRAIN, SEG_CONFIG, SEG_MODEL, TEST, load_state, run_entry
 from mmengine.registry import init_default_scope
 
 from mmrepvgg import apis
@@ -18,35 +18,15 @@ from mmrepvgg.qat.export import load_qat_model
 
 pytest.importorskip('nncf')
 
-# Two iterations with a validation after each: the fine-tune logs and evaluates as a
-# training does.
-QAT_TRAIN = ['train_cfg.max_iters=2', 'train_cfg.val_interval=1', 'train_dataloader.batch_size=2',
-             'optim_wrapper.optimizer.lr=0.001', 'param_scheduler.0.end=2', 'randomness.seed=0',
-             'val_dataloader.dataset.indices=2', 'default_hooks.checkpoint.interval=2']
-
-
-@pytest.fixture(scope='module')
-def qat(seg, tmp_path_factory):
-    """A QAT fine-tune of the session's PSPNet A0 checkpoint, and its INT8 ONNX file."""
-    work = tmp_path_factory.mktemp('qat_train')
-    runner = run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=work,
-                       qat=str(seg.ckpt), calib=2, options=QAT_TRAIN + SEG_MODEL)
-    onnx_file = work / 'qat.onnx'
-    report = run_entry(export, seg.root, SEG_CONFIG, work / 'iter_2.pth', onnx_file,
-                       mini=True, options=SEG_MODEL)
-    return dict(work=work, ckpt=work / 'iter_2.pth', onnx=onnx_file, report=report,
-                log=runner.logger)
-
-
 def _convs(module):
     return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
 
 
 def test_finetune_runs_in_the_runner_and_its_checkpoint_holds_the_quantizers(qat, seg):
-    log = (next(qat['work'].glob('*/*.log'))).read_text()
+    log = (next(qat.work.glob('*/*.log'))).read_text()
     assert 'QAT: ' in log and 'ranges from 2 calibration images' in log
     assert log.count('Iter(val)') == 2 and 'mIoU' in log  # evaluated after each iteration
-    state = load_state(qat['ckpt'])
+    state = load_state(qat.ckpt)
     assert is_qat_state(state) and not is_qat_state(load_state(seg.ckpt))
     model = load_qat_model(SEG_CONFIG, state, _options())
     # one int8 per-channel quantizer per conv of the exported network: the fused backbone
@@ -74,21 +54,21 @@ def _options():
 def test_qat_checkpoint_tests_as_it_validated(qat, seg):
     """tools/test.py recognises a QAT checkpoint and builds the quantized model for it:
     the metric is the one the run's last validation logged."""
-    metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat['ckpt']), mini=True,
-                        work_dir=qat['work'] / 'test', options=SEG_MODEL
+    metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat.ckpt), mini=True,
+                        work_dir=qat.work / 'test', options=SEG_MODEL
                         + ['test_dataloader.dataset.indices=2'])
-    log = next(qat['work'].glob('2*/*.log')).read_text()
+    log = next(qat.work.glob('2*/*.log')).read_text()
     last_val = log[log.rindex('Iter(val)'):].split('\n')[0]
     assert f'mIoU: {metrics["mIoU"]:.4f}' in last_val
 
 
 def test_exported_file_is_int8_and_predicts_as_the_fake_quantized_model(qat, seg):
-    report = qat['report']
+    report = qat.report
     assert report['quantized_ops']['QuantizeLinear'] >= report['quantizers']['weights']
     assert report['quantized_ops']['DequantizeLinear'] >= report['quantizers']['weights']
     assert report['parity']['within']
-    assert not (qat['work'] / 'qat.torch.pth').exists()  # no weights run outside the file
-    model = load_qat_model(SEG_CONFIG, load_state(qat['ckpt']), _options())
+    assert not (qat.work / 'qat.torch.pth').exists()  # no weights run outside the file
+    model = load_qat_model(SEG_CONFIG, load_state(qat.ckpt), _options())
     freeze_quantizers(model.model)
     network = QuantizedPart(model.model).eval()
     cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
@@ -102,7 +82,7 @@ def test_exported_file_is_int8_and_predicts_as_the_fake_quantized_model(qat, seg
         floats = [QuantizedPart.__mro__[1].forward(network, x)[0].argmax(1) for x in images]
     quantization_flips = sum(int((f != q).sum()) for f, q in zip(floats, fake))
     for backend in ('onnxruntime', 'openvino'):
-        runner = load_backend(str(qat['onnx']), backend)
+        runner = load_backend(str(qat.onnx), backend)
         assert runner.quantized
         flips = sum(int((runner(x)[0].argmax(1) != q).sum()) for x, q in zip(images, fake))
         assert flips <= max(quantization_flips, 1), backend
@@ -110,8 +90,8 @@ def test_exported_file_is_int8_and_predicts_as_the_fake_quantized_model(qat, seg
 
 def test_backends_score_the_file_with_the_configs_metric(qat, seg):
     for backend in ('onnxruntime', 'openvino'):
-        metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat['onnx']), mini=True,
-                            backend=backend, work_dir=qat['work'] / backend,
+        metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat.onnx), mini=True,
+                            backend=backend, work_dir=qat.work / backend,
                             options=SEG_MODEL + TEST)
         assert 0 <= metrics['mIoU'] <= 100
 
@@ -120,7 +100,7 @@ def test_fixed_quantizers_compute_what_nncf_trained(qat):
     """The export's quantizers give NNCF's values, up to a rounding tie (one step)."""
     from nncf.torch.function_hook.wrapper import get_hook_storage
     from nncf.torch.quantization.layers import BaseQuantizer
-    model = load_qat_model(SEG_CONFIG, load_state(qat['ckpt']), _options())
+    model = load_qat_model(SEG_CONFIG, load_state(qat.ckpt), _options())
     torch.manual_seed(0)
     checked = 0
     for _, quantizer in get_hook_storage(model.model).named_hooks():
@@ -148,7 +128,7 @@ def test_bad_requests_say_what_is_wrong(qat, seg, tmp_path):
     cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
     with pytest.raises(ValueError, match='QAT checkpoint already'):
         with _cwd(seg.root):
-            QATModel(cfg.model, checkpoint=str(qat['ckpt']))
+            QATModel(cfg.model, checkpoint=str(qat.ckpt))
     with pytest.raises(ValueError, match='needs calibration'):
         with _cwd(seg.root):
             QATModel(cfg.model, checkpoint=str(seg.ckpt))
@@ -156,10 +136,10 @@ def test_bad_requests_say_what_is_wrong(qat, seg, tmp_path):
         run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=tmp_path,
                   qat=str(tmp_path / 'missing.pth'), options=QAT_TRAIN + SEG_MODEL)
     with pytest.raises(InputError, match='drop --format'):
-        run_entry(export, seg.root, SEG_CONFIG, qat['ckpt'], tmp_path / 'x.pt2',
+        run_entry(export, seg.root, SEG_CONFIG, qat.ckpt, tmp_path / 'x.pt2',
                   format='aoti', mini=True, options=SEG_MODEL)
     # quantizers placed for another network: the checkpoint says so instead of loading
-    state = dict(load_state(qat['ckpt'])['state_dict'])
+    state = dict(load_state(qat.ckpt)['state_dict'])
     unquantized = QATModel(cfg.model)
     unquantized.set_extra_state(state['_extra_state'])
     assert unquantized.quantized
@@ -234,3 +214,32 @@ def test_concats_on_one_grid_are_requantized_without_changing_a_value():
     assert reader.op_type == 'DequantizeLinear'  # ONNX Runtime's int8 conv pattern
     assert np.array_equal(run(proto), before)
     assert requantize_concats(_qdq_concat_graph(0.07)) == 0  # two grids: left alone
+
+
+def test_recommend_lists_the_qat_file_beside_post_training_int8(qat, seg, capsys):
+    """benchmark.py --recommend --metric --qat: the QAT file's forms are timed and scored
+    as their commands (export the QAT checkpoint, test it in the backend) would."""
+    from mmrepvgg.benchmark.recommend import format_recommendation, recommend
+    from mmrepvgg.errors import UsageError
+    forms = (('eager', 'fp32'), ('onnxruntime-int8', 'int8'))
+    with _cwd(seg.root):
+        result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=_options(), mini=True,
+                           forms=forms, repeats=1, warmup=0, time_limit=1e-6, metric=True,
+                           qat=str(qat.ckpt))
+        with pytest.raises(UsageError, match='holds no quantizers'):
+            recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=_options(), mini=True,
+                      forms=forms, qat=str(seg.ckpt))
+    rows = {r['mode']: r for r in result['rows']}
+    for mode, backend in (('onnxruntime-qat', 'onnxruntime'), ('openvino-qat', 'openvino')):
+        row = rows[mode]
+        assert row['precision'] == 'int8' and row['ms'] > 0
+        assert isinstance(row['metric'], float), row.get('metric_error')
+        assert row['commands'][0].startswith(f'python tools/export.py {SEG_CONFIG} '
+                                             f'{qat.ckpt} model_qat.onnx')
+        assert f'--backend {backend}' in row['commands'][1]
+    # the same file as tools/export.py writes: scored as tools/test.py scores that file
+    metrics = run_entry(apis.test, seg.root, SEG_CONFIG, str(qat.onnx), mini=True,
+                        backend='onnxruntime', work_dir=qat.work / 'recommend_check',
+                        options=SEG_MODEL)
+    assert rows['onnxruntime-qat']['metric'] == pytest.approx(metrics['mIoU'])
+    assert 'onnxruntime-qat' in format_recommendation(result)

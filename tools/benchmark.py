@@ -14,7 +14,7 @@ and whole models from config files, all timed in ONE process, interleaved round-
   # form scored on the config's test data too, here the bundled mini data)
   python tools/benchmark.py --recommend configs/pspnet_repvgg_b1g2_cityscapes.py CKPT
   python tools/benchmark.py --recommend configs/pspnet_repvgg_b1g2_cityscapes.py CKPT \\
-      --metric --mini
+      --metric --mini [--qat QAT_CKPT]   # with a QAT fine-tune's INT8 file beside PTQ's
   # GPU: fp32 and AMP, results and a speed/accuracy plot
   python tools/benchmark.py --device cuda --batch-size 128 --precision fp32,amp \\
       --archs A0,A1,A2,B0,B1g4,B1g2,B1 --json out.json --plot out.png
@@ -147,6 +147,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--mini', action='store_true',
                         help='--recommend: the input size of the --mini test pipeline, and '
                              'with --metric its mini test data')
+    parser.add_argument('--qat', metavar='QAT_CHECKPOINT',
+                        help='--recommend: a quantization-aware fine-tune of CHECKPOINT '
+                             '(tools/train.py --qat): its INT8 file joins the forms '
+                             '(onnxruntime-qat, openvino-qat)')
     args = parser.parse_args(argv)
     if args.time_limit is not None and args.time_limit <= 0:
         parser.error(f'--time-limit takes seconds > 0, got {args.time_limit:g}')
@@ -156,7 +160,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         if args.max_drop is not None and args.max_drop < 0:
             parser.error(f'--max-drop must be >= 0, got {args.max_drop}')
         return args
-    extra = [name for name in ('metric', 'mini', 'max_drop') if getattr(args, name)]
+    extra = [name for name in ('metric', 'mini', 'max_drop', 'qat') if getattr(args, name)]
     if extra:
         parser.error(f'--{extra[0].replace("_", "-")} is an option of --recommend')
 
@@ -220,13 +224,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         result = recommend(*args.recommend, cfg_options=args.cfg_options, mini=args.mini,
                            max_drop=args.max_drop, repeats=min(args.repeats, 5),
                            warmup=min(args.warmup, 1), command=command, time_limit=limit,
-                           metric=args.metric)
+                           metric=args.metric, qat=args.qat)
         print(format_recommendation(result))
         if args.json:
             write_json(args.json, result)
         return result
     options = {k: v for k, v in vars(args).items()
-               if k not in ('recommend', 'max_drop', 'mini', 'metric')}
+               if k not in ('recommend', 'max_drop', 'mini', 'metric', 'qat')}
     result = run_benchmark(BenchmarkOptions(**options), command)
     print(format_report(result))
     if args.plot:

@@ -10,12 +10,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
-from .models import BACKEND_MODES
+from .models import BACKEND_MODES, QAT_MODES
 
-__all__ = ['CHECKPOINT', 'Step', 'form_steps', 'form_commands', 'run_steps']
+__all__ = ['CHECKPOINT', 'QAT_CHECKPOINT', 'Step', 'form_steps', 'form_commands', 'run_steps']
 
-#: Where the user's checkpoint goes among a step's files.
+#: Where the user's checkpoint goes among a step's files, and their QAT fine-tune of it.
 CHECKPOINT = 'CHECKPOINT'
+QAT_CHECKPOINT = 'QAT_CHECKPOINT'
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ def form_steps(mode: str, precision: str, shape: Sequence[int],
         return [Step('export', (CHECKPOINT, package),
                      (('format', 'aoti'), ('winograd', 'auto'), ('shape', tuple(shape)))),
                 Step('test', (package,), (('backend', 'aoti'),))]
+    if mode in QAT_MODES:
+        return [Step('export', (QAT_CHECKPOINT, 'model_qat.onnx')),
+                Step('test', ('model_qat.onnx',), (('backend', BACKEND_MODES[mode][0]),))]
     if mode in BACKEND_MODES:
         backend = BACKEND_MODES[mode][0]
         steps, onnx = [Step('export', (CHECKPOINT, 'model.onnx'))], 'model.onnx'
@@ -70,13 +74,19 @@ def _option_text(cfg_options: Optional[dict]) -> str:
     return ' --cfg-options ' + ' '.join(shlex.quote(p) for p in pairs)
 
 
+def _files(step: Step, checkpoint: str, qat: Optional[str]) -> List[str]:
+    names = {CHECKPOINT: checkpoint, QAT_CHECKPOINT: qat or QAT_CHECKPOINT}
+    return [names.get(f, f) for f in step.files]
+
+
 def form_commands(steps: Sequence[Step], config: str, checkpoint: str, mini: bool,
-                  cfg_options: Optional[dict]) -> List[str]:
-    """``steps`` as command lines, with ``--mini`` and ``--cfg-options`` as given."""
+                  cfg_options: Optional[dict], qat: Optional[str] = None) -> List[str]:
+    """``steps`` as command lines, with ``--mini`` and ``--cfg-options`` as given
+    (``qat``: the QAT checkpoint the *-qat forms export)."""
     tail = (' --mini' if mini else '') + _option_text(cfg_options)
     commands = []
     for step in steps:
-        files = [checkpoint if f == CHECKPOINT else f for f in step.files]
+        files = _files(step, checkpoint, qat)
         words = [f'python tools/{step.tool}.py', *map(shlex.quote, [config, *files]),
                  *(_flag(k, v) for k, v in step.options)]
         commands.append(' '.join(words) + tail)
@@ -85,7 +95,7 @@ def form_commands(steps: Sequence[Step], config: str, checkpoint: str, mini: boo
 
 def run_steps(steps: Sequence[Step], config: str, checkpoint: str, folder: str,
               done: Set[Step], cfg_options: Optional[dict] = None,
-              mini: bool = False) -> Dict[str, Any]:
+              mini: bool = False, qat: Optional[str] = None) -> Dict[str, Any]:
     """Run ``steps`` in this process, their files in ``folder``; a step in ``done`` (run
     for an earlier form: the same export, the same quantization) is not run again.
     Returns the metrics of the last step, the test. The test runs log warnings only
@@ -98,7 +108,8 @@ def run_steps(steps: Sequence[Step], config: str, checkpoint: str, folder: str,
     for step in steps:
         if step in done:
             continue
-        files = [checkpoint if f == CHECKPOINT else osp.join(folder, f) for f in step.files]
+        files = [f if f in (checkpoint, qat) else osp.join(folder, f)
+                 for f in _files(step, checkpoint, qat)]
         kwargs = dict(step.options, cfg_options=cfg_options, mini=mini)
         if step.tool == 'test':
             kwargs.update(work_dir=folder, cfg_options=dict(

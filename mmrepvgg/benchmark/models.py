@@ -21,7 +21,7 @@ from ..reparam import (copy_module, count_unfused, fusable_modules, randomize_no
                        reparameterize)
 from .timing import count_conv_flops, log
 
-__all__ = ['BACKEND_MODES', 'RESNET_DEPTHS', 'ModelSpec', 'repvgg_specs', 'resnet_specs',
+__all__ = ['BACKEND_MODES', 'QAT_MODES', 'RESNET_DEPTHS', 'ModelSpec', 'repvgg_specs', 'resnet_specs',
            'config_specs', 'prepare_specs']
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
@@ -31,12 +31,18 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 #: the ranges change the numbers, not the work).
 #: ``aoti``: the network compiled into an AOTInductor package (mmrepvgg.deploy.aoti) and
 #: loaded back; ``winograd-aoti``: the same with Winograd convs (--winograd-tile).
+#: ``*-qat``: the INT8 file of a quantization-aware fine-tune of the model (given to the
+#: run, see BenchmarkOptions.qat_file), run as it is.
 BACKEND_MODES = {'onnxruntime': ('onnxruntime', 'fp32'), 'openvino': ('openvino', 'fp32'),
                  'openvino-bf16': ('openvino', 'bf16'),
                  'onnxruntime-int8': ('onnxruntime', 'int8'),
                  'openvino-int8': ('openvino', 'int8'),
+                 'onnxruntime-qat': ('onnxruntime', 'int8'),
+                 'openvino-qat': ('openvino', 'int8'),
                  'aoti': ('aoti', 'fp32'), 'winograd-aoti': ('aoti', 'fp32')}
 
+#: The backend modes that run a QAT fine-tune's INT8 file.
+QAT_MODES = ('onnxruntime-qat', 'openvino-qat')
 
 @dataclass
 class ModelSpec:

@@ -28,7 +28,7 @@ from .report import format_table
 from .run import BenchmarkOptions, run_benchmark
 from .timing import Candidate, Progress, log
 
-__all__ = ['FORMS', 'DEFAULT_MAX_DROP', 'DEFAULT_METRIC_DROP', 'DEFAULT_TIME_LIMIT',
+__all__ = ['FORMS', 'QAT_FORMS', 'DEFAULT_MAX_DROP', 'DEFAULT_METRIC_DROP', 'DEFAULT_TIME_LIMIT',
            'cpu_class', 'recommend', 'format_recommendation']
 
 #: (benchmark mode, precision): every form of the fused model this project can deploy on
@@ -38,6 +38,8 @@ FORMS = (('eager', 'fp32'), ('compile', 'fp32'), ('winograd-aoti', 'fp32'),
          ('onnxruntime', 'fp32'), ('openvino', 'fp32'), ('eager', 'bf16'),
          ('compile', 'bf16'), ('winograd', 'bf16'), ('openvino-bf16', 'bf16'),
          ('onnxruntime-int8', 'int8'), ('openvino-int8', 'int8'))
+#: The forms a QAT checkpoint adds (``qat``): its INT8 file in each backend.
+QAT_FORMS = (('onnxruntime-qat', 'int8'), ('openvino-qat', 'int8'))
 #: The accuracy budget by default: the relative output difference from the fp32 model,
 #: or with ``metric`` the drop in the config's metric, in points (OpenMMLab's benchmark
 #: lists accept 0.5).
@@ -51,7 +53,8 @@ _SETUP_WORK = {'compile': 'torch.compile', 'winograd-aoti': 'torch.export and AO
                'compile', 'onnxruntime': 'ONNX export', 'openvino': 'ONNX export, OpenVINO '
                'compile', 'openvino-bf16': 'ONNX export, OpenVINO compile',
                'onnxruntime-int8': 'ONNX export, INT8 quantization',
-               'openvino-int8': 'ONNX export, INT8 quantization, OpenVINO compile'}
+               'openvino-int8': 'ONNX export, INT8 quantization, OpenVINO compile',
+               'openvino-qat': 'OpenVINO compile'}
 
 
 def cpu_class() -> str:
@@ -160,7 +163,7 @@ def _available(forms: Sequence[tuple], left_out: Dict[str, str]) -> List[tuple]:
 
 
 def _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmup,
-                time_limit, command) -> Dict[str, Any]:
+                time_limit, command, qat_file: Optional[str] = None) -> Dict[str, Any]:
     """One benchmark run of the fused model over the forms of ``runnable``, one form at a
     time (at a config's full test size the forms together outgrow a 24 GB machine), a
     progress line per form."""
@@ -170,7 +173,8 @@ def _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmu
         archs=(), forms=('fused',), resnets=(), config=[config], cfg_options=cfg_options,
         checkpoint=checkpoint, device='cpu', modes=modes, precision=precisions or ['fp32'],
         batch_size=1, input_size=list(shape), repeats=repeats, warmup=warmup,
-        time_limit=time_limit, no_memory=True, pairs=list(runnable), one_at_a_time=True)
+        time_limit=time_limit, no_memory=True, pairs=list(runnable), one_at_a_time=True,
+        qat_file=qat_file)
     return run_benchmark(options, command, progress=_FormProgress())
 
 
@@ -180,9 +184,10 @@ class _Scorer:
 
     def __init__(self, config: str, checkpoint: str, cfg_options: Optional[dict],
                  mini: bool, steps: Callable[[str, str], List[Step]], metric: str,
-                 scale: float):
+                 scale: float, qat: Optional[str] = None):
         self.config, self.checkpoint, self.cfg_options = config, checkpoint, cfg_options
         self.mini, self.steps, self.metric, self.scale = mini, steps, metric, scale
+        self.qat = qat
         self.done: set = set()
 
     def __call__(self, form: tuple, count: str, folder: str) -> Union[float, str]:
@@ -193,7 +198,7 @@ class _Scorer:
         log(f'{count} {_form(*form)}: scoring...')
         try:
             metrics = run_steps(self.steps(*form), self.config, self.checkpoint, folder,
-                                self.done, self.cfg_options, self.mini)
+                                self.done, self.cfg_options, self.mini, self.qat)
             if self.metric not in metrics:
                 raise KeyError(f'the test gave no {self.metric} (it gave '
                                f'{", ".join(metrics)})')
@@ -268,13 +273,16 @@ def recommend(config: str, checkpoint: Optional[str] = None,
               max_drop: Optional[float] = None, forms: Sequence[tuple] = FORMS,
               repeats: int = 5, warmup: int = 1, command: str = '',
               time_limit: Optional[float] = DEFAULT_TIME_LIMIT,
-              metric: bool = False) -> Dict[str, Any]:
+              metric: bool = False, qat: Optional[str] = None) -> Dict[str, Any]:
     """Time every form in ``forms`` this machine can run, for the config's fused model at
     its test input size, batch 1, on the CPU: ``warmup`` and up to ``repeats`` timed
     runs, stopped once its calls took ``time_limit`` seconds. Each form's ``rel_diff``
     is its largest output difference from the fp32 training-form model over that
     model's largest output; with ``metric``, each form is also written and tested as its
     commands would (``metric``, in points, and ``drop`` from the eager fp32 form).
+
+    ``qat``: a QAT fine-tune of ``checkpoint`` (``tools/train.py --qat``); its INT8 file
+    joins the forms (:data:`QAT_FORMS`), timed and scored beside the post-training ones.
 
     ``max_drop``: the budget, in ``rel_diff`` or, with ``metric``, in metric points
     (default :data:`DEFAULT_MAX_DROP` or :data:`DEFAULT_METRIC_DROP`). Returns the rows
@@ -289,20 +297,26 @@ def recommend(config: str, checkpoint: Optional[str] = None,
         raise UsageError('the config\'s test pipeline gives no image size to time at')
     metric_name, scale = _metric_of(cfg, config, checkpoint, mini) if metric else (None, 1)
     left_out: Dict[str, str] = {}
+    if qat:
+        forms = list(forms) + [f for f in QAT_FORMS if f not in forms]
     runnable = _available(forms, left_out)
     calib = _calibration_size(cfg, mini) if any(p == 'int8' for _, p in runnable) else None
-    result = _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats, warmup,
-                         time_limit, command)
+    with tempfile.TemporaryDirectory(prefix='mmrepvgg-recommend-') as folder:
+        qat_file = _qat_file(config, qat, shape, cfg_options, mini, folder) if qat else None
+        result = _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats,
+                             warmup, time_limit, command, qat_file)
 
     def steps(mode, precision):
         return form_steps(mode, precision, shape, calib)
 
     def commands(mode, precision):
         return _with_program_note(mode, precision, form_commands(
-            steps(mode, precision), config, checkpoint or 'CHECKPOINT', mini, cfg_options))
+            steps(mode, precision), config, checkpoint or 'CHECKPOINT', mini, cfg_options,
+            qat))
     rows = _rows(result, left_out, commands)
     base_metric = (_score_forms(rows, _Scorer(config, checkpoint, cfg_options, mini, steps,
-                                              metric_name, scale)) if metric else None)
+                                              metric_name, scale, qat))
+                   if metric else None)
     for row in rows:
         row['within'] = _within(row, max_drop, metric)
     env = result['environment']
@@ -313,6 +327,27 @@ def recommend(config: str, checkpoint: Optional[str] = None,
                 max_drop=max_drop, repeats=repeats, warmup=warmup, time_limit=time_limit,
                 metric=metric_name, base_metric=base_metric, machine=machine, rows=rows,
                 left_out=left_out, recommended=next((r for r in rows if r['within']), None))
+
+
+def _qat_file(config: str, qat: str, shape, cfg_options: Optional[dict], mini: bool,
+              folder: str) -> str:
+    """The INT8 file of the QAT checkpoint ``qat`` at the timed input size, in ``folder``
+    (``tools/export.py``'s export); a checkpoint that is not one is refused."""
+    from ..apis.deploy import export
+    from ..checkpoint.fetch import fetch_and_load
+    from ..qat import is_qat_state
+    try:
+        state = fetch_and_load(qat)[1]
+    except (OSError, ValueError) as err:
+        raise InputError(f'error: --qat: {err}') from err
+    if not is_qat_state(state):
+        raise UsageError(f'--qat {qat} holds no quantizers: give the checkpoint of a '
+                         'quantization-aware fine-tune (tools/train.py --qat)')
+    del state
+    path = osp.join(folder, 'model_qat.onnx')
+    log(f'exporting the QAT checkpoint {qat} to INT8 ONNX for its forms...')
+    export(config, qat, path, shape=list(shape), cfg_options=cfg_options, mini=mini)
+    return path
 
 
 def _with_program_note(mode: str, precision: str, commands: List[str]) -> List[str]:

@@ -28,7 +28,7 @@ from ..numerics import output_error
 from ..ops.inference import optimize_for_inference, resolve_device
 from ..ops.winograd import FASTEST_TILE, convert_to_winograd
 from ..ops.winograd_kernel import transformed_bytes
-from .models import (BACKEND_MODES, ModelSpec, config_specs, prepare_specs,
+from .models import (BACKEND_MODES, QAT_MODES, ModelSpec, config_specs, prepare_specs,
                                repvgg_specs, resnet_specs)
 from .report import comparisons, result_rows
 from .timing import (MEMORY_METHODS, Candidate, Progress, benchmark_interleaved,
@@ -70,6 +70,7 @@ class BenchmarkOptions:
     # only these (mode, precision) pairs of modes x precision (None: all of them)
     pairs: Optional[Sequence[Tuple[str, str]]] = None
     one_at_a_time: bool = False  # set up, time, release each candidate in turn
+    qat_file: Optional[str] = None  # the INT8 file the *-qat modes run (QAT_MODES)
     seed: int = 0
     json: Optional[str] = None
     plot: Optional[str] = None
@@ -178,11 +179,12 @@ def _onnx_file(cand: Candidate, spec: ModelSpec, inputs: torch.Tensor, precision
 
 def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: str,
                    inputs: torch.Tensor, folder: Optional[str],
-                   winograd=None) -> Callable[[], Callable[[], Any]]:
+                   winograd=None, given: Optional[str] = None
+                   ) -> Callable[[], Callable[[], Any]]:
     """The spec's network exported to ONNX (in ``folder``, which the run keeps until its
-    end; None: a temporary folder of the candidate's own) and compiled by ``backend``, or
-    compiled into an AOTInductor package and loaded (all set-up time); what is timed is
-    the runner's call alone."""
+    end; None: a temporary folder of the candidate's own), or the ``given`` file, and
+    compiled by ``backend``, or compiled into an AOTInductor package and loaded (all
+    set-up time); what is timed is the runner's call alone."""
     def setup():
         if folder is None:
             with tempfile.TemporaryDirectory(prefix='mmrepvgg-benchmark-') as own:
@@ -197,7 +199,7 @@ def _backend_setup(cand: Candidate, spec: ModelSpec, backend: str, precision: st
             with tempfile.TemporaryDirectory(dir=where) as package_folder:
                 runner = _package_setup(cand, network, inputs, winograd, package_folder)
             return _checked_call(cand, spec, runner, inputs)
-        path = _onnx_file(cand, spec, inputs, precision, where)
+        path = given or _onnx_file(cand, spec, inputs, precision, where)
         start = time.perf_counter()
         # an int8 file is run as given: its QDQ nodes carry the arithmetic
         runner = load_backend(path, backend, 'fp32' if precision == 'int8' else precision,
@@ -222,14 +224,17 @@ def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                     compile_mode: Optional[str] = None, cudnn_benchmark: bool = True,
                     winograd_tile: Union[str, int] = FASTEST_TILE,
                     pairs: Optional[Sequence[Tuple[str, str]]] = None,
-                    folder: Optional[str] = None) -> List[Candidate]:
+                    folder: Optional[str] = None,
+                    qat_file: Optional[str] = None) -> List[Candidate]:
     """Every (model, mode, precision) to time, or with ``pairs`` those of its (mode,
     precision) pairs. A backend mode sets its own precision, so it gives one row per
     model; off the CPU its rows are marked ``skipped``. ``compile_mode``,
     ``cudnn_benchmark`` and ``winograd_tile`` go to ``optimize_for_inference`` (the tile
     also to the winograd-aoti mode). ``folder``: where the backend modes write their
     files, one export per model shared by its rows (kept by the caller until the
-    candidates are set up; None: each candidate exports into a folder of its own)."""
+    candidates are set up; None: each candidate exports into a folder of its own).
+    ``qat_file``: the INT8 file the *-qat modes run (of a config's model; without it they
+    are skipped)."""
     device = torch.device(device)
     candidates = []
     for precision in precisions:
@@ -253,11 +258,15 @@ def make_candidates(specs: Sequence[ModelSpec], modes: Sequence[str],
                         winograd_tile=winograd_tile))
                 elif device.type != 'cpu':
                     cand.info['skipped'] = f'{mode} runs on the CPU only'
+                elif mode in QAT_MODES and (qat_file is None or spec.kind == 'backbone'):
+                    cand.info['skipped'] = (f'{mode} runs the INT8 file of a QAT checkpoint '
+                                            'of a config\'s model (--recommend ... --qat)')
                 else:
                     cand.info.update(spec.exported_info)
                     cand.setup = _backend_setup(
                         cand, spec, *backend, inputs, folder,
-                        winograd_tile if mode == 'winograd-aoti' else None)
+                        winograd_tile if mode == 'winograd-aoti' else None,
+                        qat_file if mode in QAT_MODES else None)
                 candidates.append(cand)
     return candidates
 
@@ -349,7 +358,7 @@ def run_benchmark(options: BenchmarkOptions, command: str = '',
                                  compile_mode=options.compile_mode,
                                  cudnn_benchmark=not options.no_cudnn_benchmark,
                                  winograd_tile=options.winograd_tile, pairs=options.pairs,
-                                 folder=files.name)
+                                 folder=files.name, qat_file=options.qat_file)
     if backend_modes and not on_cpu:
         msg = (f'skipped the {", ".join(backend_modes)} rows: ONNX Runtime and OpenVINO run '
                f'on the CPU here, this run is on {device} (time them with --device cpu)')
