@@ -243,3 +243,14 @@ def test_recommend_lists_the_qat_file_beside_post_training_int8(qat, seg, capsys
                         options=SEG_MODEL)
     assert rows['onnxruntime-qat']['metric'] == pytest.approx(metrics['mIoU'])
     assert 'onnxruntime-qat' in format_recommendation(result)
+
+
+def test_a_two_stage_detector_is_refused_for_export():
+    """Its tensor-mode forward runs the RoI head too, which the exported network does not
+    hold: exporting its QAT model would quantize something else than what was trained."""
+    from helpers import DET_CONFIG, DET_MODEL, parse_options
+    cfg = load_config(DET_CONFIG, cfg_options=parse_options(DET_MODEL))
+    init_default_scope('mmdet')
+    from mmengine.registry import MODELS
+    with pytest.raises(ValueError, match='segmentor or a single-stage detector'):
+        QuantizedPart(MODELS.build(cfg.model))

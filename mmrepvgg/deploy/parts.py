@@ -87,19 +87,34 @@ class ExportedPart(nn.Module):
         model = self.model
         if self.kind == 'backbone':
             feats = model.backbone(x)
-            groups = [('feat', tuple(feats) if isinstance(feats, (list, tuple)) else (feats,))]
-        elif self.kind == 'segmentor':
-            logits = model.decode_head.forward(model.extract_feat(x))
-            logits = F.interpolate(logits, size=x.shape[2:], mode='bilinear',
-                                   align_corners=model.decode_head.align_corners)
-            groups = [('seg_logits', (logits,))]
-        else:
-            feats = model.extract_feat(x)
-            head = model.rpn_head if self.kind == 'two_stage' else model.bbox_head
-            outs = head(feats)
-            groups = [('feat', tuple(feats))] if self.kind == 'two_stage' else []
-            groups += [(_HEAD_GROUPS[i] if i < len(_HEAD_GROUPS) else f'head_out{i}',
-                        tuple(out)) for i, out in enumerate(outs)]
+            return self.flatten([('feat', tuple(feats) if isinstance(feats, (list, tuple))
+                                  else (feats,))])
+        if self.kind == 'segmentor':
+            return self.dense_outputs(x, model.decode_head.forward(model.extract_feat(x)))
+        feats = model.extract_feat(x)
+        if self.kind == 'single_stage':
+            return self.dense_outputs(x, model.bbox_head(feats))
+        return self.flatten([('feat', tuple(feats))] + self._head_groups(model.rpn_head(feats)))
+
+    def dense_outputs(self, x: Tensor, outs) -> Tuple[Tensor, ...]:
+        """The exported outputs of a segmentor or single-stage detector from what its
+        tensor-mode forward gives for the image batch ``x`` (the decode head's logits,
+        resized to the input; the dense head's outputs)."""
+        if self.kind == 'segmentor':
+            logits = F.interpolate(outs, size=x.shape[2:], mode='bilinear',
+                                   align_corners=self.model.decode_head.align_corners)
+            return self.flatten([('seg_logits', (logits,))])
+        if self.kind == 'single_stage':
+            return self.flatten(self._head_groups(outs))
+        raise ValueError(f'a {self.kind} part has no dense outputs of its own')
+
+    @staticmethod
+    def _head_groups(outs) -> List[Tuple[str, tuple]]:
+        return [(_HEAD_GROUPS[i] if i < len(_HEAD_GROUPS) else f'head_out{i}', tuple(out))
+                for i, out in enumerate(outs)]
+
+    def flatten(self, groups) -> Tuple[Tensor, ...]:
+        """The flat output tuple of ``[(name, tensors), ...]``, remembered in ``groups``."""
         self.groups = [(name, len(tensors)) for name, tensors in groups]
         return tuple(t for _, tensors in groups for t in tensors)
 

@@ -9,7 +9,6 @@ point, as buffers) in each quantizer's place; it calls the op ``mmrepvgg::fake_q
 which :data:`ONNX_TRANSLATIONS` turns into a QDQ pair, the format ``tools/quantize.py``
 writes, so ONNX Runtime and OpenVINO run the file in int8 like a post-training one.
 """
-import inspect
 from typing import Dict
 
 import torch
@@ -111,9 +110,17 @@ def freeze_quantizers(model: nn.Module) -> Dict[str, int]:
 
 
 class QuantizedPart(ExportedPart):
-    """:class:`ExportedPart` of an NNCF-wrapped model, its quantizers applied: the
-    forward runs under NNCF's hook mode and quantizes the image as the wrapped model's
-    own forward does, so the hooks meet the same ops under the same names."""
+    """:class:`ExportedPart` of an NNCF-wrapped segmentor or single-stage detector: the
+    network is the wrapped model's own tensor-mode forward, whose hooks meet the ops
+    under the names they were placed and trained under (the image quantizer included),
+    then the part's outputs as :class:`ExportedPart` gives them."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        if self.kind not in ('segmentor', 'single_stage'):
+            raise ValueError(f'a QAT checkpoint exports a segmentor or a single-stage '
+                             f'detector; this one is a {self.kind} model: its tensor-mode '
+                             'forward runs more than the exported network')
 
     def torch_state(self) -> Dict[str, Tensor]:
         from nncf.torch.function_hook.wrapper import ATR_HOOK_STORAGE
@@ -121,14 +128,7 @@ class QuantizedPart(ExportedPart):
                 if not k.startswith(ATR_HOOK_STORAGE + '.')}
 
     def forward(self, x: Tensor):
-        from nncf.torch.function_hook.hook_executor_mode import FunctionHookMode
-        from nncf.torch.function_hook.wrapper import get_hook_storage
-        wrapped = self.model.forward  # NNCF's ForwardWithHooks: it names the image input
-        image = next(iter(inspect.signature(wrapped.orig_forward).parameters))
-        with FunctionHookMode(model=self.model,
-                              hook_storage=get_hook_storage(self.model)) as mode:
-            # the model's input quantizer, which the wrapped forward would apply
-            return super().forward(mode.execute_hooks_for_model_input(image, x))
+        return self.dense_outputs(x, self.model(x))
 
 
 def _constant(graph, name: str):
