@@ -16,10 +16,11 @@ from .fileio import save_atomic
 from .reparam import format_report, fuse_and_report
 
 
-def _read(checkpoint: str, dst: Optional[str] = None):
+def _read(checkpoint: str, dst: Optional[str] = None, loaded: Optional[tuple] = None):
     """``checkpoint`` (a path, or a URL downloaded once into torch's cache) read once,
-    after making sure the output ``dst`` is not that file."""
-    src, state = fetch_and_load(checkpoint)
+    after making sure the output ``dst`` is not that file. ``loaded``: what
+    ``fetch_and_load(checkpoint)`` gave already (not read again)."""
+    src, state = loaded or fetch_and_load(checkpoint)
     if dst is not None and not is_remote_checkpoint(src) and (
             osp.abspath(src) == osp.abspath(dst)
             or (osp.exists(dst) and osp.samefile(src, dst))):
@@ -29,12 +30,13 @@ def _read(checkpoint: str, dst: Optional[str] = None):
 
 
 def read_model_checkpoint(checkpoint: str, part: Optional[str] = 'model',
-                          request: str = 'the request', avoid: Optional[str] = None):
+                          request: str = 'the request', avoid: Optional[str] = None,
+                          loaded: Optional[tuple] = None):
     """``(state, CheckpointInfo)`` of ``checkpoint``. ``part``: 'model' needs a whole
     model's weights (a backbone release is refused, naming ``request``); 'backbone' or
     None also take a backbone file. ``avoid``: an output path that must not be the
-    checkpoint itself."""
-    source = _read(checkpoint, avoid)
+    checkpoint itself; ``loaded``: see :func:`_read`."""
+    source = _read(checkpoint, avoid, loaded)
     if not isinstance(source, dict):
         raise ValueError(f'{checkpoint} does not hold a state dict (got {type(source)})')
     info = describe_checkpoint(source)
@@ -60,7 +62,7 @@ def build_model_from_config(config: str, cfg_options: Optional[dict] = None):
 
 def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
                    avoid: Optional[str], probe: bool = True, part: Optional[str] = 'model',
-                   request: str = 'the request'):
+                   request: str = 'the request', loaded: Optional[tuple] = None):
     """Build ``config``'s model with ``checkpoint``'s weights and fuse it.
 
     ``part``: 'model' needs a whole model's weights, 'backbone' also takes a backbone
@@ -70,7 +72,7 @@ def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
     """
     from mmengine.runner import load_state_dict
 
-    source, info = read_model_checkpoint(checkpoint, part, request, avoid)
+    source, info = read_model_checkpoint(checkpoint, part, request, avoid, loaded)
     options = dict(cfg_options or {})
     if info.deploy:
         options['model.backbone.deploy'] = True  # load the fused weights as they are
@@ -86,7 +88,8 @@ def _load_and_fuse(config: str, checkpoint: str, cfg_options: Optional[dict],
 
 
 def load_fused_model(config: str, checkpoint: str, cfg_options: Optional[dict] = None,
-                     avoid: Optional[str] = None, part: str = 'model'):
+                     avoid: Optional[str] = None, part: str = 'model',
+                     loaded: Optional[tuple] = None):
     """Build the config's model with ``checkpoint``'s weights (training or fused form, a
     path or a URL, read once) and fuse it in eval mode.
 
@@ -96,10 +99,11 @@ def load_fused_model(config: str, checkpoint: str, cfg_options: Optional[dict] =
 
     Returns ``(cfg, model, report)``: the fusion report, or None when the checkpoint was
     already fused (the model is then built in deploy form). ``avoid`` names an output
-    path that must not be the checkpoint itself.
+    path that must not be the checkpoint itself; ``loaded``: what ``fetch_and_load``
+    gave for ``checkpoint`` already.
     """
     return _load_and_fuse(config, checkpoint, cfg_options, avoid, part=part,
-                          request='exporting the whole network')[:3]
+                          request='exporting the whole network', loaded=loaded)[:3]
 
 
 def fuse_checkpoint(config: str, checkpoint: str, output: str, probe: bool = True,

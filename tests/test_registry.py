@@ -66,7 +66,7 @@ def test_importing_the_plugin_registers_its_modules_for_the_stack(how, tmp_path)
         'hook': ['LoadReadCheckpoint', 'ReparamHook', 'UseRecipe'],
         'optim_wrapper': ['CPUAmpOptimWrapper']}
     assert out['built'] == ['mmrepvgg.models.repvgg', 'RepVGG', [256, 1280]]
-    assert len(out['resolved']) == 3 * 5 and all(out['resolved'].values()), out['resolved']
+    assert len(out['resolved']) == 3 * 6 and all(out['resolved'].values()), out['resolved']
 
 
 def test_torchvision_ops_load():

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from mmengine.config import DictAction
 
 from mmrepvgg.benchmark.timing import log
-from mmrepvgg.benchmark.models import BACKEND_MODES, RESNET_DEPTHS
+from mmrepvgg.benchmark.models import BACKEND_MODES, QAT_MODES, RESNET_DEPTHS
 from mmrepvgg.benchmark.plot import write_plot
 from mmrepvgg.benchmark.report import format_report, write_json
 from mmrepvgg.benchmark.run import BenchmarkOptions, run_benchmark
@@ -52,6 +52,9 @@ from mmrepvgg.ops.winograd import FASTEST_TILE, TILES as WINOGRAD_TILES
 def _csv(value: str) -> List[str]:
     return [v.strip() for v in value.split(',') if v.strip()]
 
+
+# The backend modes --modes takes; the QAT ones run a QAT file (--recommend --qat).
+TIMED_BACKENDS = [m for m in BACKEND_MODES if m not in QAT_MODES]
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -82,7 +85,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f'recipes, comma-separated, from {", ".join(MODES)}; "auto" is '
                              f'the default recipe of the device ({AUTO_MODE}); "all" for '
                              'every one of these; the backends '
-                             f'{", ".join(BACKEND_MODES)} (CPU only; each sets its own '
+                             f'{", ".join(TIMED_BACKENDS)} (CPU only; each sets its own '
                              'precision) time the model exported to ONNX (default eager,auto)')
     parser.add_argument('--precision', default='fp32',
                         help=f'comma-separated from {", ".join(PRECISIONS)} (amp: fp16 '
@@ -194,7 +197,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if modes == ['all']:
         modes = list(MODES)
     modes = [AUTO_MODE.get(args.device.type, 'eager') if m == 'auto' else m for m in modes]
-    valid = list(MODES) + list(BACKEND_MODES)
+    valid = list(MODES) + TIMED_BACKENDS
     bad = [m for m in modes if m not in valid]
     if bad or not modes:
         parser.error(f'unknown mode {bad}; valid modes: {", ".join(valid)}, auto, all')

@@ -73,30 +73,30 @@ def export(config: str, checkpoint: str, output: str, format: str = 'onnx',
     tile = winograd_tile(winograd)
     shape = _input_shape(load_config(config, cfg_options=cfg_options, mini=mini), shape)
     try:
-        state = _qat_state(checkpoint)
-        if state is not None:
+        loaded = _read_checkpoint(checkpoint)
+        if loaded is not None and is_qat_state(loaded[1]):
             if format != 'onnx' or tile is not None or part != 'model':
                 raise UsageError('a QAT checkpoint exports as an INT8 ONNX file of the '
                                  'whole model: drop --format, --winograd and --part')
-            report = export_qat(config, state, output, shape, batch, dynamic, opset,
+            report = export_qat(config, loaded[1], output, shape, batch, dynamic, opset,
                                 cfg_options, check, source=osp.basename(checkpoint))
         else:
             report = export_model(config, checkpoint, output, shape, batch, dynamic, opset,
                                   part, cfg_options, check=check, format=format,
-                                  winograd=tile)
+                                  winograd=tile, loaded=loaded)
     except (OSError, ValueError, KeyError, ExportFailure) as err:
         raise InputError(f'error: {err}') from err
     report['shape'] = list(shape)
     return report
 
 
-def _qat_state(checkpoint: str) -> Optional[dict]:
-    """The checkpoint's contents where it is a QAT checkpoint, else None."""
+def _read_checkpoint(checkpoint: str) -> Optional[tuple]:
+    """``fetch_and_load(checkpoint)``, read once for whichever export it turns out to
+    need; None for an exported file (export_model says what is wrong with it)."""
     from ..checkpoint.fetch import fetch_and_load
     if checkpoint.endswith(tuple(FORMATS.values())):
-        return None  # an exported file: export_model says what is wrong with it
-    state = fetch_and_load(checkpoint)[1]
-    return state if is_qat_state(state) else None
+        return None
+    return fetch_and_load(checkpoint)
 
 
 def quantize(config: str, model: str, output: str, calib: int = DEFAULT_CALIB,

@@ -88,7 +88,8 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
                  batch: int = 1, dynamic: bool = False,
                  opset: int = onnx_export.DEFAULT_OPSET, part: str = 'model',
                  cfg_options: Optional[dict] = None, check: bool = True, seed: int = 0,
-                 format: str = 'onnx', winograd: Optional[TileChoice] = None) -> dict:
+                 format: str = 'onnx', winograd: Optional[TileChoice] = None,
+                 loaded: Optional[tuple] = None) -> dict:
     """Export the fused network of ``config`` with ``checkpoint``'s weights to ``output``.
 
     ``checkpoint`` may be a training or a fused (deploy) checkpoint, a path or a URL; a
@@ -100,7 +101,8 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     (``aoti`` only): compute the 3x3 stride-1 convs with Winograd tiles of this size, or
     ``'auto'`` (per conv, from its feature map). With ``check``, the file is run
     (ONNX Runtime / the loaded package) against the torch model and kept only if it
-    passes.
+    passes. ``loaded``: what ``fetch_and_load(checkpoint)`` gave already (not read
+    again).
 
     Returns a report: ``kind`` (segmentor, single_stage, two_stage, backbone),
     ``output_names``, ``fusion`` (the fusion report, or None for a fused checkpoint),
@@ -117,7 +119,7 @@ def export_model(config: str, checkpoint: str, output: str, shape: Sequence[int]
     """
     _check_request(output, shape, format, dynamic, winograd)
     cfg, model, fusion = load_fused_model(config, checkpoint, cfg_options, avoid=output,
-                                          part=part)
+                                          part=part, loaded=loaded)
     return export_part(ExportedPart(model.eval(), part), config, output, shape, batch,
                        dynamic, opset, check, seed, format, winograd, dict(fusion=fusion))
 
