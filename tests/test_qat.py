@@ -253,3 +253,17 @@ def test_a_two_stage_detector_is_refused_for_export():
     from mmengine.registry import MODELS
     with pytest.raises(ValueError, match='segmentor or a single-stage detector'):
         QuantizedPart(MODELS.build(cfg.model))
+
+
+def test_nncf_waits_longer_for_its_kernels_unless_told():
+    """NNCF gives its kernel build 60 s, which a busy small machine exceeds."""
+    import os
+    import subprocess
+    import sys
+    code = 'import os, mmrepvgg; print(os.environ["NNCF_EXTENSION_LOAD_TIMEOUT"])'
+    env = {k: v for k, v in os.environ.items() if k != 'NNCF_EXTENSION_LOAD_TIMEOUT'}
+    for given, seen in ((None, '600'), ('42', '42')):
+        run_env = env if given is None else dict(env, NNCF_EXTENSION_LOAD_TIMEOUT=given)
+        out = subprocess.run([sys.executable, '-c', code], env=run_env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.stdout.strip().splitlines()[-1] == seen, out.stderr[-2000:]
