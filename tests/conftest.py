@@ -87,6 +87,5 @@ def det(mini_root, tmp_path_factory):
 @pytest.fixture(scope='session')
 def qat(seg, tmp_path_factory):
     """A two-iteration QAT fine-tune of ``seg``'s checkpoint, and its INT8 ONNX file."""
-    pytest.importorskip('nncf')
     from helpers import train_qat
     return train_qat(seg, tmp_path_factory)

@@ -3,7 +3,8 @@ checkpoint tested in torch and exported to an INT8 QDQ ONNX file that ONNX Runti
 OpenVINO run, judged against the fake-quantized model it came from."""
 import pytest
 import torch
-from helpers import QAT_TRAIN, SEG_CONFIG, SEG_MODEL, TEST, load_state, run_entry
+from helpers import (QAT_TRAIN, SEG_CONFIG, SEG_MODEL, TEST, load_state, parse_options,
+                     run_entry, working_dir)
 from mmengine.registry import init_default_scope
 
 from mmrepvgg import apis
@@ -16,7 +17,6 @@ from mmrepvgg.qat import (FixedQuantizer, QATModel, QuantizedPart, freeze_quanti
                           is_qat_state, use_reference_kernels)
 from mmrepvgg.qat.export import load_qat_model
 
-pytest.importorskip('nncf')
 
 def _convs(module):
     return sum(isinstance(m, torch.nn.Conv2d) for m in module.modules())
@@ -47,7 +47,6 @@ def test_finetune_runs_in_the_runner_and_its_checkpoint_holds_the_quantizers(qat
 
 
 def _options():
-    from helpers import parse_options
     return parse_options(SEG_MODEL)
 
 
@@ -72,7 +71,7 @@ def test_exported_file_is_int8_and_predicts_as_the_fake_quantized_model(qat, seg
     freeze_quantizers(model.model)
     network = QuantizedPart(model.model).eval()
     cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
-    with _cwd(seg.root):
+    with working_dir(seg.root):
         images = calibration_inputs(cfg, 2, 'test')
     # On the test images, every backend's class map may differ from the fake-quantized
     # model's in fewer pixels than that model's differs from its own float network (the
@@ -127,10 +126,10 @@ def test_bad_requests_say_what_is_wrong(qat, seg, tmp_path):
     init_default_scope('mmseg')
     cfg = load_config(SEG_CONFIG, cfg_options=_options(), mini=True)
     with pytest.raises(ValueError, match='QAT checkpoint already'):
-        with _cwd(seg.root):
+        with working_dir(seg.root):
             QATModel(cfg.model, checkpoint=str(qat.ckpt))
     with pytest.raises(ValueError, match='needs calibration'):
-        with _cwd(seg.root):
+        with working_dir(seg.root):
             QATModel(cfg.model, checkpoint=str(seg.ckpt))
     with pytest.raises(InputError):
         run_entry(apis.train, seg.root, SEG_CONFIG, mini=True, work_dir=tmp_path,
@@ -165,11 +164,6 @@ def test_cuda_without_nvcc_uses_nncfs_torch_kernels(monkeypatch):
     reason = use_reference_kernels('cuda')
     assert 'nvcc' in reason
     assert namespace.get('Quantize_forward') is ReferenceQuantizedFunctions.Quantize_forward
-
-
-def _cwd(path):
-    from helpers import working_dir
-    return working_dir(path)
 
 
 def _qdq_concat_graph(second_scale):
@@ -223,7 +217,7 @@ def test_recommend_lists_the_qat_file_beside_post_training_int8(qat, seg, capsys
     from mmrepvgg.benchmark.recommend import format_recommendation, recommend
     from mmrepvgg.errors import UsageError
     forms = (('eager', 'fp32'),)  # the post-training forms: tests/test_recommend.py
-    with _cwd(seg.root):
+    with working_dir(seg.root):
         result = recommend(SEG_CONFIG, str(seg.ckpt), cfg_options=_options(), mini=True,
                            forms=forms, repeats=1, warmup=0, time_limit=1e-6, metric=True,
                            qat=str(qat.ckpt))
@@ -247,7 +241,7 @@ def test_recommend_lists_the_qat_file_beside_post_training_int8(qat, seg, capsys
 def test_a_two_stage_detector_is_refused_for_export():
     """Its tensor-mode forward runs the RoI head too, which the exported network does not
     hold: exporting its QAT model would quantize something else than what was trained."""
-    from helpers import DET_CONFIG, DET_MODEL, parse_options
+    from helpers import DET_CONFIG, DET_MODEL
     cfg = load_config(DET_CONFIG, cfg_options=parse_options(DET_MODEL))
     init_default_scope('mmdet')
     from mmengine.registry import MODELS

@@ -302,7 +302,7 @@ def recommend(config: str, checkpoint: Optional[str] = None,
     runnable = _available(forms, left_out)
     calib = _calibration_size(cfg, mini) if any(p == 'int8' for _, p in runnable) else None
     with tempfile.TemporaryDirectory(prefix='mmrepvgg-recommend-') as folder:
-        qat_file = _qat_file(config, qat, shape, cfg_options, mini, folder) if qat else None
+        qat_file = _qat_file(config, qat, shape, cfg_options, folder) if qat else None
         result = _time_forms(config, checkpoint, cfg_options, shape, runnable, repeats,
                              warmup, time_limit, command, qat_file)
 
@@ -329,13 +329,13 @@ def recommend(config: str, checkpoint: Optional[str] = None,
                 left_out=left_out, recommended=next((r for r in rows if r['within']), None))
 
 
-def _qat_file(config: str, qat: str, shape, cfg_options: Optional[dict], mini: bool,
-              folder: str) -> str:
+def _qat_file(config: str, qat: str, shape, cfg_options: Optional[dict], folder: str) -> str:
     """The INT8 file of the QAT checkpoint ``qat`` at the timed input size, in ``folder``
-    (``tools/export.py``'s export); a checkpoint that is not one is refused."""
-    from ..apis.deploy import export
+    (``tools/export.py``'s export, from the one read of the file); a checkpoint that is
+    not one is refused."""
     from ..checkpoint.fetch import fetch_and_load
-    from ..qat import is_qat_state
+    from ..deploy.onnx_export import ExportFailure
+    from ..qat import export_qat, is_qat_state
     try:
         state = fetch_and_load(qat)[1]
     except (OSError, ValueError) as err:
@@ -343,10 +343,13 @@ def _qat_file(config: str, qat: str, shape, cfg_options: Optional[dict], mini: b
     if not is_qat_state(state):
         raise UsageError(f'--qat {qat} holds no quantizers: give the checkpoint of a '
                          'quantization-aware fine-tune (tools/train.py --qat)')
-    del state
     path = osp.join(folder, 'model_qat.onnx')
     log(f'exporting the QAT checkpoint {qat} to INT8 ONNX for its forms...')
-    export(config, qat, path, shape=list(shape), cfg_options=cfg_options, mini=mini)
+    try:
+        export_qat(config, state, path, list(shape), cfg_options=cfg_options,
+                   source=osp.basename(qat))
+    except (OSError, ValueError, KeyError, ExportFailure) as err:
+        raise InputError(f'error: --qat: {err}') from err
     return path
 
 

@@ -172,12 +172,8 @@ def export_part(exported: ExportedPart, config: str, output: str, shape: Sequenc
         tmp = stage(output, FORMATS[format])
         if format == 'onnx':
             onnx_export.export_module(exported, probe, tmp, dynamic, opset,
-                                      exported.output_names(), metadata, translations)
-            if rewrite is not None:
-                import onnx
-                proto = onnx.load(tmp)
-                rewrite(proto)
-                onnx.save(proto, tmp)
+                                      exported.output_names(), metadata, translations,
+                                      rewrite)
             runner = load_backend(tmp, 'onnxruntime') if check else None
         else:
             metadata['mmrepvgg.output_names'] = json.dumps(exported.output_names())

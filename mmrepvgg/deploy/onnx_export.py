@@ -15,7 +15,7 @@ import os
 import os.path as osp
 import re
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -70,13 +70,14 @@ def _op_owners(module: nn.Module, x: Tensor, message: str) -> List[str]:
 def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: bool = False,
                   opset: int = DEFAULT_OPSET, output_names: Optional[Sequence[str]] = None,
                   metadata: Optional[Dict[str, str]] = None,
-                  translations: Optional[dict] = None) -> None:
+                  translations: Optional[dict] = None,
+                  rewrite: Optional[Callable] = None) -> None:
     """Write ``module`` (eval mode, one NCHW input, tensors out) as ONNX to ``path``.
 
     ``dynamic`` makes batch, height and width dynamic axes; otherwise the file takes
     ``example_input``'s shape only. ``metadata`` goes into the file's metadata properties.
     ``translations``: ONNX functions for custom ops (the exporter's
-    ``custom_translation_table``).
+    ``custom_translation_table``); ``rewrite(proto)`` changes the written graph in place.
     Writes a temporary file and renames it, so ``path`` is either the full file or
     untouched.
 
@@ -111,9 +112,11 @@ def export_module(module: nn.Module, example_input: Tensor, path: str, dynamic: 
             first = next((line for line in text.splitlines() if line.strip()), text)
             raise ExportFailure(f'the ONNX exporter could not write {type(module).__name__}'
                                 f'{where}: {first[:400]}') from err
-        if metadata:
+        if metadata or rewrite is not None:
             proto = onnx.load(tmp)
-            for key, value in metadata.items():
+            if rewrite is not None:
+                rewrite(proto)
+            for key, value in (metadata or {}).items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, str(value)
             onnx.save(proto, tmp)

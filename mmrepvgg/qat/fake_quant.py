@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..deploy.parts import ExportedPart
+from .model import quantizer_counts
 
 __all__ = ['fake_quantize', 'FixedQuantizer', 'freeze_quantizers', 'QuantizedPart',
            'ONNX_TRANSLATIONS', 'requantize_concats']
@@ -96,16 +97,12 @@ def freeze_quantizers(model: nn.Module) -> Dict[str, int]:
     (``weights``: per channel, ``activations``: per tensor)."""
     from nncf.torch.function_hook.wrapper import get_hook_storage
     from nncf.torch.quantization.layers import BaseQuantizer
+    counts = quantizer_counts(model)
     storage = get_hook_storage(model)
-    counts = dict(weights=0, activations=0)
-    seen = set()
     for name, module in list(storage.named_hooks(remove_duplicate=False)):
         if isinstance(module, BaseQuantizer):
             # one module per hook: torch.export loses track of a module called twice
             storage.set_submodule(name, FixedQuantizer(module))
-            if id(module) not in seen:
-                seen.add(id(module))
-                counts['weights' if module.per_channel else 'activations'] += 1
     return counts
 
 

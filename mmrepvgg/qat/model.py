@@ -21,7 +21,8 @@ from torch import nn
 
 from ..registry import MODELS
 
-__all__ = ['QATModel', 'is_qat_state', 'prepare_for_quantization', 'use_reference_kernels']
+__all__ = ['QATModel', 'is_qat_state', 'prepare_for_quantization', 'quantizer_counts',
+           'use_reference_kernels']
 
 #: Where a QAT checkpoint's quantizers live (NNCF's hook storage, inside QATModel.model).
 HOOKS_KEY = '.__nncf_hooks.'
@@ -64,6 +65,17 @@ def use_reference_kernels(device: str) -> Optional[str]:
             'them)')
 
 
+def quantizer_counts(model: nn.Module) -> Dict[str, int]:
+    """The NNCF quantizers of the NNCF-wrapped ``model`` (one shared by several hooks
+    counts once): ``weights`` (per channel) and ``activations`` (per tensor)."""
+    from nncf.torch.function_hook.wrapper import get_hook_storage
+    from nncf.torch.quantization.layers import BaseQuantizer
+    found = {id(m): m for _, m in get_hook_storage(model).named_hooks(remove_duplicate=False)
+             if isinstance(m, BaseQuantizer)}
+    weights = sum(bool(m.per_channel) for m in found.values())
+    return dict(weights=weights, activations=len(found) - weights)
+
+
 def _log(message: str, level: int = logging.INFO) -> None:
     from mmengine.logging import print_log
     print_log(message, logger='current', level=level)
@@ -94,18 +106,17 @@ class QATModel(BaseModel):
         from mmengine.runner import load_state_dict
 
         from ..checkpoint.fetch import fetch_and_load
-        from ..checkpoint.layouts import describe_checkpoint, whole_model_needed
+        from ..convert import read_model_checkpoint
         model = copy.deepcopy(model)
         source = None
         if checkpoint is not None:
-            source = fetch_and_load(checkpoint)[1]
-            if is_qat_state(source):
+            loaded = fetch_and_load(checkpoint)
+            if is_qat_state(loaded[1]):
                 raise ValueError(f'{checkpoint} is a QAT checkpoint already; start from '
                                  'the float model it was fine-tuned from, or resume it')
-            info = describe_checkpoint(source)
-            if info.holds == 'backbone':
-                raise ValueError(whole_model_needed(checkpoint, info,
-                                                    'quantization-aware training'))
+            source, info = read_model_checkpoint(checkpoint, 'model',
+                                                 'quantization-aware training',
+                                                 loaded=loaded)
             fused = bool(info.deploy)
         else:
             fused = True  # a QAT checkpoint holds the fused layout
@@ -123,10 +134,6 @@ class QATModel(BaseModel):
                 raise ValueError('QATModel needs calibration=dict(dataloader=..., num=N) '
                                  'to set the quantizers\' ranges')
             self._quantize(calibration)
-
-    @property
-    def with_neck(self) -> bool:  # what mmdet's tools ask of a detector
-        return getattr(self.model, 'with_neck', False)
 
     def _quantize(self, calibration: dict) -> None:
         import nncf
@@ -151,13 +158,10 @@ class QATModel(BaseModel):
              f'quantizers, ranges from {len(images)} calibration images')
 
     def quantizer_counts(self) -> Dict[str, int]:
-        """How many quantizers the model holds: per-channel (weights) and per-tensor."""
-        from nncf.torch.function_hook.wrapper import get_hook_storage
-        from nncf.torch.quantization.layers import BaseQuantizer
-        found = {id(m): m for _, m in get_hook_storage(self.model).named_hooks()
-                 if isinstance(m, BaseQuantizer)} if self.quantized else {}
-        weights = sum(bool(m.per_channel) for m in found.values())
-        return dict(weights=weights, activations=len(found) - weights)
+        """How many quantizers the model holds (see :func:`quantizer_counts`)."""
+        if not self.quantized:
+            return dict(weights=0, activations=0)
+        return quantizer_counts(self.model)
 
     def get_extra_state(self) -> str:
         # where the quantizers sit, as JSON text (a checkpoint then loads weights_only)
